@@ -1,0 +1,353 @@
+"""Commit across ranks: per-rank shard uploads, a background gather, one manifest.
+
+How every rank learns that all ranks finished, without a barrier on the
+forward path:
+
+1. ``Committer.submit(round)`` is called on the forward path with this
+   rank's filled shard buffers. It starts the uploads on the I/O loop and
+   returns at once. It never waits on S3 or on another rank.
+2. A committer thread per rank takes rounds in submission order, waits for
+   *its own* uploads (durable once S3 answers 200), checksums them, and
+   joins a ``gather`` of per-shard reports over a dedicated GLOO group.
+   Rounds are issued in the same order on every rank because the scheduler
+   sends every rank the same save plan; each report carries its round id and
+   rank 0 refuses to commit a round whose ids disagree.
+3. Rank 0 writes one manifest per chunk whose shards every rank reported as
+   stored and checksummed, with ``If-None-Match: *``. A 412 means someone
+   already committed that chunk: success. Any rank failing, or a gather that
+   times out, means no manifest; the shards are orphans for the GC.
+
+A round that cannot be accepted (upload memory full, committer broken) is
+still submitted as an empty-handed placeholder so ranks stay in step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from typing_extensions import Buffer
+
+from s3kv.aio import LoopThread
+from s3kv.errors import AlreadyExists, StoreError
+from s3kv.keys import KeyLayout
+from s3kv.manifest import ShardEntry, new_manifest
+from s3kv.shard import compute_checksums
+from s3kv.stats import Counters
+from s3kv.store.protocol import Put
+
+log = logging.getLogger("s3kv.commit")
+
+EventHook = Callable[[str, dict[str, Any]], None]
+
+
+class Gatherer(Protocol):
+    """Collective transport for commit reports (GLOO in production)."""
+
+    rank: int
+    world_size: int
+
+    def gather(self, obj: Any) -> list[Any] | None:
+        """All ranks call in the same order; rank 0 gets every rank's object.
+
+        Raises on timeout or a dead peer.
+        """
+        ...
+
+    def broadcast(self, obj: Any) -> Any:
+        """Rank 0's ``obj`` on every rank (used once, at start-up)."""
+        ...
+
+
+class LocalGatherer:
+    """World size 1: the gather is the identity."""
+
+    rank = 0
+    world_size = 1
+
+    def gather(self, obj: Any) -> list[Any] | None:
+        return [obj]
+
+    def broadcast(self, obj: Any) -> Any:
+        return obj
+
+
+@dataclass
+class ChunkSave:
+    """One rank's shard of one chunk, already filled in a host buffer."""
+
+    chunk_id: str
+    parent_id: str | None
+    chunk_index: int
+    num_tokens: int
+    data: Buffer  # the whole shard object: header + payload
+    payload_offset: int
+    head_start: int
+    head_end: int
+    release: Callable[[], None] | None = None
+
+
+@dataclass(frozen=True)
+class ShardReport:
+    chunk_id: str
+    parent_id: str | None
+    chunk_index: int
+    num_tokens: int
+    ok: bool
+    entry: ShardEntry | None = None
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class RoundReport:
+    round_id: int
+    rank: int
+    shards: tuple[ShardReport, ...]
+
+
+@dataclass
+class _Round:
+    round_id: int
+    uploads: list[tuple[ChunkSave, Future[ShardReport]]] = field(default_factory=list)
+    placeholders: list[ShardReport] = field(default_factory=list)
+
+
+_STOP = object()
+
+
+class Committer:
+    """One per rank. ``submit`` is the only method the forward path calls."""
+
+    def __init__(
+        self,
+        *,
+        io: LoopThread,
+        store: Put,
+        layout: KeyLayout,
+        namespace: str,
+        writer_id: str,
+        gatherer: Gatherer,
+        max_inflight_bytes: int,
+        max_concurrency: int = 16,
+        counters: Counters | None = None,
+        on_event: EventHook | None = None,
+    ) -> None:
+        self.rank = gatherer.rank
+        self.world_size = gatherer.world_size
+        self._io = io
+        self._store = store
+        self._layout = layout
+        self._ns = namespace
+        self._writer = writer_id
+        self._gatherer = gatherer
+        self._max_inflight = max_inflight_bytes
+        self._inflight = 0
+        self._inflight_lock = threading.Lock()
+        self._sem: asyncio.Semaphore | None = None
+        self._max_concurrency = max_concurrency
+        self.counters = counters or Counters()
+        self._on_event = on_event
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._broken: str | None = None
+        self._manifest_futures: list[Future[None]] = []
+        self._mf_lock = threading.Lock()
+        self._progress = threading.Condition()
+        self._submitted = 0
+        self._processed = 0
+        self._thread = threading.Thread(
+            target=self._run, name=f"s3kv-commit-r{self.rank}", daemon=True
+        )
+        self._thread.start()
+
+    # --- forward path ---------------------------------------------------------
+
+    def submit(self, round_id: int, saves: Sequence[ChunkSave]) -> bool:
+        """Queue one round; returns False if its data was dropped. Never blocks."""
+        rnd = _Round(round_id)
+        total = sum(memoryview(s.data).nbytes for s in saves)
+        accepted = False
+        if self._broken is None:
+            with self._inflight_lock:
+                if self._inflight + total <= self._max_inflight:
+                    self._inflight += total
+                    accepted = True
+        if accepted:
+            for s in saves:
+                rnd.uploads.append((s, self._io.submit(self._upload(s))))
+        else:
+            for s in saves:
+                self._release(s)
+                rnd.placeholders.append(
+                    ShardReport(s.chunk_id, s.parent_id, s.chunk_index, s.num_tokens, False,
+                                error="dropped")
+                )
+            if saves:
+                self.counters.add("saves_dropped", len(saves))
+                self._emit("dropped", round_id=round_id, chunks=len(saves))
+        with self._progress:
+            self._submitted += 1
+        self._queue.put(rnd)
+        self._emit("submitted", round_id=round_id, chunks=len(saves), accepted=accepted)
+        return accepted
+
+    # --- uploads (I/O loop) ---------------------------------------------------
+
+    async def _upload(self, s: ChunkSave) -> ShardReport:
+        if self._sem is None:
+            self._sem = asyncio.Semaphore(self._max_concurrency)
+        key = self._layout.shard(self._ns, s.chunk_id, self._writer, self.rank)
+        size = memoryview(s.data).nbytes
+        try:
+            loop = asyncio.get_running_loop()
+            sums = await loop.run_in_executor(
+                None, compute_checksums, s.data, s.payload_offset, s.head_end - s.head_start
+            )
+            async with self._sem:
+                t0 = time.perf_counter()
+                await self._store.put(key, s.data, mode="overwrite")
+                self.counters.add("save_seconds", time.perf_counter() - t0)
+            self.counters.add("bytes_saved", size)
+            self.counters.add("put_requests")
+            entry = ShardEntry(
+                rank=self.rank, key=key, size=size, checksum=sums.shard,
+                head_start=s.head_start, head_end=s.head_end,
+                payload_offset=s.payload_offset, head_checksums=sums.heads,
+            )
+            self._emit("uploaded", chunk_id=s.chunk_id, key=key)
+            return ShardReport(s.chunk_id, s.parent_id, s.chunk_index, s.num_tokens, True, entry)
+        except Exception as exc:  # every failure becomes "this rank not ok"
+            self.counters.add("upload_failures")
+            self._emit("upload_failed", chunk_id=s.chunk_id, error=str(exc))
+            log.debug("shard upload failed for %s: %s", key, exc)
+            return ShardReport(s.chunk_id, s.parent_id, s.chunk_index, s.num_tokens, False,
+                               error=type(exc).__name__)
+        finally:
+            self._release(s)
+            with self._inflight_lock:
+                self._inflight -= size
+
+    def _release(self, s: ChunkSave) -> None:
+        if s.release is not None:
+            try:
+                s.release()
+            finally:
+                s.release = None
+
+    # --- committer thread -----------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            rnd = self._queue.get()
+            if rnd is _STOP:
+                return
+            try:
+                self._process(rnd)
+            finally:
+                with self._progress:
+                    self._processed += 1
+                    self._progress.notify_all()
+
+    def _process(self, rnd: _Round) -> None:
+        reports = list(rnd.placeholders)
+        for _, fut in rnd.uploads:
+            reports.append(fut.result())
+        if self._broken is not None:
+            return
+        report = RoundReport(rnd.round_id, self.rank, tuple(reports))
+        try:
+            gathered = self._gatherer.gather(report)
+        except Exception as exc:
+            self._broken = f"gather of round {rnd.round_id} failed: {exc}"
+            self.counters.add("commit_gather_failures")
+            log.warning("s3kv: commit group broken (%s); saving disabled, serving continues",
+                        self._broken)
+            self._emit("broken", round_id=rnd.round_id, error=str(exc))
+            return
+        self._emit("gathered", round_id=rnd.round_id)
+        if self.rank == 0 and gathered is not None:
+            self._commit_round(rnd.round_id, gathered)
+
+    def _commit_round(self, round_id: int, gathered: list[RoundReport]) -> None:
+        if sorted(r.rank for r in gathered) != list(range(self.world_size)) or any(
+            r.round_id != round_id for r in gathered
+        ):
+            self._broken = f"round {round_id}: ranks out of step"
+            log.warning("s3kv: %s; saving disabled", self._broken)
+            self._emit("broken", round_id=round_id, error=self._broken)
+            return
+        by_chunk: dict[str, list[ShardReport]] = {}
+        for r in gathered:
+            for s in r.shards:
+                by_chunk.setdefault(s.chunk_id, []).append(s)
+        for cid, shards in by_chunk.items():
+            entries = [s.entry for s in shards if s.ok and s.entry is not None]
+            if len(shards) != self.world_size or len(entries) != self.world_size:
+                self.counters.add("chunks_not_committed")
+                self._emit("not_committed", chunk_id=cid)
+                continue
+            first = shards[0]
+            manifest = new_manifest(
+                namespace=self._ns, chunk_id=cid, parent_id=first.parent_id,
+                chunk_index=first.chunk_index, num_tokens=first.num_tokens,
+                writer=self._writer, shards=entries,
+            )
+            fut = self._io.submit(self._put_manifest(cid, manifest.encode()))
+            with self._mf_lock:
+                self._manifest_futures = [f for f in self._manifest_futures if not f.done()]
+                self._manifest_futures.append(fut)
+
+    async def _put_manifest(self, cid: str, doc: bytes) -> None:
+        key = self._layout.manifest(self._ns, cid)
+        try:
+            await self._store.put(key, doc, mode="create")
+            self.counters.add("chunks_committed")
+            self.counters.add("put_requests")
+            self._emit("committed", chunk_id=cid, key=key)
+        except AlreadyExists:
+            self.counters.add("chunks_already_committed")
+            self._emit("commit_exists", chunk_id=cid, key=key)
+        except StoreError as exc:
+            self.counters.add("commit_failures")
+            self._emit("commit_failed", chunk_id=cid, error=str(exc))
+            log.warning("s3kv: manifest write for chunk %s failed: %s", cid[:12], exc)
+
+    # --- lifecycle ------------------------------------------------------------
+
+    @property
+    def broken(self) -> str | None:
+        return self._broken
+
+    def flush(self, timeout: float) -> bool:
+        """Wait until every round submitted so far is gathered and its manifests
+        written. For shutdown and tests; never called on the forward path."""
+        deadline = time.monotonic() + timeout
+        with self._progress:
+            target = self._submitted
+            if not self._progress.wait_for(lambda: self._processed >= target, timeout):
+                return False
+        with self._mf_lock:
+            futs = list(self._manifest_futures)
+        for f in futs:
+            try:
+                f.result(max(0.0, deadline - time.monotonic()))
+            except Exception:
+                return False
+        return True
+
+    def close(self, timeout: float = 10.0) -> None:
+        self._queue.put(_STOP)
+        self._thread.join(timeout)
+
+    def _emit(self, name: str, **info: Any) -> None:
+        if self._on_event is not None:
+            try:
+                self._on_event(name, info)
+            except Exception:  # a test hook must never break the commit path
+                log.exception("s3kv event hook failed")

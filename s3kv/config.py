@@ -1,0 +1,171 @@
+"""Settings, parsed once into frozen dataclasses.
+
+The connector receives ``kv_connector_extra_config`` as a loose mapping; the
+CLI receives flags. Both funnel into :func:`parse_settings`, which rejects
+unknown keys and bad values with a :class:`~s3kv.errors.ConfigError` naming
+the key and the valid choices. Nothing else in the code base reads raw
+mappings, so a typo can never silently fall back to a default.
+
+Credentials are deliberately absent: they come only from the standard AWS
+chain (environment, shared config/credentials files, SSO, instance or task
+metadata), resolved by the client libraries.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from typing import Any, Literal, get_args
+
+from s3kv.errors import ConfigError
+
+Backend = Literal["obstore", "aioboto3"]
+AddressingStyle = Literal["auto", "path", "virtual"]
+Admission = Literal["all"]
+
+DEFAULT_BACKEND: Backend = "obstore"
+DEFAULT_CHUNK_TOKENS = 256
+
+_BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](--[a-z0-9\-]+--x-s3)?$")
+_PREFIX_RE = re.compile(r"^[A-Za-z0-9!\-_.*'()/]+$")
+
+
+@dataclass(frozen=True)
+class StoreSettings:
+    """Where the objects live and how to talk to the endpoint."""
+
+    bucket: str
+    prefix: str = "s3kv"
+    endpoint_url: str | None = None
+    region: str | None = None
+    backend: Backend = DEFAULT_BACKEND
+    addressing_style: AddressingStyle = "auto"
+    connect_timeout_s: float = 2.0
+    request_timeout_s: float = 30.0
+    max_attempts: int = 3
+    max_concurrency: int = 16
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the connector needs; ``store`` is shared with the CLI."""
+
+    store: StoreSettings
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS
+    max_inflight_mib: int = 1024
+    load_timeout_s: float = 30.0
+    commit_timeout_s: float = 120.0
+    lookup_ttl_s: float = 10.0
+    weights_id: str | None = None
+    namespace_tag: str = ""
+    admission: Admission = "all"
+
+
+_STORE_KEYS = {f.name for f in fields(StoreSettings)}
+_TOP_KEYS = {f.name for f in fields(Settings)} - {"store"}
+ALL_KEYS = frozenset(_STORE_KEYS | _TOP_KEYS)
+
+
+def _check_type(key: str, value: Any, annotation: Any, default: Any) -> Any:
+    """Coerce ``value`` to the field's type or raise a ConfigError naming ``key``."""
+    ann = str(annotation)
+    if value is None:
+        if "None" in ann:
+            return None
+        raise ConfigError(key, "must not be null")
+    if key in _LITERALS:
+        choices = _literal_choices(key)
+        if value not in choices:
+            raise ConfigError(key, f"got {value!r}", choices=sorted(choices))
+        return value
+    if "float" in ann:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(key, f"must be a number, got {type(value).__name__} {value!r}")
+        if value <= 0:
+            raise ConfigError(key, f"must be > 0, got {value!r}")
+        return float(value)
+    if "int" in ann:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(key, f"must be an integer, got {type(value).__name__} {value!r}")
+        if value <= 0:
+            raise ConfigError(key, f"must be > 0, got {value!r}")
+        return value
+    if "str" in ann:
+        if not isinstance(value, str):
+            raise ConfigError(key, f"must be a string, got {type(value).__name__} {value!r}")
+        return value
+    raise ConfigError(key, f"unsupported annotation {annotation!r} (default {default!r})")
+
+
+_LITERALS: dict[str, Any] = {
+    "backend": Backend,
+    "addressing_style": AddressingStyle,
+    "admission": Admission,
+}
+
+
+def _literal_choices(key: str) -> set[str]:
+    return set(get_args(_LITERALS[key]))
+
+
+def _validate_semantics(values: dict[str, Any]) -> None:
+    bucket = values.get("bucket")
+    if not isinstance(bucket, str) or not bucket:
+        raise ConfigError("bucket", "is required (the S3 bucket that holds the cache)")
+    if not _BUCKET_RE.match(bucket):
+        raise ConfigError("bucket", f"{bucket!r} is not a valid S3 bucket name")
+    prefix = values.get("prefix", "s3kv")
+    if isinstance(prefix, str):
+        norm = prefix.strip("/")
+        if not norm or "//" in norm or not _PREFIX_RE.match(norm):
+            raise ConfigError(
+                "prefix", f"{prefix!r} must be non-empty, use S3-safe characters, no '//'"
+            )
+        values["prefix"] = norm
+    endpoint = values.get("endpoint_url")
+    if isinstance(endpoint, str) and not re.match(r"^https?://[^/\s]+", endpoint):
+        raise ConfigError("endpoint_url", f"{endpoint!r} must start with http:// or https://")
+    tag = values.get("namespace_tag", "")
+    if isinstance(tag, str) and len(tag) > 128:
+        raise ConfigError("namespace_tag", "must be at most 128 characters")
+
+
+def parse_settings(raw: Mapping[str, Any]) -> Settings:
+    """Parse a flat mapping (``kv_connector_extra_config``) into :class:`Settings`."""
+    if not isinstance(raw, Mapping):
+        raise ConfigError("kv_connector_extra_config", "must be a mapping of keys to values")
+    unknown = sorted(set(raw) - ALL_KEYS)
+    if unknown:
+        raise ConfigError(unknown[0], "unknown key", choices=sorted(ALL_KEYS))
+    values = dict(raw)
+    _validate_semantics(values)
+    store_kwargs: dict[str, Any] = {}
+    top_kwargs: dict[str, Any] = {}
+    for cls, target in ((StoreSettings, store_kwargs), (Settings, top_kwargs)):
+        for f in fields(cls):
+            if f.name == "store" or f.name not in values:
+                continue
+            default = f.default if f.default is not dataclasses.MISSING else None
+            target[f.name] = _check_type(f.name, values[f.name], f.type, default)
+    return Settings(store=StoreSettings(**store_kwargs), **top_kwargs)
+
+
+def settings_to_mapping(settings: Settings) -> dict[str, Any]:
+    """The flat form accepted by :func:`parse_settings` (round-trips)."""
+    out = {k: v for k, v in dataclasses.asdict(settings.store).items()}
+    out.update({k: v for k, v in dataclasses.asdict(settings).items() if k != "store"})
+    return out
+
+
+__all__ = [
+    "ALL_KEYS",
+    "DEFAULT_BACKEND",
+    "DEFAULT_CHUNK_TOKENS",
+    "Settings",
+    "StoreSettings",
+    "parse_settings",
+    "settings_to_mapping",
+]
+

@@ -1,0 +1,175 @@
+"""Namespace fingerprints, chained chunk ids and the object key layout.
+
+Layout (``<prefix>`` from the settings, ``<ns>`` a 32-hex fingerprint)::
+
+    <prefix>/<ns>/namespace.json                    the fingerprint, readable
+    <prefix>/<ns>/<cid[:2]>/<cid>/manifest.json     the commit record
+    <prefix>/<ns>/<cid[:2]>/<cid>/<writer>/r<rank>  one shard per TP rank
+
+The namespace hashes everything that makes KV bytes incompatible, so a reader
+with a different model, weights, dtype, block size, layout or parallelism
+computes a different namespace and simply misses. Chunk ids are content
+addresses chained over token ids: a chunk id names the whole prefix up to and
+including its tokens, computed with our own canonical encoding (never vLLM's
+configurable, process-seeded block hash), so they agree across processes,
+machines and vLLM versions. The two hex characters in front of each chunk
+spread keys uniformly over 256 sub-prefixes: S3 partitions request capacity
+by prefix, and listings can run in parallel per sub-prefix.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import struct
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+#: Bumped whenever shard bytes or manifest semantics change incompatibly.
+FORMAT_VERSION = 1
+#: Names the token-hash scheme below; part of the namespace.
+HASH_SCHEME = "sha256-u32le-chain-v1"
+
+_HEX32 = re.compile(r"^[0-9a-f]{32}$")
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+_WRITER = re.compile(r"^[0-9a-z\-]{1,64}$")
+MANIFEST_NAME = "manifest.json"
+NAMESPACE_NAME = "namespace.json"
+
+
+@dataclass(frozen=True)
+class Fingerprint:
+    """Everything that decides whether stored KV bytes can be reused."""
+
+    model: str
+    weights_id: str
+    dtype: str
+    kv_layout: str
+    block_size: int
+    chunk_tokens: int
+    num_layers: int
+    num_kv_heads: int
+    head_size: int
+    tp_size: int
+    pp_size: int = 1
+    pp_rank: int = 0
+    tag: str = ""
+    format_version: int = FORMAT_VERSION
+    hash_scheme: str = HASH_SCHEME
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @property
+    def namespace(self) -> str:
+        """128-bit hex digest of the canonical JSON of every field."""
+        doc = json.dumps(self.to_json(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(doc.encode()).hexdigest()[:32]
+
+
+def canonical_extra(extra: Mapping[str, Any] | None) -> bytes:
+    """Canonical bytes for extra keys (LoRA name, cache salt, multimodal hashes)."""
+    if not extra:
+        return b""
+    return json.dumps(dict(extra), sort_keys=True, separators=(",", ":"), default=str).encode()
+
+
+def chunk_id(parent: str | None, tokens: Sequence[int], extra: Mapping[str, Any] | None) -> str:
+    """Content address of a chunk: sha256(parent || len || tokens u32le || extra).
+
+    Chaining the parent makes the id name the whole prefix, not just these
+    tokens, which is what reuse requires (KV depends on every earlier token).
+    """
+    h = hashlib.sha256()
+    h.update(bytes.fromhex(parent) if parent else b"\x00" * 32)
+    h.update(struct.pack("<I", len(tokens)))
+    h.update(struct.pack(f"<{len(tokens)}I", *tokens))
+    h.update(canonical_extra(extra))
+    return h.hexdigest()
+
+
+def chain_chunk_ids(
+    tokens: Sequence[int], chunk_tokens: int, extra: Mapping[str, Any] | None = None
+) -> list[str]:
+    """Ids of every full chunk of ``tokens`` in order (partial tail excluded)."""
+    return list(iter_chunk_ids(tokens, chunk_tokens, extra))
+
+
+def iter_chunk_ids(
+    tokens: Sequence[int],
+    chunk_tokens: int,
+    extra: Mapping[str, Any] | None = None,
+    parent: str | None = None,
+    start: int = 0,
+) -> Iterator[str]:
+    """Like :func:`chain_chunk_ids` but resumable from a known parent and offset."""
+    for off in range(start, len(tokens) - chunk_tokens + 1, chunk_tokens):
+        parent = chunk_id(parent, tokens[off : off + chunk_tokens], extra)
+        yield parent
+
+
+def is_chunk_id(value: str) -> bool:
+    return bool(_HEX64.match(value))
+
+
+def is_namespace(value: str) -> bool:
+    return bool(_HEX32.match(value))
+
+
+def is_writer_id(value: str) -> bool:
+    return bool(_WRITER.match(value))
+
+
+@dataclass(frozen=True)
+class KeyLayout:
+    """Builds and parses object keys under one bucket prefix."""
+
+    prefix: str
+
+    def root(self) -> str:
+        return f"{self.prefix}/"
+
+    def namespace_prefix(self, ns: str) -> str:
+        return f"{self.prefix}/{ns}/"
+
+    def namespace_doc(self, ns: str) -> str:
+        return f"{self.prefix}/{ns}/{NAMESPACE_NAME}"
+
+    def chunk_prefix(self, ns: str, cid: str) -> str:
+        return f"{self.prefix}/{ns}/{cid[:2]}/{cid}/"
+
+    def manifest(self, ns: str, cid: str) -> str:
+        return self.chunk_prefix(ns, cid) + MANIFEST_NAME
+
+    def shard(self, ns: str, cid: str, writer: str, rank: int) -> str:
+        return f"{self.chunk_prefix(ns, cid)}{writer}/r{rank}"
+
+    def parse(self, key: str) -> ParsedKey | None:
+        """Classify a key under this prefix; ``None`` for anything foreign."""
+        head = self.root()
+        if not key.startswith(head):
+            return None
+        parts = key[len(head) :].split("/")
+        if len(parts) == 2 and is_namespace(parts[0]) and parts[1] == NAMESPACE_NAME:
+            return ParsedKey("namespace", parts[0], None, None, None)
+        if len(parts) < 4 or not is_namespace(parts[0]) or not is_chunk_id(parts[2]):
+            return None
+        ns, spread, cid = parts[0], parts[1], parts[2]
+        if spread != cid[:2]:
+            return None
+        if len(parts) == 4 and parts[3] == MANIFEST_NAME:
+            return ParsedKey("manifest", ns, cid, None, None)
+        if len(parts) == 5 and is_writer_id(parts[3]) and re.fullmatch(r"r\d{1,4}", parts[4]):
+            return ParsedKey("shard", ns, cid, parts[3], int(parts[4][1:]))
+        return None
+
+
+@dataclass(frozen=True)
+class ParsedKey:
+    kind: str  # "namespace" | "manifest" | "shard"
+    namespace: str
+    chunk_id: str | None
+    writer: str | None
+    rank: int | None

@@ -1,0 +1,31 @@
+"""Thread-safe counters shared by the commit machinery and the connector.
+
+Kept free of vLLM so the core can count; the vLLM package adapts a snapshot
+into vLLM's KV connector stats (and so Prometheus).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import defaultdict
+
+
+class Counters:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._values: defaultdict[str, float] = defaultdict(float)
+
+    def add(self, name: str, value: float = 1) -> None:
+        with self._lock:
+            self._values[name] += value
+
+    def get(self, name: str) -> float:
+        with self._lock:
+            return self._values.get(name, 0.0)
+
+    def snapshot(self, reset: bool = False) -> dict[str, float]:
+        with self._lock:
+            out = dict(self._values)
+            if reset:
+                self._values.clear()
+            return out

@@ -1,0 +1,195 @@
+"""obstore backend (the default): Rust HTTP client, zero-copy buffers.
+
+Endpoint and region resolve exactly as boto3 resolves them (settings, then
+``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL`` / shared config files), and
+credentials come from the standard boto3 chain through a refreshing provider,
+so both backends honour the same AWS configuration.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import AsyncIterator, Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import boto3
+import obstore
+from obstore import exceptions as oe
+from obstore.store import S3Store
+from typing_extensions import Buffer
+
+from s3kv.config import StoreSettings
+from s3kv.errors import (
+    AccessDenied,
+    AlreadyExists,
+    NotFound,
+    PreconditionFailed,
+    StoreError,
+    Unavailable,
+    from_s3_error,
+)
+from s3kv.store.protocol import Capabilities, ObjectInfo, PutMode
+
+_CODE_RE = re.compile(r"<Code>([A-Za-z]+)</Code>")
+_STATUS_RE = re.compile(r"(?:status(?: code)?:?\s*|HTTP status server error \()(\d{3})")
+
+
+class _ChainCredentials:
+    """Feeds obstore from botocore's credential chain, refreshing as it expires."""
+
+    def __init__(self, session: boto3.session.Session) -> None:
+        creds = session.get_credentials()
+        if creds is None:
+            raise AccessDenied("no usable AWS credentials in the standard chain")
+        self._creds = creds
+
+    def __call__(self) -> dict[str, Any]:
+        frozen = self._creds.get_frozen_credentials()
+        return {
+            "access_key_id": frozen.access_key,
+            "secret_access_key": frozen.secret_key,
+            "token": frozen.token,
+            "expires_at": datetime.now(UTC) + timedelta(minutes=5),
+        }
+
+    def __repr__(self) -> str:  # never show secrets
+        return "<aws credential chain>"
+
+
+def _translate(exc: Exception, key: str | None) -> StoreError:
+    if isinstance(exc, StoreError):
+        return exc
+    msg = str(exc)
+    if isinstance(exc, oe.AlreadyExistsError):
+        return AlreadyExists(f"{key} already exists", key=key, code="PreconditionFailed")
+    if isinstance(exc, oe.PreconditionError):
+        return PreconditionFailed(msg[:300], key=key, code="PreconditionFailed")
+    if isinstance(exc, oe.NotFoundError):
+        code = "NoSuchBucket" if "NoSuchBucket" in msg else "NoSuchKey"
+        return from_s3_error(code, msg[:300], key=key)
+    if isinstance(exc, (oe.PermissionDeniedError, oe.UnauthenticatedError)):
+        return AccessDenied(msg[:300], key=key, code="AccessDenied")
+    code_m = _CODE_RE.search(msg)
+    status_m = _STATUS_RE.search(msg)
+    if code_m or status_m:
+        return from_s3_error(
+            code_m.group(1) if code_m else None,
+            msg[:300],
+            key=key,
+            status=int(status_m.group(1)) if status_m else None,
+        )
+    if any(s in msg for s in ("error sending request", "Connection refused", "timed out",
+                              "connection", "dns error")):
+        return Unavailable(msg[:300], key=key)
+    return StoreError(msg[:300], key=key)
+
+
+class ObstoreStore:
+    """An :class:`~s3kv.store.protocol.ObjectStore` over an obstore ``S3Store``."""
+
+    def __init__(self, settings: StoreSettings) -> None:
+        session = boto3.session.Session(region_name=settings.region)
+        # Creating a client performs no request; it resolves endpoint and region
+        # from settings, environment and config files the way boto3 would.
+        probe = session.client("s3", endpoint_url=settings.endpoint_url)
+        endpoint = settings.endpoint_url or (
+            probe.meta.endpoint_url if _custom_endpoint(probe.meta.endpoint_url) else None
+        )
+        region = probe.meta.region_name or "us-east-1"
+        style = settings.addressing_style
+        virtual = style == "virtual" or (style == "auto" and endpoint is None)
+        kwargs: dict[str, Any] = {
+            "region": region,
+            "virtual_hosted_style_request": virtual,
+        }
+        if endpoint:
+            kwargs["endpoint"] = endpoint
+        self.bucket = settings.bucket
+        self.capabilities = Capabilities()
+        self._store = S3Store(
+            settings.bucket,
+            client_options={
+                "connect_timeout": timedelta(seconds=settings.connect_timeout_s),
+                "timeout": timedelta(seconds=settings.request_timeout_s),
+                "allow_http": bool(endpoint and endpoint.startswith("http://")),
+            },
+            retry_config={
+                "max_retries": max(0, settings.max_attempts - 1),
+                "retry_timeout": timedelta(seconds=settings.request_timeout_s),
+                "backoff": {"init_backoff": timedelta(milliseconds=50),
+                            "max_backoff": timedelta(seconds=2), "base": 2},
+            },
+            credential_provider=_ChainCredentials(session),  # type: ignore[arg-type]
+            **kwargs,
+        )
+
+    @classmethod
+    async def open(cls, settings: StoreSettings) -> ObstoreStore:
+        return cls(settings)
+
+    async def close(self) -> None:
+        return None
+
+    async def put(self, key: str, data: Buffer, *, mode: PutMode = "overwrite") -> str | None:
+        try:
+            res = await obstore.put_async(self._store, key, data, mode=mode, use_multipart=False)
+        except Exception as exc:
+            raise _translate(exc, key) from None
+        return res.get("e_tag")
+
+    async def get(self, key: str) -> memoryview:
+        try:
+            res = await obstore.get_async(self._store, key)
+            return memoryview(await res.bytes_async())
+        except Exception as exc:
+            raise _translate(exc, key) from None
+
+    async def get_range(self, key: str, start: int, end: int) -> memoryview:
+        if end <= start:
+            return memoryview(b"")
+        try:
+            return memoryview(await obstore.get_range_async(self._store, key, start=start, end=end))
+        except Exception as exc:
+            raise _translate(exc, key) from None
+
+    async def head(self, key: str) -> ObjectInfo:
+        try:
+            m = await obstore.head_async(self._store, key)
+        except Exception as exc:
+            raise _translate(exc, key) from None
+        return ObjectInfo(m["path"], m["size"], m["last_modified"], m.get("e_tag"))
+
+    async def list(self, prefix: str, *, page_size: int = 1000) -> AsyncIterator[list[ObjectInfo]]:
+        stream = obstore.list(self._store, prefix, chunk_size=page_size)
+        try:
+            async for chunk in stream:
+                yield [ObjectInfo(m["path"], m["size"], m["last_modified"], m.get("e_tag"))
+                       for m in chunk]
+        except StoreError:
+            raise
+        except Exception as exc:
+            raise _translate(exc, prefix) from None
+
+    async def list_dirs(self, prefix: str) -> list[str]:
+        try:
+            res = await obstore.list_with_delimiter_async(self._store, prefix)
+        except Exception as exc:
+            raise _translate(exc, prefix) from None
+        return [p if p.endswith("/") else p + "/" for p in res["common_prefixes"]]
+
+    async def delete_many(self, keys: Sequence[str]) -> None:
+        for i in range(0, len(keys), 1000):
+            try:
+                await obstore.delete_async(self._store, list(keys[i : i + 1000]))
+            except oe.NotFoundError:
+                continue
+            except Exception as exc:
+                raise _translate(exc, None) from None
+
+
+def _custom_endpoint(url: str | None) -> bool:
+    return bool(url) and not re.match(r"^https://s3[.\-]([a-z0-9\-]+\.)?amazonaws\.com", url or "")
+
+
+__all__ = ["NotFound", "ObstoreStore"]
