@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -7,6 +8,8 @@ from pathlib import Path
 import pytest
 
 from tests.s3server import S3Endpoint, ensure_fake_credentials, start_moto
+
+logging.getLogger("werkzeug").setLevel(logging.ERROR)
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -16,8 +16,8 @@ from typing import Any
 import aioboto3
 from botocore.config import Config
 from botocore.exceptions import (
-    BotoCoreError,
     ClientError,
+    HTTPClientError,
     NoCredentialsError,
     PartialCredentialsError,
 )
@@ -54,9 +54,21 @@ def _translate(exc: Exception, key: str | None) -> StoreError:
                              key=key, status=status)
     if isinstance(exc, (NoCredentialsError, PartialCredentialsError)):
         return AccessDenied("no usable AWS credentials in the standard chain", key=key)
-    if isinstance(exc, (BotoConnectionError, BotoCoreError, OSError, TimeoutError)):
+    if isinstance(exc, (BotoConnectionError, HTTPClientError, OSError, TimeoutError)):
         return Unavailable(f"{type(exc).__name__}: {exc}", key=key)
     return StoreError(f"{type(exc).__name__}: {exc}", key=key)
+
+
+def _body(data: Buffer) -> bytes | bytearray:
+    """botocore takes only bytes, bytearray or files: hand over the owner of a view
+    that spans a whole bytes/bytearray (no copy), and copy any other buffer once."""
+    if isinstance(data, (bytes, bytearray)):
+        return data
+    mv = memoryview(data)
+    owner = mv.obj
+    if isinstance(owner, (bytes, bytearray)) and mv.c_contiguous and mv.nbytes == len(owner):
+        return owner
+    return mv.tobytes()
 
 
 class Aioboto3Store:
@@ -90,7 +102,7 @@ class Aioboto3Store:
         await self._stack.aclose()
 
     async def put(self, key: str, data: Buffer, *, mode: PutMode = "overwrite") -> str | None:
-        kwargs: dict[str, Any] = {"Bucket": self.bucket, "Key": key, "Body": data}
+        kwargs: dict[str, Any] = {"Bucket": self.bucket, "Key": key, "Body": _body(data)}
         if mode == "create":
             kwargs["IfNoneMatch"] = "*"
         try:
