@@ -92,6 +92,9 @@ class ChunkSave:
     head_start: int
     head_end: int
     release: Callable[[], None] | None = None
+    # Blocks until ``data`` is filled (a device-to-host copy on a side stream);
+    # called on an executor thread, never on the forward path.
+    wait_ready: Callable[[], None] | None = None
 
 
 @dataclass(frozen=True)
@@ -168,16 +171,32 @@ class Committer:
 
     # --- forward path ---------------------------------------------------------
 
-    def submit(self, round_id: int, saves: Sequence[ChunkSave]) -> bool:
-        """Queue one round; returns False if its data was dropped. Never blocks."""
+    def try_reserve(self, nbytes: int) -> bool:
+        """Reserve upload memory before filling buffers; False means drop the round."""
+        if self._broken is not None:
+            return False
+        with self._inflight_lock:
+            if self._inflight + nbytes > self._max_inflight:
+                return False
+            self._inflight += nbytes
+            return True
+
+    def submit(
+        self, round_id: int, saves: Sequence[ChunkSave], *, reserved: bool = False
+    ) -> bool:
+        """Queue one round; returns False if its data was dropped. Never blocks.
+
+        ``reserved`` says the caller already holds a :meth:`try_reserve` for
+        exactly these buffers. A round whose data is dropped is still queued,
+        empty-handed, so this rank joins the round's gather and ranks stay in step.
+        """
         rnd = _Round(round_id)
         total = sum(memoryview(s.data).nbytes for s in saves)
-        accepted = False
-        if self._broken is None:
+        accepted = reserved or self.try_reserve(total)
+        if accepted and self._broken is not None:
             with self._inflight_lock:
-                if self._inflight + total <= self._max_inflight:
-                    self._inflight += total
-                    accepted = True
+                self._inflight -= total
+            accepted = False
         if accepted:
             for s in saves:
                 rnd.uploads.append((s, self._io.submit(self._upload(s))))
@@ -197,6 +216,22 @@ class Committer:
         self._emit("submitted", round_id=round_id, chunks=len(saves), accepted=accepted)
         return accepted
 
+    def submit_dropped(
+        self, round_id: int, chunks: Sequence[tuple[str, str | None, int, int]]
+    ) -> None:
+        """Join a round without data (no memory was reserved): keeps ranks in step."""
+        rnd = _Round(round_id)
+        rnd.placeholders = [
+            ShardReport(cid, parent, idx, ntok, False, error="dropped")
+            for cid, parent, idx, ntok in chunks
+        ]
+        if chunks:
+            self.counters.add("saves_dropped", len(chunks))
+            self._emit("dropped", round_id=round_id, chunks=len(chunks))
+        with self._progress:
+            self._submitted += 1
+        self._queue.put(rnd)
+
     # --- uploads (I/O loop) ---------------------------------------------------
 
     async def _upload(self, s: ChunkSave) -> ShardReport:
@@ -206,6 +241,8 @@ class Committer:
         size = memoryview(s.data).nbytes
         try:
             loop = asyncio.get_running_loop()
+            if s.wait_ready is not None:
+                await loop.run_in_executor(None, s.wait_ready)
             sums = await loop.run_in_executor(
                 None, compute_checksums, s.data, s.payload_offset, s.head_end - s.head_start
             )

@@ -135,4 +135,5 @@ def from_s3_error(
     exc_type = S3_ERROR_TABLE.get(code or "")
     if exc_type is None and status is not None:
         exc_type = S3_ERROR_TABLE.get(str(status))
-    return (exc_type or StoreError)(message, key=key, code=code or (str(status) if status else None))
+    fallback = str(status) if status else None
+    return (exc_type or StoreError)(message, key=key, code=code or fallback)

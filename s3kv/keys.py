@@ -73,7 +73,18 @@ def canonical_extra(extra: Mapping[str, Any] | None) -> bytes:
     """Canonical bytes for extra keys (LoRA name, cache salt, multimodal hashes)."""
     if not extra:
         return b""
-    return json.dumps(dict(extra), sort_keys=True, separators=(",", ":"), default=str).encode()
+    return json.dumps(
+        dict(extra), sort_keys=True, separators=(",", ":"), default=_canonical_default
+    ).encode()
+
+
+def _canonical_default(value: Any) -> Any:
+    """Sets iterate in a per-process hash order: encode them sorted, the rest by str()."""
+    if isinstance(value, (set, frozenset)):
+        return sorted(
+            value, key=lambda v: json.dumps(v, sort_keys=True, default=_canonical_default)
+        )
+    return str(value)
 
 
 def chunk_id(parent: str | None, tokens: Sequence[int], extra: Mapping[str, Any] | None) -> str:

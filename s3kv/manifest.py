@@ -234,7 +234,7 @@ def _decode_shard(raw: Any, i: int, chunk_prefix: str) -> ShardEntry:
         raise ManifestError(f"{where}: not an object")
     _typed(raw, _SHARD_FIELDS, where)
     key = raw["key"]
-    if not key.startswith(chunk_prefix) or ".." in key or "//" in key[len(chunk_prefix) :]:
+    if not key.startswith(chunk_prefix) or ".." in key or "//" in key[len(chunk_prefix) - 1 :]:
         raise ManifestError(f"{where}: key {key!r} lies outside the chunk prefix {chunk_prefix!r}")
     heads = raw["heads"]
     if (

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from s3kv.errors import IntegrityError, NotFound
+from s3kv.errors import IntegrityError, InvalidRange, NotFound
 from s3kv.manifest import Manifest, ShardEntry
 from s3kv.shard import ShardSpec, compute_checksums, parse_header, verify_heads
 from s3kv.store.protocol import Get
@@ -69,6 +69,8 @@ async def read_head_range(
         body = await store.get_range(entry.key, lo, hi)
     except NotFound:
         raise IntegrityError(f"shard {entry.key} named by the manifest is missing") from None
+    except InvalidRange:
+        raise IntegrityError(f"shard {entry.key} is shorter than the manifest says") from None
     if len(body) != hi - lo:
         raise IntegrityError(f"ranged read of {entry.key} returned {len(body)} of {hi - lo} bytes")
     i0, i1 = head_start - entry.head_start, head_end - entry.head_start

@@ -6,10 +6,11 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import pytest
 
+from s3kv.config import Backend as BackendName
 from s3kv.config import StoreSettings
 from s3kv.store import ObjectStore, open_store
 from s3kv.store.memory import MemoryStore
@@ -39,7 +40,10 @@ class Backend:
     def settings(self, **overrides: Any) -> StoreSettings:
         if self.endpoint is None or self.bucket is None:
             raise RuntimeError(f"backend {self.name} has no S3 endpoint")
-        base = StoreSettings(bucket=self.bucket, endpoint_url=self.endpoint.url, backend=self.name)
+        base = StoreSettings(
+            bucket=self.bucket, endpoint_url=self.endpoint.url,
+            backend=cast(BackendName, self.name),
+        )
         return replace(base, **overrides)  # type: ignore[arg-type]
 
     def with_bucket(self, bucket: str) -> Backend:
@@ -78,7 +82,9 @@ def s3_backend(request: pytest.FixtureRequest) -> Backend:
     return Backend(request.param, endpoint, request.getfixturevalue("bucket"))
 
 
-async def put_all(store: ObjectStore, keys: Sequence[str], data: bytes = b"", conc: int = 32) -> None:
+async def put_all(
+    store: ObjectStore, keys: Sequence[str], data: bytes = b"", conc: int = 8
+) -> None:
     """Write many small objects with bounded concurrency."""
     sem = asyncio.Semaphore(conc)
 

@@ -180,7 +180,7 @@ variable "roles" {
 }
 
 variable "tags" {
-  description = "Tags for every taggable resource (the bucket, the IAM policies and roles)."
+  description = "Tags for the general-purpose bucket, the IAM policies and the roles (the provider's directory bucket resource takes no tags)."
   type        = map(string)
   default     = {}
   nullable    = false

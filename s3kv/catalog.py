@@ -1,0 +1,583 @@
+"""Read a bucket prefix as namespaces, chunks and cached prefixes, page by page.
+
+A production prefix holds millions of objects, so nothing here materialises a
+listing. Each namespace is listed per two-hex spread prefix (the spreads
+exist so that listings can run in parallel, see :mod:`s3kv.keys`), objects are
+grouped per chunk as pages arrive, and a group is handed on as soon as the
+listing has moved past it. What callers keep is their own choice: counters
+for ``du``, compact :class:`ChunkRecord` rows for chain views and GC policies.
+
+S3 lists general-purpose buckets in key order, which is what lets a chunk's
+group be closed when the next chunk's first key arrives. Directory buckets
+(``--x-s3``) list in no particular order; there a spread is buffered whole
+before its groups are handed on, which bounds memory by one spread (1/256 of
+a namespace) instead of one chunk.
+
+Manifests are read only where a caller needs their content, with at most
+``concurrency`` requests in flight, so a scan costs one LIST per thousand
+objects plus, at most, one GET per chunk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterable,
+    Sequence,
+)
+from dataclasses import dataclass, field
+from typing import Any, Protocol, TypeVar
+
+from s3kv.errors import ManifestError, NotFound, S3KVError
+from s3kv.keys import KeyLayout, is_namespace
+from s3kv.manifest import Manifest, decode_manifest
+from s3kv.store.protocol import Get, List, ObjectInfo
+
+log = logging.getLogger("s3kv.catalog")
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+_HEX = frozenset("0123456789abcdef")
+#: A namespace document larger than this is not a fingerprint s3kv wrote.
+FINGERPRINT_MAX_BYTES = 64 * 1024
+
+
+class CatalogStore(List, Get, Protocol):
+    """Scanning needs listing and reading, never writing."""
+
+
+# --- errors -------------------------------------------------------------------
+
+
+class NamespaceError(S3KVError):
+    """A namespace argument does not name exactly one namespace."""
+
+
+class InvalidNamespace(NamespaceError, ValueError):
+    """The text cannot be a namespace id or a prefix of one."""
+
+
+class NamespaceNotFound(NamespaceError):
+    """No namespace under the prefix starts with the given text."""
+
+
+class AmbiguousNamespace(NamespaceError):
+    """More than one namespace starts with the given text."""
+
+    def __init__(self, text: str, matches: list[str]) -> None:
+        shown = ", ".join(matches[:5]) + (" ..." if len(matches) > 5 else "")
+        super().__init__(f"namespace prefix {text!r} matches {len(matches)} namespaces: {shown}")
+        self.matches = matches
+
+
+# --- what a scan yields -------------------------------------------------------
+
+
+def timestamp(info: ObjectInfo) -> float:
+    """Epoch seconds of an object's Last-Modified (the server's clock)."""
+    return info.last_modified.timestamp()
+
+
+@dataclass(frozen=True, slots=True)
+class ShardObject:
+    """A listed shard object; the writer and rank come from its key."""
+
+    key: str
+    writer: str
+    rank: int
+    size: int
+    modified: float
+
+
+@dataclass(slots=True)
+class ChunkObjects:
+    """Everything the listing found under one chunk prefix."""
+
+    namespace: str
+    chunk_id: str
+    manifest: ObjectInfo | None = None
+    shards: list[ShardObject] = field(default_factory=list)
+
+    @property
+    def writers(self) -> set[str]:
+        return {s.writer for s in self.shards}
+
+    @property
+    def objects(self) -> int:
+        return len(self.shards) + (self.manifest is not None)
+
+    @property
+    def bytes(self) -> int:
+        return sum(s.size for s in self.shards) + (self.manifest.size if self.manifest else 0)
+
+
+@dataclass(slots=True)
+class ScannedChunk:
+    """A chunk's objects plus, where asked for, its decoded manifest.
+
+    ``error`` is set when a listed manifest could not be decoded; ``vanished``
+    when it was listed but gone by the time it was read (a concurrent GC).
+    """
+
+    objects: ChunkObjects
+    manifest: Manifest | None = None
+    error: str | None = None
+    vanished: bool = False
+
+
+@dataclass(slots=True)
+class ChunkRecord:
+    """The few fields chain views and eviction need, kept per chunk in memory."""
+
+    namespace: str
+    chunk_id: str
+    parent_id: str | None
+    chunk_index: int
+    tokens: int
+    bytes: int
+    objects: int
+    modified: float
+
+
+@dataclass(frozen=True, slots=True)
+class CachedPrefix:
+    """A leaf chunk and its ancestors: one token prefix a reader can reuse.
+
+    ``complete`` is false when an ancestor is missing, so the prefix cannot be
+    loaded past the hole. ``bytes`` counts every chunk of the prefix, so
+    prefixes sharing ancestors count those ancestors each.
+    """
+
+    leaf: str
+    chunks: int
+    tokens: int
+    bytes: int
+    oldest: float
+    newest: float
+    complete: bool
+
+
+@dataclass(slots=True)
+class ChunkUsage:
+    """How one chunk's objects split into committed and orphaned bytes."""
+
+    committed: bool
+    invalid: bool
+    manifests: int
+    shards: int
+    committed_bytes: int
+    orphan_bytes: int
+    orphan_objects: int
+    modified: float | None
+
+
+@dataclass
+class NamespaceUsage:
+    """Totals for one namespace (or, merged, for the whole prefix)."""
+
+    namespace: str | None
+    chunks: int = 0
+    invalid_manifests: int = 0
+    uncommitted_chunks: int = 0
+    manifests: int = 0
+    shards: int = 0
+    committed_bytes: int = 0
+    orphan_bytes: int = 0
+    orphan_objects: int = 0
+    foreign_objects: int = 0
+    foreign_bytes: int = 0
+    oldest: float | None = None
+    newest: float | None = None
+
+    @property
+    def objects(self) -> int:
+        return self.manifests + self.shards + self.foreign_objects
+
+    @property
+    def bytes(self) -> int:
+        return self.committed_bytes + self.orphan_bytes + self.foreign_bytes
+
+    def add(self, u: ChunkUsage) -> None:
+        self.manifests += u.manifests
+        self.shards += u.shards
+        self.committed_bytes += u.committed_bytes
+        self.orphan_bytes += u.orphan_bytes
+        self.orphan_objects += u.orphan_objects
+        if u.committed:
+            self.chunks += 1
+            self.invalid_manifests += u.invalid
+        else:
+            self.uncommitted_chunks += 1
+        if u.modified is not None:
+            self._see(u.modified, u.modified)
+
+    def merge(self, other: NamespaceUsage) -> None:
+        for name in ("chunks", "invalid_manifests", "uncommitted_chunks", "manifests", "shards",
+                     "committed_bytes", "orphan_bytes", "orphan_objects", "foreign_objects",
+                     "foreign_bytes"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        if other.oldest is not None and other.newest is not None:
+            self._see(other.oldest, other.newest)
+
+    def _see(self, oldest: float, newest: float) -> None:
+        self.oldest = oldest if self.oldest is None else min(self.oldest, oldest)
+        self.newest = newest if self.newest is None else max(self.newest, newest)
+
+
+# --- bounded concurrency ------------------------------------------------------
+
+
+async def bounded_map(
+    source: AsyncIterator[T], fn: Callable[[T], Awaitable[R]], limit: int
+) -> AsyncGenerator[R, None]:
+    """Apply ``fn`` to a stream with at most ``limit`` calls in flight, unordered.
+
+    Pulling from ``source`` only when a slot is free is what keeps memory
+    bounded: the producer blocks instead of the results piling up.
+    """
+    pending: set[asyncio.Future[R]] = set()
+    try:
+        async for item in source:
+            while len(pending) >= max(1, limit):
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                for fut in done:
+                    yield fut.result()
+            pending.add(asyncio.ensure_future(fn(item)))
+        while pending:
+            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for fut in done:
+                yield fut.result()
+    finally:
+        for fut in pending:
+            fut.cancel()
+        if pending:
+            await asyncio.gather(*pending, return_exceptions=True)
+
+
+# --- the catalog --------------------------------------------------------------
+
+
+def is_directory_bucket(bucket: str) -> bool:
+    """S3 Express directory buckets list keys in no particular order."""
+    return bucket.endswith("--x-s3")
+
+
+def named_keys(manifest: Manifest) -> frozenset[str]:
+    return frozenset(s.key for s in manifest.shards)
+
+
+class Catalog:
+    """Scans one bucket prefix; holds no listing state between calls."""
+
+    def __init__(
+        self,
+        store: CatalogStore,
+        layout: KeyLayout,
+        *,
+        concurrency: int = 16,
+        page_size: int = 1000,
+        ordered_listing: bool = True,
+        queue_size: int = 256,
+    ) -> None:
+        self.store = store
+        self.layout = layout
+        self.concurrency = max(1, concurrency)
+        self._page_size = page_size
+        self._ordered = ordered_listing
+        self._queue_size = queue_size
+        self._foreign: dict[str, list[int]] = {}
+
+    # --- namespaces -----------------------------------------------------------
+
+    async def namespaces(self) -> list[str]:
+        root = self.layout.root()
+        dirs: Sequence[str] = await self.store.list_dirs(root)
+        names = (d[len(root):].strip("/") for d in dirs)
+        return sorted(n for n in names if is_namespace(n))
+
+    async def resolve_namespace(self, text: str) -> str:
+        """A full namespace id from a unique prefix of one (as ``git`` does for commits)."""
+        needle = text.strip().lower()
+        if not needle or len(needle) > 32 or not set(needle) <= _HEX:
+            raise InvalidNamespace(
+                f"{text!r} is not a namespace id or a prefix of one (1 to 32 hex digits)"
+            )
+        matches = [ns for ns in await self.namespaces() if ns.startswith(needle)]
+        if not matches:
+            raise NamespaceNotFound(
+                f"no namespace under s3://{self.store_bucket()}/{self.layout.root()} "
+                f"starts with {needle!r}"
+            )
+        if len(matches) > 1:
+            raise AmbiguousNamespace(needle, matches)
+        return matches[0]
+
+    def store_bucket(self) -> str:
+        return str(getattr(self.store, "bucket", "?"))
+
+    async def fingerprint(self, ns: str) -> dict[str, Any] | None:
+        """The namespace document, or ``None``: it is informational and may be absent."""
+        try:
+            data = await self.store.get(self.layout.namespace_doc(ns))
+        except NotFound:
+            return None
+        if len(data) > FINGERPRINT_MAX_BYTES:
+            log.warning("namespace document of %s is %d bytes; ignored", ns, len(data))
+            return None
+        try:
+            doc = json.loads(bytes(data))
+        except (ValueError, UnicodeDecodeError):
+            log.warning("namespace document of %s is not JSON; ignored", ns)
+            return None
+        return doc if isinstance(doc, dict) else None
+
+    # --- chunks ---------------------------------------------------------------
+
+    async def spreads(self, ns: str) -> list[str]:
+        base = self.layout.namespace_prefix(ns)
+        dirs: Sequence[str] = await self.store.list_dirs(base)
+        return sorted(
+            d for d in dirs if len(name := d[len(base):].strip("/")) == 2 and set(name) <= _HEX
+        )
+
+    def foreign(self, ns: str) -> tuple[int, int]:
+        """(objects, bytes) under the namespace's spreads that are not s3kv keys."""
+        n, b = self._foreign.get(ns, (0, 0))
+        return n, b
+
+    def _count_foreign(self, ns: str, info: ObjectInfo) -> None:
+        tally = self._foreign.setdefault(ns, [0, 0])
+        tally[0] += 1
+        tally[1] += info.size
+
+    async def _list_spread(
+        self, ns: str, spread: str, emit: Callable[[ChunkObjects], Awaitable[None]]
+    ) -> None:
+        current: ChunkObjects | None = None
+        buffered: dict[str, ChunkObjects] = {}
+        async for page in self.store.list(spread, page_size=self._page_size):
+            for info in page:
+                parsed = self.layout.parse(info.key)
+                if parsed is None or parsed.chunk_id is None or parsed.namespace != ns:
+                    self._count_foreign(ns, info)
+                    continue
+                cid = parsed.chunk_id
+                if self._ordered:
+                    if current is None or current.chunk_id != cid:
+                        if current is not None:
+                            await emit(current)
+                        current = ChunkObjects(ns, cid)
+                    group = current
+                else:
+                    group = buffered.get(cid) or buffered.setdefault(cid, ChunkObjects(ns, cid))
+                if parsed.kind == "manifest":
+                    group.manifest = info
+                elif parsed.writer is not None and parsed.rank is not None:
+                    group.shards.append(
+                        ShardObject(info.key, parsed.writer, parsed.rank, info.size,
+                                    timestamp(info))
+                    )
+        if current is not None:
+            await emit(current)
+        for group in buffered.values():
+            await emit(group)
+
+    async def chunk(self, ns: str, cid: str) -> ChunkObjects | None:
+        """One chunk's objects as they are now (a fresh listing, for re-checks)."""
+        found: list[ChunkObjects] = []
+
+        async def keep(group: ChunkObjects) -> None:
+            if group.chunk_id == cid:
+                found.append(group)
+
+        await self._list_spread(ns, self.layout.chunk_prefix(ns, cid), keep)
+        return found[0] if found else None
+
+    async def chunks(self, ns: str) -> AsyncGenerator[ChunkObjects, None]:
+        """Every chunk of a namespace, one group at a time, spreads listed in parallel."""
+        spreads = await self.spreads(ns)
+        if not spreads:
+            return
+        queue: asyncio.Queue[ChunkObjects | None] = asyncio.Queue(self._queue_size)
+        todo = iter(spreads)
+
+        async def worker() -> None:
+            for spread in todo:
+                await self._list_spread(ns, spread, queue.put)
+
+        workers = [asyncio.ensure_future(worker())
+                   for _ in range(min(self.concurrency, len(spreads)))]
+
+        async def finish() -> None:
+            try:
+                await asyncio.gather(*workers)
+            finally:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await queue.put(None)
+
+        closer = asyncio.ensure_future(finish())
+        try:
+            while (item := await queue.get()) is not None:
+                yield item
+            await closer
+        finally:
+            for task in (*workers, closer):
+                task.cancel()
+            await asyncio.gather(*workers, closer, return_exceptions=True)
+
+    async def read_manifest(self, ns: str, cid: str) -> Manifest | None:
+        """The decoded manifest, ``None`` if absent; ManifestError if malformed."""
+        try:
+            data = await self.store.get(self.layout.manifest(ns, cid))
+        except NotFound:
+            return None
+        return decode_manifest(data, layout=self.layout, expect_namespace=ns, expect_chunk_id=cid)
+
+    async def scan(
+        self, ns: str, *, want_manifest: Callable[[ChunkObjects], bool]
+    ) -> AsyncGenerator[ScannedChunk, None]:
+        """Chunks of ``ns``, with the manifest read for those ``want_manifest`` picks."""
+
+        async def load(group: ChunkObjects) -> ScannedChunk:
+            out = ScannedChunk(group)
+            if group.manifest is None or not want_manifest(group):
+                return out
+            try:
+                out.manifest = await self.read_manifest(ns, group.chunk_id)
+            except ManifestError as exc:
+                out.error = str(exc)
+            else:
+                out.vanished = out.manifest is None
+            return out
+
+        groups = self.chunks(ns)
+        async with (
+            contextlib.aclosing(groups),
+            contextlib.aclosing(bounded_map(groups, load, self.concurrency)) as items,
+        ):
+            async for item in items:
+                yield item
+
+    # --- summaries ------------------------------------------------------------
+
+    async def usage(self, ns: str, *, exact: bool = False) -> NamespaceUsage:
+        """Committed and orphaned bytes of one namespace.
+
+        A chunk whose shards all come from one writer is committed whole
+        without reading its manifest (a manifest names one writer's shards);
+        with ``exact`` or several writers the manifest decides.
+        """
+        usage = NamespaceUsage(ns)
+        async with contextlib.aclosing(
+            self.scan(ns, want_manifest=lambda g: exact or len(g.writers) > 1)
+        ) as items:
+            async for item in items:
+                usage.add(chunk_usage(item))
+        usage.foreign_objects, usage.foreign_bytes = self.foreign(ns)
+        return usage
+
+    async def records(self, ns: str) -> AsyncGenerator[ChunkRecord | ScannedChunk, None]:
+        """A compact record per committed chunk; undecodable ones as ScannedChunk."""
+        async with contextlib.aclosing(self.scan(ns, want_manifest=lambda g: True)) as items:
+            async for item in items:
+                rec = chunk_record(item)
+                if rec is not None:
+                    yield rec
+                elif item.error is not None:
+                    yield item
+
+
+def chunk_usage(item: ScannedChunk) -> ChunkUsage:
+    group = item.objects
+    manifests = 1 if group.manifest is not None else 0
+    if group.manifest is None or item.vanished:
+        return ChunkUsage(False, False, manifests, len(group.shards), 0, group.bytes,
+                          group.objects, None)
+    modified = timestamp(group.manifest)
+    if item.manifest is None:  # not read (single writer) or undecodable: all of it counts
+        return ChunkUsage(True, item.error is not None, 1, len(group.shards), group.bytes, 0, 0,
+                          modified)
+    named = named_keys(item.manifest)
+    orphans = [s for s in group.shards if s.key not in named]
+    orphan_bytes = sum(s.size for s in orphans)
+    return ChunkUsage(True, False, 1, len(group.shards), group.bytes - orphan_bytes,
+                      orphan_bytes, len(orphans), modified)
+
+
+def chunk_record(item: ScannedChunk) -> ChunkRecord | None:
+    m, group = item.manifest, item.objects
+    if m is None or group.manifest is None:
+        return None
+    return ChunkRecord(
+        namespace=group.namespace,
+        chunk_id=m.chunk_id,
+        parent_id=m.parent_id,
+        chunk_index=m.chunk_index,
+        tokens=m.num_tokens,
+        bytes=group.manifest.size + m.total_bytes,
+        objects=1 + len(m.shards),
+        modified=timestamp(group.manifest),
+    )
+
+
+# --- chains -------------------------------------------------------------------
+
+
+def build_prefixes(records: Iterable[ChunkRecord]) -> list[CachedPrefix]:
+    """Rebuild cached prefixes from parent ids: one per leaf (a chunk nobody extends)."""
+    by_id = {r.chunk_id: r for r in records}
+    parents = {r.parent_id for r in by_id.values() if r.parent_id is not None}
+    # chunks, tokens, bytes, oldest, newest, complete
+    memo: dict[str, tuple[int, int, int, float, float, bool]] = {}
+
+    def fold(cid: str) -> tuple[int, int, int, float, float, bool]:
+        path: list[ChunkRecord] = []
+        seen: set[str] = set()
+        cur: str | None = cid
+        while cur is not None and cur not in memo:
+            rec = by_id.get(cur)
+            if rec is None or cur in seen:
+                break
+            seen.add(cur)
+            path.append(rec)
+            cur = rec.parent_id
+        if cur is not None and cur in memo:
+            acc = memo[cur]
+        else:
+            # ``cur is None``: the walk reached a root chunk; otherwise a hole.
+            acc = (0, 0, 0, float("inf"), float("-inf"), cur is None)
+        for rec in reversed(path):
+            acc = (acc[0] + 1, acc[1] + rec.tokens, acc[2] + rec.bytes,
+                   min(acc[3], rec.modified), max(acc[4], rec.modified), acc[5])
+            memo[rec.chunk_id] = acc
+        return memo[cid]
+
+    out: list[CachedPrefix] = []
+    for cid in by_id:
+        if cid in parents:
+            continue
+        n, tokens, size, oldest, newest, complete = fold(cid)
+        out.append(CachedPrefix(cid, n, tokens, size, oldest, newest, complete))
+    return out
+
+
+def subtree_newest(records: Iterable[ChunkRecord]) -> dict[str, float]:
+    """Per chunk, the newest Last-Modified among it and every chunk extending it.
+
+    A chunk counts as used as recently as its newest descendant: that
+    descendant was written by someone who had just read the whole prefix.
+    """
+    recs = sorted(records, key=lambda r: r.chunk_index, reverse=True)
+    newest = {r.chunk_id: r.modified for r in recs}
+    for r in recs:
+        if r.parent_id is not None and r.parent_id in newest:
+            newest[r.parent_id] = max(newest[r.parent_id], newest[r.chunk_id])
+    return newest

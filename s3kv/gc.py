@@ -1,0 +1,528 @@
+"""Deletion plans and their safe execution.
+
+A plan is computed from one scan and holds compact rows (namespace, chunk,
+reason, expected counts), never object keys: what is deleted is decided per
+chunk again, right before its delete batch, from a fresh listing of the
+chunk prefix. That re-check is what keeps GC safe next to live writers.
+
+The invariant: a shard named by a manifest that exists is never deleted.
+
+* Chunk deletions (``--older-than``, ``--max-size``, ``--namespace``) delete
+  the manifest first, so readers miss from that moment on. A reader that
+  fetched the manifest just before may then find a shard gone; the reader
+  reports that as an IntegrityError, i.e. a clean recompute, never partial
+  data.
+* Before any shard is deleted, its chunk is listed again and a manifest
+  found there is read: every shard it names is protected. That covers a
+  writer whose commit lands while GC runs, including one re-committing a
+  chunk whose manifest GC has just deleted.
+* Shards not named by a manifest are deleted only once older than the grace
+  period. A commit uploads its shards before it writes the manifest, so a
+  commit in flight shows shards and no manifest; the grace period is what
+  protects them. **The grace period must exceed the commit latency** (upload
+  of the slowest rank's shards plus the gather plus the manifest write,
+  including retries), or a slow commit can lose shards to GC between the
+  re-check and the delete call.
+* Shards named by a manifest this run deletes may go at once, unless they
+  were rewritten after that manifest was written (a writer re-committing).
+
+Residual window: S3 offers no conditional delete here, so a writer that
+rewrites an old shard key and writes its manifest between a chunk's re-check
+and the delete call loses that shard; readers then fail verification and
+recompute (``s3kv verify --repair`` removes such manifests). The window is
+one delete batch long and needs a commit to run entirely inside it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import heapq
+import logging
+import time
+from collections.abc import AsyncGenerator, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol, TypeVar
+
+from s3kv.catalog import (
+    Catalog,
+    ChunkRecord,
+    ShardObject,
+    bounded_map,
+    chunk_record,
+    named_keys,
+    subtree_newest,
+    timestamp,
+)
+from s3kv.errors import AccessDenied, ManifestError, NoSuchBucket, NotFound, StoreError
+from s3kv.keys import KeyLayout
+from s3kv.manifest import decode_manifest
+from s3kv.store.protocol import Delete, Get, List, MultipartAdmin
+
+log = logging.getLogger("s3kv.gc")
+T = TypeVar("T")
+
+Reason = Literal["orphans", "namespace", "older-than", "max-size"]
+REASONS: tuple[Reason, ...] = ("orphans", "namespace", "older-than", "max-size")
+#: S3 DeleteObjects takes at most this many keys per request.
+DELETE_BATCH = 1000
+DEFAULT_GRACE_S = 3600.0
+
+EventHook = Callable[[str, dict[str, Any]], None]
+
+
+class GcStore(List, Get, Delete, Protocol):
+    """GC lists, reads manifests and deletes; it never writes."""
+
+
+@dataclass(frozen=True)
+class Policies:
+    """What to delete; every policy given adds to the plan."""
+
+    grace_s: float = DEFAULT_GRACE_S
+    orphans: bool = True
+    uploads: bool = True
+    older_than_s: float | None = None
+    max_bytes: int | None = None
+    namespaces: tuple[str, ...] = ()
+
+
+@dataclass(slots=True)
+class PlannedChunk:
+    namespace: str
+    chunk_id: str
+    reason: Reason
+    delete_manifest: bool
+    manifest_modified: float | None
+    objects: int
+    bytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class PlannedUpload:
+    key: str
+    upload_id: str
+    initiated: float
+
+
+@dataclass
+class Totals:
+    chunks: int = 0
+    objects: int = 0
+    bytes: int = 0
+
+    def to_json(self) -> dict[str, int]:
+        return {"chunks": self.chunks, "objects": self.objects, "bytes": self.bytes}
+
+
+@dataclass
+class Plan:
+    created: float
+    policies: Policies
+    chunks: list[PlannedChunk] = field(default_factory=list)
+    uploads: list[PlannedUpload] = field(default_factory=list)
+    namespaces: list[str] = field(default_factory=list)
+    committed_bytes: int = 0
+    errors: list[str] = field(default_factory=list)
+
+    def totals(self) -> dict[str, Totals]:
+        out: dict[str, Totals] = {r: Totals() for r in REASONS}
+        for p in self.chunks:
+            t = out[p.reason]
+            t.chunks += 1
+            t.objects += p.objects
+            t.bytes += p.bytes
+        return out
+
+    @property
+    def empty(self) -> bool:
+        return not self.chunks and not self.uploads
+
+    @property
+    def committed_bytes_after(self) -> int:
+        freed = sum(p.bytes for p in self.chunks if p.delete_manifest)
+        return max(0, self.committed_bytes - freed)
+
+
+@dataclass
+class GcResult:
+    deleted_manifests: int = 0
+    deleted_shards: int = 0
+    deleted_bytes: int = 0
+    protected_shards: int = 0
+    aborted_uploads: int = 0
+    deleted_namespace_docs: int = 0
+    chunks_done: int = 0
+    errors: list[str] = field(default_factory=list)
+
+    @property
+    def deleted_objects(self) -> int:
+        return self.deleted_manifests + self.deleted_shards + self.deleted_namespace_docs
+
+
+# --- planning -----------------------------------------------------------------
+
+
+class Planner:
+    """Turns one scan of the prefix into a :class:`Plan`."""
+
+    def __init__(
+        self,
+        catalog: Catalog,
+        policies: Policies,
+        *,
+        uploads_store: MultipartAdmin | None = None,
+        now: float | None = None,
+    ) -> None:
+        self._catalog = catalog
+        self._policies = policies
+        self._uploads = uploads_store
+        self._now = time.time() if now is None else now
+
+    async def plan(self, on_namespace: Callable[[str], None] | None = None) -> Plan:
+        pol = self._policies
+        plan = Plan(self._now, pol)
+        need_records = pol.older_than_s is not None or pol.max_bytes is not None
+        records: dict[str, list[ChunkRecord]] = {}
+        orphan_rows: dict[tuple[str, str], PlannedChunk] = {}
+        for ns in await self._catalog.namespaces():
+            if on_namespace is not None:
+                on_namespace(ns)
+            if ns in pol.namespaces:
+                plan.namespaces.append(ns)
+                await self._plan_whole(ns, plan)
+                continue
+            recs = records.setdefault(ns, [])
+            await self._scan(ns, need_records, recs, orphan_rows)
+        doomed = self._chain_policies(records, plan)
+        for key, row in orphan_rows.items():
+            if key not in doomed:
+                plan.chunks.append(row)
+            else:  # the chunk goes whole; its orphans go with it
+                doomed[key].objects += row.objects
+                doomed[key].bytes += row.bytes
+        if pol.uploads and self._uploads is not None:
+            await self._plan_uploads(plan)
+        return plan
+
+    async def _plan_whole(self, ns: str, plan: Plan) -> None:
+        async with contextlib.aclosing(self._catalog.chunks(ns)) as groups:
+            async for g in groups:
+                plan.chunks.append(PlannedChunk(
+                    ns, g.chunk_id, "namespace", g.manifest is not None,
+                    timestamp(g.manifest) if g.manifest else None, g.objects, g.bytes,
+                ))
+
+    async def _scan(
+        self,
+        ns: str,
+        need_records: bool,
+        recs: list[ChunkRecord],
+        orphan_rows: dict[tuple[str, str], PlannedChunk],
+    ) -> None:
+        pol = self._policies
+
+        def want(g: Any) -> bool:
+            return need_records or (pol.orphans and len(g.writers) > 1)
+
+        items = self._catalog.scan(ns, want_manifest=want)
+        async with contextlib.aclosing(items) as scanned:
+            async for item in scanned:
+                g = item.objects
+                if need_records and (rec := chunk_record(item)) is not None:
+                    recs.append(rec)
+                if not pol.orphans or item.error is not None:
+                    continue
+                if g.manifest is None or item.vanished:
+                    candidates = g.shards
+                elif item.manifest is not None:
+                    named = named_keys(item.manifest)
+                    candidates = [s for s in g.shards if s.key not in named]
+                else:
+                    continue
+                old = [s for s in candidates if self._now - s.modified >= pol.grace_s]
+                if old:
+                    orphan_rows[(ns, g.chunk_id)] = PlannedChunk(
+                        ns, g.chunk_id, "orphans", False, None, len(old),
+                        sum(s.size for s in old),
+                    )
+
+    def _chain_policies(
+        self, records: dict[str, list[ChunkRecord]], plan: Plan
+    ) -> dict[tuple[str, str], PlannedChunk]:
+        pol = self._policies
+        plan.committed_bytes = sum(r.bytes for recs in records.values() for r in recs)
+        doomed: dict[tuple[str, str], PlannedChunk] = {}
+
+        def doom(rec: ChunkRecord, reason: Reason) -> None:
+            doomed[(rec.namespace, rec.chunk_id)] = PlannedChunk(
+                rec.namespace, rec.chunk_id, reason, True, rec.modified, rec.objects, rec.bytes
+            )
+
+        if pol.older_than_s is not None:
+            cutoff = self._now - pol.older_than_s
+            for recs in records.values():
+                newest = subtree_newest(recs)
+                # Leaves first: a chunk is old only if all its descendants are.
+                for rec in sorted(recs, key=lambda r: r.chunk_index, reverse=True):
+                    if newest[rec.chunk_id] <= cutoff:
+                        doom(rec, "older-than")
+        if pol.max_bytes is not None:
+            self._evict(records, doomed, doom, pol.max_bytes, plan.committed_bytes)
+        plan.chunks.extend(doomed.values())
+        return doomed
+
+    def _evict(
+        self,
+        records: dict[str, list[ChunkRecord]],
+        doomed: dict[tuple[str, str], PlannedChunk],
+        doom: Callable[[ChunkRecord, Reason], None],
+        budget: int,
+        committed: int,
+    ) -> None:
+        """Oldest leaf first until the committed bytes fit the budget.
+
+        Only a chunk nothing live extends is ever a candidate, so evicting
+        never leaves a hole in a cached prefix; a parent becomes a candidate
+        once its last child is gone.
+        """
+        live: dict[tuple[str, str], ChunkRecord] = {}
+        for ns, recs in records.items():
+            for r in recs:
+                if (ns, r.chunk_id) not in doomed:
+                    live[(ns, r.chunk_id)] = r
+        total = committed - sum(p.bytes for p in doomed.values())
+        if total <= budget:
+            return
+        children: dict[tuple[str, str], int] = {}
+        for (ns, _), r in live.items():
+            if r.parent_id is not None and (ns, r.parent_id) in live:
+                children[(ns, r.parent_id)] = children.get((ns, r.parent_id), 0) + 1
+        heap = [(r.modified, ns, cid) for (ns, cid), r in live.items()
+                if children.get((ns, cid), 0) == 0]
+        heapq.heapify(heap)
+        while total > budget and heap:
+            _, ns, cid = heapq.heappop(heap)
+            rec = live.pop((ns, cid))
+            doom(rec, "max-size")
+            total -= rec.bytes
+            if rec.parent_id is not None and (parent := (ns, rec.parent_id)) in live:
+                children[parent] -= 1
+                if children[parent] == 0:
+                    heapq.heappush(heap, (live[parent].modified, ns, rec.parent_id))
+
+    async def _plan_uploads(self, plan: Plan) -> None:
+        if self._uploads is None:
+            return
+        try:
+            uploads = await self._uploads.list_multipart_uploads(
+                self._catalog.layout.root()
+            )
+        except (AccessDenied, NoSuchBucket):
+            raise
+        except StoreError as exc:
+            plan.errors.append(f"listing multipart uploads failed: {exc}")
+            return
+        for u in uploads:
+            initiated = u.initiated.timestamp()
+            if self._now - initiated >= self._policies.grace_s:
+                plan.uploads.append(PlannedUpload(u.key, u.upload_id, initiated))
+
+
+# --- execution ----------------------------------------------------------------
+
+
+def _batches(chunks: Sequence[PlannedChunk], max_chunks: int) -> list[list[PlannedChunk]]:
+    out: list[list[PlannedChunk]] = []
+    cur: list[PlannedChunk] = []
+    objects = 0
+    for p in chunks:
+        if cur and (len(cur) >= max_chunks or objects + p.objects > DELETE_BATCH):
+            out.append(cur)
+            cur, objects = [], 0
+        cur.append(p)
+        objects += p.objects
+    if cur:
+        out.append(cur)
+    return out
+
+
+def execution_order(chunks: Sequence[PlannedChunk]) -> list[PlannedChunk]:
+    """Chunk deletions leaves first, then orphans.
+
+    A run stopped half-way then leaves shorter prefixes behind, never a
+    prefix with a hole in it.
+    """
+    rank = {"namespace": 0, "older-than": 1, "max-size": 2, "orphans": 3}
+    return sorted(chunks, key=lambda p: rank[p.reason])
+
+
+class Executor:
+    """Carries out a plan, re-checking every chunk right before its deletes."""
+
+    def __init__(
+        self,
+        store: GcStore,
+        layout: KeyLayout,
+        *,
+        grace_s: float,
+        concurrency: int = 16,
+        batch_chunks: int = 256,
+        uploads_store: MultipartAdmin | None = None,
+        on_event: EventHook | None = None,
+        on_progress: Callable[[int, int], None] | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._store = store
+        self._layout = layout
+        self._catalog = Catalog(store, layout, concurrency=concurrency)
+        self._grace = grace_s
+        self._concurrency = max(1, concurrency)
+        self._batch_chunks = max(1, batch_chunks)
+        self._uploads = uploads_store
+        self._on_event = on_event
+        self._on_progress = on_progress
+        self._clock = clock
+
+    async def execute(self, plan: Plan, result: GcResult | None = None) -> GcResult:
+        """Run ``plan``; ``result`` (if given) is filled in as work completes,
+        so an interrupted run can still report what it did."""
+        res = result if result is not None else GcResult()
+        ordered = execution_order(plan.chunks)
+        total = len(ordered) + len(plan.uploads)
+        for batch in _batches(ordered, self._batch_chunks):
+            try:
+                await self._run_batch(batch, res)
+            except (AccessDenied, NoSuchBucket):
+                raise
+            except StoreError as exc:
+                res.errors.append(f"batch of {len(batch)} chunks: {exc}")
+                log.warning("gc batch failed: %s", exc)
+            res.chunks_done += len(batch)
+            self._progress(res.chunks_done, total)
+        for up in plan.uploads:
+            await self._abort(up, res)
+            self._progress(res.chunks_done + res.aborted_uploads, total)
+        for ns in plan.namespaces:
+            await self._drop_namespace_doc(ns, res)
+        return res
+
+    def _progress(self, done: int, total: int) -> None:
+        if self._on_progress is not None:
+            self._on_progress(done, total)
+
+    def _emit(self, name: str, **info: Any) -> None:
+        if self._on_event is not None:
+            self._on_event(name, info)
+
+    async def _run_batch(self, batch: list[PlannedChunk], res: GcResult) -> None:
+        self._emit("batch", chunks=[(p.namespace, p.chunk_id) for p in batch])
+        doomed = [p for p in batch if p.delete_manifest]
+        # What the manifests about to be deleted name: those shards may go at
+        # once instead of waiting out the grace period.
+        deleted_named: dict[tuple[str, str], frozenset[str]] = {}
+
+        async def read(p: PlannedChunk) -> tuple[PlannedChunk, frozenset[str], int]:
+            key = self._layout.manifest(p.namespace, p.chunk_id)
+            try:
+                data = await self._store.get(key)
+            except NotFound:
+                return p, frozenset(), -1
+            try:
+                m = decode_manifest(data, layout=self._layout, expect_namespace=p.namespace,
+                                    expect_chunk_id=p.chunk_id)
+            except ManifestError:
+                return p, frozenset(), len(data)
+            return p, named_keys(m), len(data)
+
+        manifest_bytes: dict[tuple[str, str], int] = {}
+        async for p, named, size in bounded_map(_aiter(doomed), read, self._concurrency):
+            deleted_named[(p.namespace, p.chunk_id)] = named
+            manifest_bytes[(p.namespace, p.chunk_id)] = size
+        if doomed:
+            keys = [self._layout.manifest(p.namespace, p.chunk_id) for p in doomed]
+            await self._delete(keys)
+            found = [n for n in manifest_bytes.values() if n >= 0]
+            res.deleted_manifests += len(found)
+            res.deleted_bytes += sum(found)
+            self._emit("manifests_deleted", keys=keys)
+
+        async def recheck(p: PlannedChunk) -> tuple[list[ShardObject], int]:
+            return await self._recheck(p, deleted_named.get((p.namespace, p.chunk_id),
+                                                            frozenset()))
+
+        victims: list[ShardObject] = []
+        async for doomed_shards, protected in bounded_map(_aiter(batch), recheck,
+                                                          self._concurrency):
+            victims.extend(doomed_shards)
+            res.protected_shards += protected
+        self._emit("rechecked", keys=[s.key for s in victims])
+        for i in range(0, len(victims), DELETE_BATCH):
+            part = victims[i : i + DELETE_BATCH]
+            await self._delete([s.key for s in part])
+            res.deleted_shards += len(part)
+            res.deleted_bytes += sum(s.size for s in part)
+        self._emit("shards_deleted", keys=[s.key for s in victims])
+
+    async def _recheck(
+        self, p: PlannedChunk, deleted_named: frozenset[str]
+    ) -> tuple[list[ShardObject], int]:
+        """Which of the chunk's shards may be deleted now, and how many are protected."""
+        group = await self._catalog.chunk(p.namespace, p.chunk_id)
+        if group is None:
+            return [], 0
+        protect: frozenset[str] = frozenset()
+        if group.manifest is not None:
+            try:
+                live = await self._catalog.read_manifest(p.namespace, p.chunk_id)
+            except ManifestError:
+                # Cannot tell what it names: keep everything, verify decides.
+                return [], len(group.shards)
+            if live is not None:
+                protect = named_keys(live)
+        now = self._clock()
+        victims: list[ShardObject] = []
+        protected = 0
+        for s in group.shards:
+            if s.key in protect:
+                protected += 1
+            elif now - s.modified >= self._grace or (
+                s.key in deleted_named
+                and p.manifest_modified is not None
+                and s.modified <= p.manifest_modified
+            ):
+                victims.append(s)
+            else:
+                protected += 1
+        return victims, protected
+
+    async def _delete(self, keys: list[str]) -> None:
+        for i in range(0, len(keys), DELETE_BATCH):
+            await self._store.delete_many(keys[i : i + DELETE_BATCH])
+
+    async def _abort(self, up: PlannedUpload, res: GcResult) -> None:
+        if self._uploads is None:
+            return
+        try:
+            await self._uploads.abort_multipart_upload(up.key, up.upload_id)
+        except NotFound:
+            pass
+        except (AccessDenied, NoSuchBucket):
+            raise
+        except StoreError as exc:
+            res.errors.append(f"abort of upload {up.upload_id} for {up.key}: {exc}")
+            return
+        res.aborted_uploads += 1
+
+    async def _drop_namespace_doc(self, ns: str, res: GcResult) -> None:
+        """The fingerprint goes last, and only once nothing else is left."""
+        doc = self._layout.namespace_doc(ns)
+        async for page in self._store.list(self._layout.namespace_prefix(ns), page_size=2):
+            if any(o.key != doc for o in page):
+                return
+        await self._delete([doc])
+        res.deleted_namespace_docs += 1
+
+
+async def _aiter(items: Sequence[T]) -> AsyncGenerator[T, None]:
+    for item in items:
+        yield item

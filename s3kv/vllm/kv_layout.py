@@ -1,0 +1,76 @@
+"""Per-layer block views of vLLM's KV cache and the copies in and out of it.
+
+Every supported layout is exposed as one view per layer shaped
+``[num_blocks, heads, *block_shape]``; shard payloads are
+``[heads, layers, blocks, *block_shape]``. One strided copy per layer moves a
+chunk either way, on CPU as on GPU (the same code; on GPU the copy-out runs
+on a side stream into pinned memory).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+
+from s3kv.errors import ConfigError
+
+
+def block_view(t: torch.Tensor, num_blocks: int, heads: int, block_size: int) -> torch.Tensor:
+    """``[num_blocks, heads, *block_shape]`` view of one layer's KV tensor, without copying."""
+    shape = tuple(t.shape)
+    # vLLM's logical per-layer layout [B, H, N, C] (CPU, and GPU backends that expose it).
+    if len(shape) == 4 and shape[0] == num_blocks and shape[1] == heads and shape[2] == block_size:
+        return t
+    # FlashAttention-style [2, B, N, H, D] -> [B, H, N, 2, D].
+    if len(shape) == 5 and shape[0] == 2 and shape[1] == num_blocks and shape[2] == block_size \
+            and shape[3] == heads:
+        return t.permute(1, 3, 2, 0, 4)
+    # [B, 2, N, H, D] (NHD) -> [B, H, N, 2, D]; [B, 2, H, N, D] (HND) -> [B, H, N, 2, D].
+    if len(shape) == 5 and shape[0] == num_blocks and shape[1] == 2:
+        if shape[2] == block_size and shape[3] == heads:
+            return t.permute(0, 3, 2, 1, 4)
+        if shape[2] == heads and shape[3] == block_size:
+            return t.permute(0, 2, 3, 1, 4)
+    raise ConfigError(
+        "kv_cache_layout",
+        f"unsupported KV cache tensor shape {shape} (blocks={num_blocks}, heads={heads}, "
+        f"block_size={block_size})",
+        choices="[B,H,N,C], [2,B,N,H,D], [B,2,N,H,D], [B,2,H,N,D]",
+    )
+
+
+class KVBlocks:
+    def __init__(
+        self, kv_caches: Mapping[str, torch.Tensor], num_blocks: int, heads: int, block_size: int
+    ) -> None:
+        self.names = tuple(kv_caches)
+        self.views = [block_view(t, num_blocks, heads, block_size) for t in kv_caches.values()]
+        first = self.views[0]
+        self.block_shape = tuple(first.shape[2:])
+        self.dtype = first.dtype
+        self.device = first.device
+        for name, v in zip(self.names, self.views, strict=True):
+            if tuple(v.shape[2:]) != self.block_shape or v.dtype != self.dtype:
+                raise ConfigError("kv_cache_layout", f"layer {name} differs from the first layer")
+
+    @property
+    def dtype_name(self) -> str:
+        return str(self.dtype).removeprefix("torch.")
+
+    def payload_view(self, buf: torch.Tensor, heads: int, nblocks: int) -> torch.Tensor:
+        """Interpret a flat uint8 host tensor as ``[heads, layers, blocks, *block_shape]``."""
+        return buf.view(self.dtype).view(heads, len(self.views), nblocks, *self.block_shape)
+
+    def copy_out(self, block_ids: Sequence[int], dst: torch.Tensor) -> None:
+        idx = torch.tensor(block_ids, dtype=torch.long, device=self.device)
+        non_blocking = self.device.type != "cpu"
+        for li, v in enumerate(self.views):
+            dst[:, li].copy_(v.index_select(0, idx).transpose(0, 1), non_blocking=non_blocking)
+
+    def copy_in(self, src: torch.Tensor, offsets: Sequence[int], block_ids: Sequence[int]) -> None:
+        idx = torch.tensor(block_ids, dtype=torch.long, device=self.device)
+        sel = torch.tensor(offsets, dtype=torch.long)
+        for li, v in enumerate(self.views):
+            part = src[:, li].index_select(1, sel).transpose(0, 1)  # [k, heads, *block_shape]
+            v.index_copy_(0, idx, part.to(self.device))

@@ -1,0 +1,38 @@
+"""What the scheduler sends every worker each step (identical on every rank)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorMetadata
+
+from s3kv.manifest import Manifest
+
+
+@dataclass(frozen=True)
+class LoadChunk:
+    manifest: Manifest
+    # (block offset inside the chunk, destination block id)
+    blocks: tuple[tuple[int, int], ...]
+
+
+@dataclass(frozen=True)
+class LoadRequest:
+    req_id: str
+    chunks: tuple[LoadChunk, ...]
+
+
+@dataclass(frozen=True)
+class SaveChunk:
+    chunk_id: str
+    parent_id: str | None
+    chunk_index: int
+    num_tokens: int
+    block_ids: tuple[int, ...]
+
+
+@dataclass
+class S3KVMetadata(KVConnectorMetadata):
+    loads: list[LoadRequest] = field(default_factory=list)
+    saves: list[SaveChunk] = field(default_factory=list)
+    round_id: int = -1

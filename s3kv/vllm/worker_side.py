@@ -1,0 +1,248 @@
+"""Worker side: copy blocks out for saving, commit, and verified loads.
+
+The forward path touches this module twice per step: ``start_load_kv`` hands
+load jobs to the I/O loop, and ``wait_for_save`` copies this step's full
+chunks into host buffers (one copy; on GPU a device-to-host copy on a side
+stream) and hands them to the committer. Neither waits for S3 or for
+another rank.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+import warnings
+from concurrent.futures import Future
+from typing import Any
+
+import torch
+
+from s3kv.aio import io_loop
+from s3kv.commit import ChunkSave, Committer, Gatherer, LocalGatherer
+from s3kv.config import Settings
+from s3kv.errors import IntegrityError
+from s3kv.keys import Fingerprint, KeyLayout
+from s3kv.reader import read_shard
+from s3kv.shard import ShardSpec, shard_size, write_header
+from s3kv.stats import Counters
+from s3kv.store import ObjectStore, open_store
+from s3kv.vllm.kv_layout import KVBlocks
+from s3kv.vllm.metadata import LoadChunk, LoadRequest, S3KVMetadata
+
+log = logging.getLogger("s3kv.vllm")
+# Fetched bodies are read-only buffers; we only read from the tensors we wrap them in.
+warnings.filterwarnings("ignore", message="The given buffer is not writable")
+
+
+def head_range(total_heads: int, tp_rank: int, tp_size: int) -> tuple[int, int]:
+    """The KV heads this rank holds (replicated when heads < TP, as vLLM does)."""
+    if total_heads >= tp_size:
+        per = total_heads // tp_size
+        return tp_rank * per, (tp_rank + 1) * per
+    h = tp_rank * total_heads // tp_size
+    return h, h + 1
+
+
+class WorkerSide:
+    def __init__(
+        self, settings: Settings, fingerprint: Fingerprint, num_blocks: int, block_size: int,
+        tp_rank: int, tp_size: int, tp_ranks: list[int], can_load: bool, can_save: bool,
+        counters: Counters,
+    ) -> None:
+        self.settings = settings
+        self.fp = fingerprint
+        self.ns = fingerprint.namespace
+        self.layout = KeyLayout(settings.store.prefix)
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.blocks_per_chunk = settings.chunk_tokens // block_size
+        self.tp_rank, self.tp_size, self.tp_ranks = tp_rank, tp_size, tp_ranks
+        self.heads = head_range(fingerprint.num_kv_heads, tp_rank, tp_size)
+        self.can_load, self.can_save = can_load, can_save
+        self.counters = counters
+        self.io = io_loop()
+        self.kv: KVBlocks | None = None
+        self.store: ObjectStore | None = None
+        self.committer: Committer | None = None
+        self._loads: dict[str, tuple[Future[set[int]], set[int]]] = {}
+        self._load_errors: set[int] = set()
+        self._load_sem: asyncio.Semaphore | None = None
+        self._side_stream: Any = None
+        self._load_stream: Any = None
+        self._last_save_event: Any = None
+
+    # --- start-up ---------------------------------------------------------------
+
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        n_heads = self.heads[1] - self.heads[0]
+        kv = KVBlocks(kv_caches, self.num_blocks, n_heads, self.block_size)
+        if kv.dtype_name != self.fp.dtype:
+            log.warning("s3kv: KV dtype %s differs from the configured %s; cache disabled",
+                        kv.dtype_name, self.fp.dtype)
+            return
+        self.kv = kv
+        if kv.device.type == "cuda":
+            self._side_stream = torch.cuda.Stream(device=kv.device)
+            self._load_stream = torch.cuda.Stream(device=kv.device)
+        self.store = self.io.run(open_store(self.settings.store), timeout=30)
+        if not self.can_save:
+            return
+        gatherer: Gatherer
+        if self.tp_size > 1:
+            from s3kv.vllm.gather import GlooGatherer
+
+            gatherer = GlooGatherer(self.tp_ranks, self.settings.commit_timeout_s)
+        else:
+            gatherer = LocalGatherer()
+        writer = gatherer.broadcast(uuid.uuid4().hex[:16])
+        self.committer = Committer(
+            io=self.io, store=self.store, layout=self.layout, namespace=self.ns,
+            writer_id=writer, gatherer=gatherer,
+            max_inflight_bytes=self.settings.max_inflight_mib << 20,
+            max_concurrency=self.settings.store.max_concurrency, counters=self.counters,
+        )
+
+    # --- save (forward path) ----------------------------------------------------
+
+    def wait_for_save(self, meta: S3KVMetadata) -> None:
+        if not meta.saves or self.committer is None or self.kv is None:
+            return
+        kv = self.kv
+        n_heads = self.heads[1] - self.heads[0]
+        specs = [
+            ShardSpec(s.chunk_id, self.tp_rank, kv.dtype_name, self.heads[0], self.heads[1],
+                      kv.names, self.blocks_per_chunk, kv.block_shape)
+            for s in meta.saves
+        ]
+        sizes = [shard_size(sp) for sp in specs]
+        if not self.committer.try_reserve(sum(total for total, _ in sizes)):
+            self.committer.submit_dropped(meta.round_id, [
+                (s.chunk_id, s.parent_id, s.chunk_index, s.num_tokens) for s in meta.saves
+            ])
+            return
+        on_gpu = kv.device.type == "cuda"
+        event = None
+        saves = []
+        stream_ctx = torch.cuda.stream(self._side_stream) if on_gpu else _null()
+        if on_gpu:
+            self._side_stream.wait_stream(torch.cuda.current_stream(kv.device))
+        with stream_ctx:
+            for s, spec, (total, off) in zip(meta.saves, specs, sizes, strict=True):
+                host = torch.empty(total, dtype=torch.uint8, pin_memory=on_gpu)
+                mv = memoryview(host.numpy())
+                write_header(mv, spec)
+                kv.copy_out(s.block_ids, kv.payload_view(host[off:], n_heads, len(s.block_ids)))
+                saves.append(ChunkSave(
+                    s.chunk_id, s.parent_id, s.chunk_index, s.num_tokens, mv, off,
+                    self.heads[0], self.heads[1],
+                ))
+            if on_gpu:
+                event = torch.cuda.Event()
+                event.record(self._side_stream)
+        if event is not None:
+            self._last_save_event = event
+            for cs in saves:
+                cs.wait_ready = event.synchronize
+        self.committer.submit(meta.round_id, saves, reserved=True)
+
+    # --- load ---------------------------------------------------------------------
+
+    def start_load_kv(self, meta: S3KVMetadata) -> None:
+        if self._last_save_event is not None:
+            # Blocks being copied out may be reused by this step's forward:
+            # order the device stream after the copy (no host wait).
+            torch.cuda.current_stream().wait_event(self._last_save_event)
+            self._last_save_event = None
+        for lr in meta.loads:
+            blocks = {bid for ch in lr.chunks for _, bid in ch.blocks}
+            if self.kv is None or self.store is None or not self.can_load:
+                fut: Future[set[int]] = Future()
+                fut.set_result(blocks)
+            else:
+                fut = self.io.submit(self._load(lr))
+            self._loads[lr.req_id] = (fut, blocks)
+
+    async def _load(self, lr: LoadRequest) -> set[int]:
+        if self._load_sem is None:
+            self._load_sem = asyncio.Semaphore(self.settings.store.max_concurrency)
+        results = await asyncio.gather(*(self._load_chunk(ch) for ch in lr.chunks))
+        return set().union(*results) if results else set()
+
+    async def _load_chunk(self, ch: LoadChunk) -> set[int]:
+        """Returns the block ids that failed (empty on success)."""
+        failed = {bid for _, bid in ch.blocks}
+        try:
+            async with self._load_sem:  # type: ignore[union-attr]
+                vs = await asyncio.wait_for(
+                    read_shard(self.store, ch.manifest, self.tp_rank),  # type: ignore[arg-type]
+                    self.settings.load_timeout_s,
+                )
+            self._check_spec(vs.spec)
+            loop = asyncio.get_running_loop()
+            await loop.run_in_executor(None, self._copy_in, vs.payload, ch)
+            self.counters.add("bytes_loaded", vs.size)
+            self.counters.add("loaded_chunks")
+            return set()
+        except Exception as exc:
+            self.counters.add("load_failures")
+            log.warning("s3kv: load of chunk %s failed (%s: %s); recomputing",
+                        ch.manifest.chunk_id[:12], type(exc).__name__, exc)
+            return failed
+
+    def _check_spec(self, spec: ShardSpec) -> None:
+        kv = self.kv
+        if kv is None:
+            raise IntegrityError("KV cache not registered")
+        expect = (kv.names, kv.dtype_name, kv.block_shape, self.blocks_per_chunk, self.heads)
+        got = (spec.layer_names, spec.dtype, spec.block_shape, spec.num_blocks,
+               (spec.head_start, spec.head_end))
+        if got != expect:
+            raise IntegrityError(f"shard layout {got} does not match this engine {expect}")
+
+    def _copy_in(self, payload: memoryview, ch: LoadChunk) -> None:
+        kv = self.kv
+        if kv is None:
+            raise IntegrityError("KV cache not registered")
+        n_heads = self.heads[1] - self.heads[0]
+        flat = torch.frombuffer(payload, dtype=torch.uint8)
+        src = kv.payload_view(flat, n_heads, self.blocks_per_chunk)
+        offsets = [o for o, _ in ch.blocks]
+        block_ids = [b for _, b in ch.blocks]
+        if kv.device.type == "cuda":
+            with torch.cuda.stream(self._load_stream):
+                kv.copy_in(src, offsets, block_ids)
+            self._load_stream.synchronize()  # this executor thread only
+        else:
+            kv.copy_in(src, offsets, block_ids)
+
+    def get_finished(self) -> set[str]:
+        done = set()
+        for req_id, (fut, blocks) in list(self._loads.items()):
+            if not fut.done():
+                continue
+            try:
+                failed = fut.result()
+            except Exception:
+                failed = blocks
+            self._load_errors |= failed
+            done.add(req_id)
+            del self._loads[req_id]
+        return done
+
+    def take_load_errors(self) -> set[int]:
+        out, self._load_errors = self._load_errors, set()
+        return out
+
+    def shutdown(self) -> None:
+        if self.committer is not None:
+            self.committer.flush(timeout=min(30.0, self.settings.commit_timeout_s))
+            self.committer.close()
+
+
+class _null:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None

@@ -1,0 +1,250 @@
+"""``s3kv gc`` policies, plan output, confirmation and exit codes (no concurrency here;
+see test_gc_concurrency.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from datetime import UTC, datetime
+
+from s3kv.catalog import Catalog
+from s3kv.gc import Planner, Policies
+from s3kv.keys import KeyLayout, chain_chunk_ids
+from s3kv.store.memory import MemoryStore
+from s3kv.store.protocol import UploadInfo
+from tests.cli.conftest import Bucket
+from tests.cli.helpers import ChunkWriter
+
+A = list(range(12))  # chunks a0 a1 a2
+B = [*range(8), 50, 51, 52, 53, 54, 55, 56, 57]  # a0 a1 b2 b3
+DAY = 86400.0
+
+
+def live_keys(s3: Bucket, w: ChunkWriter) -> set[str]:
+    """Every key a live manifest needs, plus the namespace document."""
+    out = {s3.layout.namespace_doc(w.ns)}
+    for key in s3.keys(s3.layout.namespace_prefix(w.ns)):
+        if key.endswith("/manifest.json"):
+            out.add(key)
+            m = w.read_manifest(key.split("/")[-2])
+            assert m is not None
+            out.update(s.key for s in m.shards)
+    return out
+
+
+def setup_orphans(s3: Bucket) -> tuple[ChunkWriter, list[str]]:
+    w = s3.writer(tp=2)
+    committed = w.commit_chain(A[:8])
+    w.put_shards("f" * 64)  # a commit that never wrote its manifest
+    loser = s3.writer(tp=2, writer="w-loser", doc=False)
+    loser.put_shards(committed[0].chunk_id)  # lost the race for a committed chunk
+    orphans = [s3.layout.shard(w.ns, "f" * 64, "w-test", r) for r in range(2)]
+    orphans += [s3.layout.shard(w.ns, committed[0].chunk_id, "w-loser", r) for r in range(2)]
+    return w, orphans
+
+
+def test_young_orphans_are_left_alone(s3: Bucket) -> None:
+    w, _ = setup_orphans(s3)
+    before = s3.keys()
+    res = s3.cli("gc", "--yes")
+    assert res.exit_code == 0, res.stderr
+    assert "nothing to delete" in res.stderr
+    assert s3.keys() == before
+
+
+def test_orphans_older_than_grace(s3: Bucket) -> None:
+    w, orphans = setup_orphans(s3)
+    s3.age(2 * 3600)
+    before = set(s3.keys())
+
+    plan = s3.json("gc", "--dry-run")
+    assert plan["dry_run"] is True and plan["result"] is None
+    assert plan["plan"]["by_policy"]["orphans"]["chunks"] == 2
+    assert plan["plan"]["by_policy"]["orphans"]["objects"] == 4
+    assert plan["plan"]["policies"]["grace_s"] == 3600
+    assert set(s3.keys()) == before  # a dry run deletes nothing
+
+    res = s3.cli("gc", "--dry-run")
+    assert res.exit_code == 0
+    assert res.stdout.splitlines()[0].split() == ["POLICY", "CHUNKS", "OBJECTS", "SIZE"]
+    assert "orphans" in res.stdout and "KiB" in res.stdout
+
+    res = s3.cli("gc", "--yes")
+    assert res.exit_code == 0, res.stderr
+    assert "deleted 4 objects" in res.stdout
+    assert set(s3.keys()) == before - set(orphans)
+    assert set(s3.keys()) == live_keys(s3, w)
+    assert s3.cli("verify").exit_code == 0
+
+
+def test_grace_option(s3: Bucket) -> None:
+    w, orphans = setup_orphans(s3)
+    res = s3.cli("gc", "--grace", "30m", "--yes")
+    assert res.exit_code == 0 and "nothing to delete" in res.stderr
+    res = s3.cli("gc", "--grace", "0s", "--yes", "--format", "json")
+    assert res.exit_code == 0, res.stderr
+    doc = json.loads(res.stdout)
+    assert doc["result"]["deleted_shards"] == 4
+    assert doc["result"]["deleted_manifests"] == 0
+    assert not set(orphans) & set(s3.keys())
+
+
+def test_confirmation_defaults_to_no(s3: Bucket) -> None:
+    setup_orphans(s3)
+    s3.age(2 * 3600)
+    before = s3.keys()
+    for answer in ["\n", "", "n\n", "whatever\n"]:
+        res = s3.cli("gc", input=answer)
+        assert res.exit_code == 1
+        assert "[y/N]" in res.stderr and "[y/N]" not in res.stdout
+        assert "nothing deleted" in res.stderr
+        assert s3.keys() == before
+    res = s3.cli("gc", input="y\n")
+    assert res.exit_code == 0, res.stderr
+    assert len(s3.keys()) == len(before) - 4
+
+
+def test_stale_multipart_uploads(s3_any: Bucket) -> None:
+    """obstore lacks MultipartAdmin: gc then lists and aborts through aioboto3."""
+    c = s3_any.client
+    inside = c.create_multipart_upload(Bucket=s3_any.name, Key="s3kv/ns/big-object")
+    outside = c.create_multipart_upload(Bucket=s3_any.name, Key="other/object")
+    # moto reports every upload as initiated in 2010: older than any grace.
+    plan = s3_any.json("gc", "--dry-run")
+    assert plan["plan"]["uploads"] == 1
+    res = s3_any.cli("gc", "--yes", "--format", "json")
+    assert res.exit_code == 0, res.stderr
+    assert json.loads(res.stdout)["result"]["aborted_uploads"] == 1
+    left = {u["UploadId"] for u in c.list_multipart_uploads(Bucket=s3_any.name).get("Uploads", [])}
+    assert inside["UploadId"] not in left
+    assert outside["UploadId"] in left
+    assert s3_any.json("gc", "--dry-run", "--no-uploads")["plan"]["uploads"] == 0
+
+
+def test_young_uploads_are_kept() -> None:
+    now = datetime.now(UTC).timestamp()
+
+    class Admin:
+        async def list_multipart_uploads(self, prefix: str) -> list[UploadInfo]:
+            return [UploadInfo(f"{prefix}young", "u1", datetime.fromtimestamp(now - 60, UTC)),
+                    UploadInfo(f"{prefix}old", "u2", datetime.fromtimestamp(now - 7200, UTC))]
+
+        async def abort_multipart_upload(self, key: str, upload_id: str) -> None:
+            raise AssertionError("planning never aborts")
+
+    cat = Catalog(MemoryStore(), KeyLayout("p"))
+    plan = asyncio.run(Planner(cat, Policies(), uploads_store=Admin(), now=now).plan())
+    assert [u.upload_id for u in plan.uploads] == ["u2"]
+
+
+def test_older_than_keeps_prefixes_whole(s3: Bucket) -> None:
+    w = s3.writer()
+    a = w.commit_chain(A)
+    s3.age(10 * DAY)
+    b = w.commit_chain(B)  # young, extends a0 a1
+    assert [m.chunk_id for m in b[:2]] == [m.chunk_id for m in a[:2]]
+
+    assert s3.json("gc", "--dry-run", "--older-than", "30d")["plan"]["total"]["chunks"] == 0
+    plan = s3.json("gc", "--dry-run", "--older-than", "7d")
+    assert plan["plan"]["by_policy"]["older-than"]["chunks"] == 1  # only a2
+    res = s3.cli("gc", "--older-than", "7d", "--yes")
+    assert res.exit_code == 0, res.stderr
+    assert w.read_manifest(a[2].chunk_id) is None
+    assert not s3.keys(s3.layout.chunk_prefix(w.ns, a[2].chunk_id))  # shards went too
+    for m in b:
+        assert w.read_manifest(m.chunk_id) is not None
+    doc = s3.json("ls", w.ns)
+    assert [p["leaf"] for p in doc["prefixes"]] == [b[-1].chunk_id]
+    assert doc["prefixes"][0]["complete"]
+
+
+def test_max_size_evicts_oldest_leaves_first(s3: Bucket) -> None:
+    w = s3.writer()
+    a = w.commit_chain(A)
+    s3.age(3 * DAY)
+    b = w.commit_chain(B)
+    size = {m.chunk_id: m.total_bytes + len(m.encode()) for m in [*a, *b]}
+    total = sum(size.values())
+    keep = [a[0].chunk_id, a[1].chunk_id, b[2].chunk_id]
+    budget = sum(size[c] for c in keep) + 10  # room for three chunks of five
+
+    plan = s3.json("gc", "--dry-run", "--max-size", str(budget))
+    assert plan["plan"]["committed_bytes"] == total
+    assert plan["plan"]["by_policy"]["max-size"]["chunks"] == 2
+    assert plan["plan"]["committed_bytes_after"] <= budget
+    res = s3.cli("gc", "--max-size", f"{budget}B", "--yes")
+    assert res.exit_code == 0, res.stderr
+    # a2 is the oldest leaf; then b3 (a1 still has a child, b2): never a hole.
+    assert w.read_manifest(a[2].chunk_id) is None
+    assert w.read_manifest(b[3].chunk_id) is None
+    for cid in keep:
+        assert w.read_manifest(cid) is not None
+    doc = s3.json("ls", w.ns)
+    assert all(p["complete"] for p in doc["prefixes"])
+    assert doc["bytes"] <= budget
+    assert s3.json("gc", "--dry-run", "--max-size", "1GiB")["plan"]["total"]["chunks"] == 0
+
+
+def test_namespace_policy(s3: Bucket) -> None:
+    doomed = s3.writer("doomed", tp=2)
+    doomed.commit_chain(A)
+    kept = s3.writer("kept")
+    kept.commit_chain(A)
+    kept_before = s3.keys(s3.layout.namespace_prefix(kept.ns))
+
+    res = s3.cli("gc", "--namespace", doomed.ns[:7], "--yes")
+    assert res.exit_code == 0, res.stderr
+    assert s3.keys(s3.layout.namespace_prefix(doomed.ns)) == []
+    assert s3.keys(s3.layout.namespace_prefix(kept.ns)) == kept_before
+
+    res = s3.cli("gc", "--namespace", "0" * 32, "--yes")
+    assert res.exit_code == 1 and "no namespace" in res.stderr
+
+
+def test_namespace_policy_respects_grace_for_unnamed_shards(s3: Bucket) -> None:
+    w = s3.writer()
+    w.commit_chain(A[:4])
+    w.put_shards("e" * 64)  # maybe a commit in flight
+    res = s3.cli("gc", "--namespace", w.ns, "--yes", "--format", "json")
+    assert res.exit_code == 0, res.stderr
+    result = json.loads(res.stdout)["result"]
+    assert result["protected_shards"] == 1
+    assert result["deleted_namespace_docs"] == 0
+    left = s3.keys(s3.layout.namespace_prefix(w.ns))
+    assert sorted(left) == sorted([s3.layout.namespace_doc(w.ns),
+                                   s3.layout.shard(w.ns, "e" * 64, "w-test", 0)])
+    res = s3.cli("gc", "--namespace", w.ns, "--grace", "0s", "--yes")
+    assert res.exit_code == 0, res.stderr
+    assert s3.keys(s3.layout.namespace_prefix(w.ns)) == []
+
+
+def test_policies_combine(s3: Bucket) -> None:
+    w, orphans = setup_orphans(s3)
+    other = s3.writer("other")
+    other.commit_chain(A)
+    s3.age(2 * 3600)
+    plan = s3.json("gc", "--dry-run", "--namespace", other.ns, "--older-than", "1d")
+    by = plan["plan"]["by_policy"]
+    assert by["orphans"]["chunks"] == 2
+    assert by["namespace"]["chunks"] == 3
+    assert by["older-than"]["chunks"] == 0
+    assert plan["plan"]["policies"]["namespaces"] == [other.ns]
+
+
+def test_bad_durations_and_sizes_exit_2(s3: Bucket) -> None:
+    for args, option, hint in [
+        (["--older-than", "7"], "--older-than", "7d"),
+        (["--older-than", "seven days"], "--older-than", "7d"),
+        (["--grace", "1x"], "--grace", "90m"),
+        (["--max-size", "10G"], "--max-size", "GiB"),
+        (["--max-size", "lots"], "--max-size", "10MB"),
+    ]:
+        res = s3.cli("gc", "--dry-run", *args)
+        assert res.exit_code == 2, args
+        assert option in res.stderr and hint in res.stderr
+        assert res.stdout == ""
+
+
+def test_chain_ids_used_by_tests_are_distinct() -> None:
+    ids_a, ids_b = chain_chunk_ids(A, 4), chain_chunk_ids(B, 4)
+    assert ids_a[:2] == ids_b[:2] and len(set(ids_a + ids_b)) == 5

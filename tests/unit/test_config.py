@@ -1,0 +1,222 @@
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import pytest
+
+from s3kv.config import (
+    ALL_KEYS,
+    Settings,
+    StoreSettings,
+    parse_settings,
+    settings_to_mapping,
+)
+from s3kv.errors import ConfigError
+
+
+def parse(**values: Any) -> Settings:
+    return parse_settings({"bucket": "my-bucket", **values})
+
+
+def config_error(**values: Any) -> ConfigError:
+    with pytest.raises(ConfigError) as info:
+        parse_settings(values)
+    return info.value
+
+
+def test_minimal_mapping_gives_defaults() -> None:
+    s = parse_settings({"bucket": "my-bucket"})
+    assert s == Settings(store=StoreSettings(bucket="my-bucket"))
+    assert s.store.backend == "obstore"
+    assert s.store.prefix == "s3kv"
+    assert s.chunk_tokens == 256
+
+
+def test_all_keys_are_every_field_but_store() -> None:
+    store = {f.name for f in dataclasses.fields(StoreSettings)}
+    top = {f.name for f in dataclasses.fields(Settings)} - {"store"}
+    assert store | top == ALL_KEYS
+    assert "store" not in ALL_KEYS
+
+
+def test_unknown_key_names_the_key_and_lists_valid_keys() -> None:
+    err = config_error(bucket="my-bucket", max_attempt=3)
+    assert err.key == "max_attempt"
+    msg = str(err)
+    assert "'max_attempt'" in msg
+    assert "unknown key" in msg
+    for key in ALL_KEYS:
+        assert repr(key) in msg, key
+    assert isinstance(err, ValueError)
+
+
+def test_several_unknown_keys_name_the_first_in_order() -> None:
+    err = config_error(bucket="my-bucket", zzz=1, aaa=2)
+    assert err.key == "aaa"
+
+
+@pytest.mark.parametrize(
+    ("key", "bad", "choices"),
+    [
+        ("backend", "s3fs", ["aioboto3", "obstore"]),
+        ("addressing_style", "dns", ["auto", "path", "virtual"]),
+        ("admission", "none", ["all"]),
+    ],
+)
+def test_bad_enum_names_the_choices(key: str, bad: str, choices: list[str]) -> None:
+    err = config_error(bucket="my-bucket", **{key: bad})
+    assert err.key == key
+    assert repr(bad) in str(err)
+    assert f"(valid: {choices})" in str(err)
+
+
+@pytest.mark.parametrize("value", ["obstore", "aioboto3"])
+def test_good_backends_accepted(value: str) -> None:
+    assert parse(backend=value).store.backend == value
+
+
+@pytest.mark.parametrize(
+    "key", ["max_attempts", "max_concurrency", "chunk_tokens", "max_inflight_mib"]
+)
+@pytest.mark.parametrize("bad", [True, False, "3", 2.5, 0, -1])
+def test_int_fields_reject_bool_str_float_and_non_positive(key: str, bad: Any) -> None:
+    err = config_error(bucket="my-bucket", **{key: bad})
+    assert err.key == key
+    assert repr(bad) in str(err)
+
+
+@pytest.mark.parametrize(
+    "key", ["connect_timeout_s", "request_timeout_s", "load_timeout_s", "commit_timeout_s",
+            "lookup_ttl_s"]
+)
+@pytest.mark.parametrize("bad", [True, "1.0", 0, -0.5, [1]])
+def test_float_fields_reject_bool_str_and_non_positive(key: str, bad: Any) -> None:
+    err = config_error(bucket="my-bucket", **{key: bad})
+    assert err.key == key
+
+
+def test_numbers_are_coerced_to_the_field_type() -> None:
+    s = parse(connect_timeout_s=1, max_attempts=5, lookup_ttl_s=0.25)
+    assert s.store.connect_timeout_s == 1.0
+    assert isinstance(s.store.connect_timeout_s, float)
+    assert s.store.max_attempts == 5
+    assert s.lookup_ttl_s == 0.25
+
+
+@pytest.mark.parametrize("key", ["chunk_tokens", "backend", "prefix", "namespace_tag"])
+def test_null_rejected_for_non_optional_fields(key: str) -> None:
+    err = config_error(bucket="my-bucket", **{key: None})
+    assert err.key == key
+
+
+def test_null_accepted_for_optional_fields() -> None:
+    s = parse(endpoint_url=None, region=None, weights_id=None)
+    assert s.store.endpoint_url is None
+    assert s.store.region is None
+    assert s.weights_id is None
+
+
+@pytest.mark.parametrize("key", ["region", "weights_id", "namespace_tag"])
+def test_string_fields_reject_non_strings(key: str) -> None:
+    err = config_error(bucket="my-bucket", **{key: 5})
+    assert err.key == key
+    assert "must be a string" in str(err)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    ["", "ab", "My-Bucket", "my_bucket", "-bucket", "bucket-", "a" * 64, "my bucket", None, 5],
+)
+def test_bad_bucket_rejected(bad: Any) -> None:
+    err = config_error(bucket=bad)
+    assert err.key == "bucket"
+
+
+def test_missing_bucket_rejected() -> None:
+    err = config_error(prefix="x")
+    assert err.key == "bucket"
+    assert "required" in str(err)
+
+
+@pytest.mark.parametrize(
+    "good", ["abc", "my-bucket", "my.bucket.1", "a" * 63, "kv-cache--usw2-az1--x-s3"]
+)
+def test_good_bucket_accepted(good: str) -> None:
+    assert parse_settings({"bucket": good}).store.bucket == good
+
+
+@pytest.mark.parametrize(
+    ("raw", "norm"),
+    [
+        ("s3kv", "s3kv"),
+        ("/s3kv/", "s3kv"),
+        ("team/kv/", "team/kv"),
+        ("///team/kv", "team/kv"),
+        ("a.b-c_d", "a.b-c_d"),
+    ],
+)
+def test_prefix_is_normalised(raw: str, norm: str) -> None:
+    mapping = {"bucket": "my-bucket", "prefix": raw}
+    assert parse_settings(mapping).store.prefix == norm
+    assert mapping["prefix"] == raw  # the caller's mapping is left alone
+
+
+@pytest.mark.parametrize("bad", ["", "/", "///", "a//b", "with space", "tab\there", "ü"])
+def test_bad_prefix_rejected(bad: str) -> None:
+    err = config_error(bucket="my-bucket", prefix=bad)
+    assert err.key == "prefix"
+
+
+@pytest.mark.parametrize("bad", ["localhost:9000", "ftp://host", "http://", "http:// host"])
+def test_bad_endpoint_rejected(bad: str) -> None:
+    err = config_error(bucket="my-bucket", endpoint_url=bad)
+    assert err.key == "endpoint_url"
+
+
+def test_namespace_tag_length_capped() -> None:
+    assert parse(namespace_tag="t" * 128).namespace_tag == "t" * 128
+    err = config_error(bucket="my-bucket", namespace_tag="t" * 129)
+    assert err.key == "namespace_tag"
+
+
+def test_non_mapping_rejected() -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_settings([("bucket", "my-bucket")])  # type: ignore[arg-type]
+    assert info.value.key == "kv_connector_extra_config"
+
+
+def test_settings_to_mapping_round_trips() -> None:
+    raw = {
+        "bucket": "kv-bucket",
+        "prefix": "/team/kv/",
+        "endpoint_url": "http://127.0.0.1:9000",
+        "region": "eu-west-1",
+        "backend": "aioboto3",
+        "addressing_style": "path",
+        "connect_timeout_s": 1,
+        "request_timeout_s": 12.5,
+        "max_attempts": 7,
+        "max_concurrency": 9,
+        "chunk_tokens": 512,
+        "max_inflight_mib": 2048,
+        "load_timeout_s": 3.0,
+        "commit_timeout_s": 4.0,
+        "lookup_ttl_s": 0.5,
+        "weights_id": "sha-abc",
+        "namespace_tag": "blue",
+        "admission": "all",
+    }
+    assert set(raw) == ALL_KEYS
+    settings = parse_settings(raw)
+    mapping = settings_to_mapping(settings)
+    assert set(mapping) == ALL_KEYS
+    assert mapping["prefix"] == "team/kv"
+    assert mapping["connect_timeout_s"] == 1.0
+    assert parse_settings(mapping) == settings
+    assert settings_to_mapping(parse_settings(mapping)) == mapping
+
+
+def test_defaults_round_trip() -> None:
+    settings = parse_settings({"bucket": "kv-bucket"})
+    assert parse_settings(settings_to_mapping(settings)) == settings
