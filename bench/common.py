@@ -109,3 +109,21 @@ def machine_info(packages: Iterable[str]) -> dict[str, Any]:
 
 def median(values: Iterable[float]) -> float:
     return float(statistics.median(list(values)))
+
+
+def percentile(values: Iterable[float], q: float) -> float:
+    """Nearest-rank percentile (``q`` in 0..100) of a non-empty sample."""
+    data = sorted(values)
+    if not data:
+        raise ValueError("percentile of an empty sample")
+    k = max(0, min(len(data) - 1, -(-len(data) * q // 100) - 1))
+    return float(data[int(k)])
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (for rendezvous)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])

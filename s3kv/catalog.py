@@ -349,7 +349,8 @@ class Catalog:
         )
 
     def foreign(self, ns: str) -> tuple[int, int]:
-        """(objects, bytes) under the namespace's spreads that are not s3kv keys."""
+        """(objects, bytes) under the namespace's spreads that are not s3kv keys,
+        as counted by the latest scan of ``ns``."""
         n, b = self._foreign.get(ns, (0, 0))
         return n, b
 
@@ -358,16 +359,23 @@ class Catalog:
         tally[0] += 1
         tally[1] += info.size
 
-    async def _list_spread(
-        self, ns: str, spread: str, emit: Callable[[ChunkObjects], Awaitable[None]]
+    async def _group(
+        self,
+        ns: str,
+        pages: AsyncIterator[list[ObjectInfo]],
+        emit: Callable[[ChunkObjects], Awaitable[None]],
     ) -> None:
+        """Group listed objects per chunk, handing each group on once complete."""
         current: ChunkObjects | None = None
         buffered: dict[str, ChunkObjects] = {}
-        async for page in self.store.list(spread, page_size=self._page_size):
+        base = self.layout.namespace_prefix(ns)
+        async for page in pages:
             for info in page:
                 parsed = self.layout.parse(info.key)
                 if parsed is None or parsed.chunk_id is None or parsed.namespace != ns:
-                    self._count_foreign(ns, info)
+                    # The fingerprint and anything beside the spreads is not a chunk's.
+                    if info.key.find("/", len(base)) != -1:
+                        self._count_foreign(ns, info)
                     continue
                 cid = parsed.chunk_id
                 if self._ordered:
@@ -390,6 +398,11 @@ class Catalog:
         for group in buffered.values():
             await emit(group)
 
+    async def _list_prefix(
+        self, ns: str, prefix: str, emit: Callable[[ChunkObjects], Awaitable[None]]
+    ) -> None:
+        await self._group(ns, self.store.list(prefix, page_size=self._page_size), emit)
+
     async def chunk(self, ns: str, cid: str) -> ChunkObjects | None:
         """One chunk's objects as they are now (a fresh listing, for re-checks)."""
         found: list[ChunkObjects] = []
@@ -398,11 +411,50 @@ class Catalog:
             if group.chunk_id == cid:
                 found.append(group)
 
-        await self._list_spread(ns, self.layout.chunk_prefix(ns, cid), keep)
+        await self._list_prefix(ns, self.layout.chunk_prefix(ns, cid), keep)
         return found[0] if found else None
+
+    async def _whole_if_small(self, ns: str) -> list[ObjectInfo] | None:
+        """The namespace's listing if it fits one page, else ``None``.
+
+        Listing 256 spreads costs 257 requests; a small namespace is cheaper
+        as one. Costs at most two requests when the namespace is large.
+        """
+        pages = self.store.list(self.layout.namespace_prefix(ns), page_size=self._page_size)
+        try:
+            first = await anext(pages, None)
+            if first is None:
+                return []
+            if len(first) >= self._page_size or await anext(pages, None) is not None:
+                return None
+            return first
+        finally:
+            aclose = getattr(pages, "aclose", None)
+            if aclose is not None:
+                await aclose()
 
     async def chunks(self, ns: str) -> AsyncGenerator[ChunkObjects, None]:
         """Every chunk of a namespace, one group at a time, spreads listed in parallel."""
+        self._foreign[ns] = [0, 0]  # counted afresh by every scan
+        small = await self._whole_if_small(ns)
+        if small is not None:
+            groups: list[ChunkObjects] = []
+
+            async def one_page() -> AsyncGenerator[list[ObjectInfo], None]:
+                yield small
+
+            async def collect(group: ChunkObjects) -> None:
+                groups.append(group)
+
+            await self._group(ns, one_page(), collect)
+            for group in groups:
+                yield group
+            return
+        async with contextlib.aclosing(self._chunks_by_spread(ns)) as by_spread:
+            async for group in by_spread:
+                yield group
+
+    async def _chunks_by_spread(self, ns: str) -> AsyncGenerator[ChunkObjects, None]:
         spreads = await self.spreads(ns)
         if not spreads:
             return
@@ -411,7 +463,7 @@ class Catalog:
 
         async def worker() -> None:
             for spread in todo:
-                await self._list_spread(ns, spread, queue.put)
+                await self._list_prefix(ns, spread, queue.put)
 
         workers = [asyncio.ensure_future(worker())
                    for _ in range(min(self.concurrency, len(spreads)))]

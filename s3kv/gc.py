@@ -121,7 +121,10 @@ class Plan:
     chunks: list[PlannedChunk] = field(default_factory=list)
     uploads: list[PlannedUpload] = field(default_factory=list)
     namespaces: list[str] = field(default_factory=list)
+    # Committed bytes outside whole-namespace deletions, before and after the
+    # chain policies; computed only when one of them is given.
     committed_bytes: int = 0
+    committed_bytes_after: int = 0
     errors: list[str] = field(default_factory=list)
 
     def totals(self) -> dict[str, Totals]:
@@ -137,10 +140,6 @@ class Plan:
     def empty(self) -> bool:
         return not self.chunks and not self.uploads
 
-    @property
-    def committed_bytes_after(self) -> int:
-        freed = sum(p.bytes for p in self.chunks if p.delete_manifest)
-        return max(0, self.committed_bytes - freed)
 
 
 @dataclass
@@ -178,21 +177,22 @@ class Planner:
         self._uploads = uploads_store
         self._now = time.time() if now is None else now
 
-    async def plan(self, on_namespace: Callable[[str], None] | None = None) -> Plan:
+    async def plan(self, on_progress: Callable[[int, int], None] | None = None) -> Plan:
+        """Scan every namespace; ``on_progress(done, total)`` after each one."""
         pol = self._policies
         plan = Plan(self._now, pol)
         need_records = pol.older_than_s is not None or pol.max_bytes is not None
         records: dict[str, list[ChunkRecord]] = {}
         orphan_rows: dict[tuple[str, str], PlannedChunk] = {}
-        for ns in await self._catalog.namespaces():
-            if on_namespace is not None:
-                on_namespace(ns)
+        names = await self._catalog.namespaces()
+        for i, ns in enumerate(names):
             if ns in pol.namespaces:
                 plan.namespaces.append(ns)
                 await self._plan_whole(ns, plan)
-                continue
-            recs = records.setdefault(ns, [])
-            await self._scan(ns, need_records, recs, orphan_rows)
+            else:
+                await self._scan(ns, need_records, records.setdefault(ns, []), orphan_rows)
+            if on_progress is not None:
+                on_progress(i + 1, len(names))
         doomed = self._chain_policies(records, plan)
         for key, row in orphan_rows.items():
             if key not in doomed:
@@ -268,6 +268,7 @@ class Planner:
                         doom(rec, "older-than")
         if pol.max_bytes is not None:
             self._evict(records, doomed, doom, pol.max_bytes, plan.committed_bytes)
+        plan.committed_bytes_after = plan.committed_bytes - sum(p.bytes for p in doomed.values())
         plan.chunks.extend(doomed.values())
         return doomed
 

@@ -99,8 +99,13 @@ def gc(
 
 
 @contextlib.asynccontextmanager
-async def _uploads_store(conn: Conn, store: ObjectStore) -> AsyncIterator[MultipartAdmin]:
+async def _uploads_store(
+    conn: Conn, store: ObjectStore, wanted: bool
+) -> AsyncIterator[MultipartAdmin | None]:
     """The store itself if it can list uploads; otherwise an aioboto3 one for that part."""
+    if not wanted:
+        yield None
+        return
     if isinstance(store, MultipartAdmin):
         yield store
         return
@@ -118,19 +123,12 @@ async def _gc(
     conn: Conn, policies: Policies, ns_args: list[str], dry_run: bool, yes: bool,
     fmt: OutputFormat,
 ) -> None:
-    async with opened(conn) as store, _uploads_store(conn, store) as admin:
+    async with opened(conn) as store, _uploads_store(conn, store, policies.uploads) as admin:
         cat = make_catalog(conn, store)
         resolved = tuple(dict.fromkeys([await cat.resolve_namespace(n) for n in ns_args]))
         policies = dataclasses.replace(policies, namespaces=resolved)
-        scanning = Progress("scanning")
-        seen = [0]
-
-        def on_namespace(ns: str) -> None:
-            seen[0] += 1
-            scanning.update(seen[0], max(seen[0], 1))
-
-        plan = await Planner(cat, policies, uploads_store=admin if policies.uploads else None
-                             ).plan(on_namespace)
+        scanning = Progress("scanning namespaces")
+        plan = await Planner(cat, policies, uploads_store=admin).plan(scanning.update)
         scanning.close()
         if dry_run or plan.empty:
             _report(conn, plan, None, dry_run, fmt)

@@ -85,7 +85,9 @@ class Aioboto3Store:
         config = Config(
             connect_timeout=settings.connect_timeout_s,
             read_timeout=settings.request_timeout_s,
-            retries={"max_attempts": settings.max_attempts, "mode": "standard"},
+            # botocore's "max_attempts" counts retries only; "total_max_attempts"
+            # counts every attempt, as settings.max_attempts does.
+            retries={"total_max_attempts": settings.max_attempts, "mode": "standard"},
             max_pool_connections=max(10, settings.max_concurrency * 2),
             s3={"addressing_style": _addressing(settings)},
             request_checksum_calculation="when_required",

@@ -30,6 +30,13 @@ class S3KVConnector(KVConnectorBase_V1):
     def __init__(self, vllm_config: Any, role: KVConnectorRole, kv_cache_config: Any = None):
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
         ktc = self._kv_transfer_config
+        if getattr(ktc, "kv_load_failure_policy", "recompute") != "recompute":
+            # A cache miss must never fail a request: a block that does not load
+            # (missing, corrupt, slow) is recomputed. The scheduler reads this
+            # policy after constructing its connector.
+            ktc.kv_load_failure_policy = "recompute"
+            if role == KVConnectorRole.SCHEDULER:
+                log.info("s3kv: kv_load_failure_policy set to 'recompute' (s3kv is a cache)")
         self.settings = parse_settings(dict(ktc.kv_connector_extra_config or {}))
         self.fingerprint = build_fingerprint(vllm_config, self.settings)
         self.counters = Counters()
@@ -56,6 +63,10 @@ class S3KVConnector(KVConnectorBase_V1):
                 self.settings, self.fingerprint, num_blocks, block_size, tp.rank_in_group,
                 tp.world_size, list(tp.ranks), can_load, can_save, self.counters,
             )
+
+    @property
+    def requires_kv_delivery(self) -> bool:
+        return False  # best-effort cache: a dropped save is a future miss, nothing more
 
     # --- worker side --------------------------------------------------------------
 

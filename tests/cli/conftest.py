@@ -27,7 +27,7 @@ class Bucket:
 
     @property
     def client(self) -> Any:
-        return self.endpoint.client()
+        return self.endpoint.client()  # type: ignore[no-untyped-call]
 
     @property
     def layout(self) -> KeyLayout:
@@ -48,8 +48,7 @@ class Bucket:
 
     def cli(self, *args: str, env: Mapping[str, str | None] | None = None,
             input: str | None = None) -> Result:
-        full = dict(self.env)
-        full.update(env or {})
+        full: dict[str, str | None] = {**self.env, **(env or {})}
         return CliRunner().invoke(app, list(args), env=full, input=input)
 
     def json(self, *args: str) -> dict[str, Any]:
@@ -59,7 +58,7 @@ class Bucket:
         assert isinstance(doc, dict)
         return doc
 
-    def keys(self, prefix: str = PREFIX + "/") -> list[str]:
+    def object_keys(self, prefix: str = PREFIX + "/") -> list[str]:
         return list_keys(self.client, self.name, prefix)
 
     def age(self, seconds: float, prefix: str = PREFIX + "/") -> None:
@@ -67,7 +66,7 @@ class Bucket:
         rewritten, which is the only way to get old objects without waiting."""
         if self.endpoint.kind != "moto":
             pytest.skip("ageing objects needs the in-process moto server")
-        from moto.core import DEFAULT_ACCOUNT_ID
+        from moto.core.models import DEFAULT_ACCOUNT_ID
         from moto.s3.models import s3_backends
 
         store = s3_backends[DEFAULT_ACCOUNT_ID]["aws"].buckets[self.name]

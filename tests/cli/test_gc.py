@@ -23,7 +23,7 @@ DAY = 86400.0
 def live_keys(s3: Bucket, w: ChunkWriter) -> set[str]:
     """Every key a live manifest needs, plus the namespace document."""
     out = {s3.layout.namespace_doc(w.ns)}
-    for key in s3.keys(s3.layout.namespace_prefix(w.ns)):
+    for key in s3.object_keys(s3.layout.namespace_prefix(w.ns)):
         if key.endswith("/manifest.json"):
             out.add(key)
             m = w.read_manifest(key.split("/")[-2])
@@ -44,25 +44,25 @@ def setup_orphans(s3: Bucket) -> tuple[ChunkWriter, list[str]]:
 
 
 def test_young_orphans_are_left_alone(s3: Bucket) -> None:
-    w, _ = setup_orphans(s3)
-    before = s3.keys()
+    setup_orphans(s3)
+    before = s3.object_keys()
     res = s3.cli("gc", "--yes")
     assert res.exit_code == 0, res.stderr
     assert "nothing to delete" in res.stderr
-    assert s3.keys() == before
+    assert s3.object_keys() == before
 
 
 def test_orphans_older_than_grace(s3: Bucket) -> None:
     w, orphans = setup_orphans(s3)
     s3.age(2 * 3600)
-    before = set(s3.keys())
+    before = set(s3.object_keys())
 
     plan = s3.json("gc", "--dry-run")
     assert plan["dry_run"] is True and plan["result"] is None
     assert plan["plan"]["by_policy"]["orphans"]["chunks"] == 2
     assert plan["plan"]["by_policy"]["orphans"]["objects"] == 4
     assert plan["plan"]["policies"]["grace_s"] == 3600
-    assert set(s3.keys()) == before  # a dry run deletes nothing
+    assert set(s3.object_keys()) == before  # a dry run deletes nothing
 
     res = s3.cli("gc", "--dry-run")
     assert res.exit_code == 0
@@ -72,13 +72,13 @@ def test_orphans_older_than_grace(s3: Bucket) -> None:
     res = s3.cli("gc", "--yes")
     assert res.exit_code == 0, res.stderr
     assert "deleted 4 objects" in res.stdout
-    assert set(s3.keys()) == before - set(orphans)
-    assert set(s3.keys()) == live_keys(s3, w)
+    assert set(s3.object_keys()) == before - set(orphans)
+    assert set(s3.object_keys()) == live_keys(s3, w)
     assert s3.cli("verify").exit_code == 0
 
 
 def test_grace_option(s3: Bucket) -> None:
-    w, orphans = setup_orphans(s3)
+    _, orphans = setup_orphans(s3)
     res = s3.cli("gc", "--grace", "30m", "--yes")
     assert res.exit_code == 0 and "nothing to delete" in res.stderr
     res = s3.cli("gc", "--grace", "0s", "--yes", "--format", "json")
@@ -86,22 +86,22 @@ def test_grace_option(s3: Bucket) -> None:
     doc = json.loads(res.stdout)
     assert doc["result"]["deleted_shards"] == 4
     assert doc["result"]["deleted_manifests"] == 0
-    assert not set(orphans) & set(s3.keys())
+    assert not set(orphans) & set(s3.object_keys())
 
 
 def test_confirmation_defaults_to_no(s3: Bucket) -> None:
     setup_orphans(s3)
     s3.age(2 * 3600)
-    before = s3.keys()
+    before = s3.object_keys()
     for answer in ["\n", "", "n\n", "whatever\n"]:
         res = s3.cli("gc", input=answer)
         assert res.exit_code == 1
         assert "[y/N]" in res.stderr and "[y/N]" not in res.stdout
         assert "nothing deleted" in res.stderr
-        assert s3.keys() == before
+        assert s3.object_keys() == before
     res = s3.cli("gc", input="y\n")
     assert res.exit_code == 0, res.stderr
-    assert len(s3.keys()) == len(before) - 4
+    assert len(s3.object_keys()) == len(before) - 4
 
 
 def test_stale_multipart_uploads(s3_any: Bucket) -> None:
@@ -150,7 +150,7 @@ def test_older_than_keeps_prefixes_whole(s3: Bucket) -> None:
     res = s3.cli("gc", "--older-than", "7d", "--yes")
     assert res.exit_code == 0, res.stderr
     assert w.read_manifest(a[2].chunk_id) is None
-    assert not s3.keys(s3.layout.chunk_prefix(w.ns, a[2].chunk_id))  # shards went too
+    assert not s3.object_keys(s3.layout.chunk_prefix(w.ns, a[2].chunk_id))  # shards went too
     for m in b:
         assert w.read_manifest(m.chunk_id) is not None
     doc = s3.json("ls", w.ns)
@@ -190,12 +190,12 @@ def test_namespace_policy(s3: Bucket) -> None:
     doomed.commit_chain(A)
     kept = s3.writer("kept")
     kept.commit_chain(A)
-    kept_before = s3.keys(s3.layout.namespace_prefix(kept.ns))
+    kept_before = s3.object_keys(s3.layout.namespace_prefix(kept.ns))
 
     res = s3.cli("gc", "--namespace", doomed.ns[:7], "--yes")
     assert res.exit_code == 0, res.stderr
-    assert s3.keys(s3.layout.namespace_prefix(doomed.ns)) == []
-    assert s3.keys(s3.layout.namespace_prefix(kept.ns)) == kept_before
+    assert s3.object_keys(s3.layout.namespace_prefix(doomed.ns)) == []
+    assert s3.object_keys(s3.layout.namespace_prefix(kept.ns)) == kept_before
 
     res = s3.cli("gc", "--namespace", "0" * 32, "--yes")
     assert res.exit_code == 1 and "no namespace" in res.stderr
@@ -210,16 +210,16 @@ def test_namespace_policy_respects_grace_for_unnamed_shards(s3: Bucket) -> None:
     result = json.loads(res.stdout)["result"]
     assert result["protected_shards"] == 1
     assert result["deleted_namespace_docs"] == 0
-    left = s3.keys(s3.layout.namespace_prefix(w.ns))
+    left = s3.object_keys(s3.layout.namespace_prefix(w.ns))
     assert sorted(left) == sorted([s3.layout.namespace_doc(w.ns),
                                    s3.layout.shard(w.ns, "e" * 64, "w-test", 0)])
     res = s3.cli("gc", "--namespace", w.ns, "--grace", "0s", "--yes")
     assert res.exit_code == 0, res.stderr
-    assert s3.keys(s3.layout.namespace_prefix(w.ns)) == []
+    assert s3.object_keys(s3.layout.namespace_prefix(w.ns)) == []
 
 
 def test_policies_combine(s3: Bucket) -> None:
-    w, orphans = setup_orphans(s3)
+    setup_orphans(s3)
     other = s3.writer("other")
     other.commit_chain(A)
     s3.age(2 * 3600)

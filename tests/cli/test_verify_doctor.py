@@ -88,7 +88,7 @@ def test_doctor_all_ok(s3_any: Bucket) -> None:
                             "conditional", "clock", "delete", "uploads"]
     assert set(status.values()) == {"ok"}
     assert os.environ["AWS_SECRET_ACCESS_KEY"] not in res.stdout + res.stderr
-    assert s3_any.keys() == []  # the scratch object is gone
+    assert s3_any.object_keys() == []  # the scratch object is gone
     doc = s3_any.json("doctor")
     assert doc["ok"] is True and len(doc["checks"]) == 11
 

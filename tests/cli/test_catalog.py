@@ -1,0 +1,148 @@
+"""Catalog scanning on the in-memory store: both listing paths (one page for a
+small namespace, parallel per-spread pages for a large one), ordered and
+unordered listings, groups split across pages, foreign keys, early close."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import random
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+
+from s3kv.catalog import Catalog, ChunkObjects
+from s3kv.errors import Unavailable
+from s3kv.keys import KeyLayout
+from s3kv.store.memory import MemoryStore
+from s3kv.store.protocol import ObjectInfo
+from tests.cli.helpers import ChunkWriter, fingerprint
+
+LAYOUT = KeyLayout("s3kv")
+
+
+class MemoryClient:
+    """Just enough of a boto3 client for ChunkWriter to fill a MemoryStore."""
+
+    def __init__(self, store: MemoryStore) -> None:
+        self.store = store
+
+    def put_object(self, *, Bucket: str, Key: str, Body: bytes, **_: Any) -> None:
+        etag = hashlib.md5(Body, usedforsecurity=False).hexdigest()
+        self.store._objects[Key] = (bytes(Body), datetime.now(UTC), etag)
+
+
+class ShuffledStore(MemoryStore):
+    """Lists in no particular order, like an S3 directory bucket."""
+
+    async def list(self, prefix: str, *, page_size: int = 1000
+                   ) -> AsyncIterator[list[ObjectInfo]]:
+        keys = [k for k in self._objects if k.startswith(prefix)]
+        random.Random(7).shuffle(keys)
+        for i in range(0, len(keys), page_size):
+            yield [ObjectInfo(k, len(self._objects[k][0]), self._objects[k][1])
+                   for k in keys[i : i + page_size]]
+
+
+def fill(store: MemoryStore, chunks: int, tp: int = 3) -> ChunkWriter:
+    w = ChunkWriter(MemoryClient(store), "memory", LAYOUT, fingerprint(tp=tp).namespace, tp=tp)
+    w.put_namespace_doc(fingerprint(tp=tp))
+    parent = None
+    for i in range(chunks):
+        cid = hashlib.sha256(str(i).encode()).hexdigest()
+        if i % 5 == 4:
+            w.put_shards(cid)  # uncommitted
+        else:
+            w.commit(cid, parent, i)
+            parent = cid
+    # A foreign object inside a spread, and one beside the spreads.
+    store._objects[f"s3kv/{w.ns}/00/notes.txt"] = (b"hi", datetime.now(UTC), "x")
+    store._objects[f"s3kv/{w.ns}/README"] = (b"hi", datetime.now(UTC), "y")
+    return w
+
+
+async def scan(cat: Catalog, ns: str) -> list[ChunkObjects]:
+    return [g async for g in cat.chunks(ns)]
+
+
+@pytest.mark.parametrize("store_cls", [MemoryStore, ShuffledStore])
+@pytest.mark.parametrize("page_size", [1, 7, 1000])
+def test_groups_are_complete_on_every_path(store_cls: type[MemoryStore], page_size: int) -> None:
+    store = store_cls()
+    w = fill(store, 60)
+    cat = Catalog(store, LAYOUT, page_size=page_size, concurrency=4,
+                  ordered_listing=store_cls is MemoryStore)
+    groups = asyncio.run(scan(cat, w.ns))
+    ids = [g.chunk_id for g in groups]
+    assert len(ids) == len(set(ids)) == 60  # each chunk exactly once, never split
+    for g in groups:
+        assert len(g.shards) == 3
+        assert sorted(s.rank for s in g.shards) == [0, 1, 2]
+    assert sum(g.manifest is not None for g in groups) == 48
+    assert cat.foreign(w.ns) == (1, 2)  # the fingerprint is not foreign
+    usage = asyncio.run(cat.usage(w.ns))
+    assert (usage.chunks, usage.uncommitted_chunks, usage.orphan_objects) == (48, 12, 36)
+    assert usage.objects == 48 + 180 + 1
+
+
+def test_small_namespace_is_listed_in_one_request() -> None:
+    calls: list[str] = []
+
+    class Counting(MemoryStore):
+        async def list(self, prefix: str, *, page_size: int = 1000
+                       ) -> AsyncIterator[list[ObjectInfo]]:
+            calls.append(prefix)
+            async for page in super().list(prefix, page_size=page_size):
+                yield page
+
+    store = Counting()
+    w = fill(store, 10)
+    asyncio.run(scan(Catalog(store, LAYOUT), w.ns))
+    assert calls == [LAYOUT.namespace_prefix(w.ns)]
+    spreads = asyncio.run(Catalog(store, LAYOUT).spreads(w.ns))
+    calls.clear()
+    asyncio.run(scan(Catalog(store, LAYOUT, page_size=5), w.ns))
+    assert calls[0] == LAYOUT.namespace_prefix(w.ns)
+    assert sorted(calls[1:]) == spreads  # then one listing per spread
+
+
+def test_listing_errors_propagate() -> None:
+    class Failing(MemoryStore):
+        async def list(self, prefix: str, *, page_size: int = 1000
+                       ) -> AsyncIterator[list[ObjectInfo]]:
+            if prefix.endswith("/ff/"):
+                raise Unavailable("boom")
+            async for page in super().list(prefix, page_size=page_size):
+                yield page
+
+    store = Failing()
+    w = fill(store, 300, tp=1)
+    store._objects[f"s3kv/{w.ns}/ff/{'f' * 64}/manifest.json"] = (b"{}", datetime.now(UTC), "z")
+    with pytest.raises(Unavailable):
+        asyncio.run(scan(Catalog(store, LAYOUT, page_size=10, concurrency=4), w.ns))
+
+
+def test_early_close_leaves_no_tasks_behind() -> None:
+    store = MemoryStore()
+    w = fill(store, 300, tp=1)
+
+    async def first_only() -> list[asyncio.Task[Any]]:
+        gen = Catalog(store, LAYOUT, page_size=10, concurrency=4, queue_size=2).chunks(w.ns)
+        async for _ in gen:
+            break
+        await gen.aclose()
+        return [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+
+    assert asyncio.run(first_only()) == []
+
+
+def test_resolve_namespace() -> None:
+    store = MemoryStore()
+    w = fill(store, 2)
+    cat = Catalog(store, LAYOUT)
+    assert asyncio.run(cat.resolve_namespace(w.ns[:3].upper())) == w.ns
+    assert asyncio.run(cat.fingerprint(w.ns)) == fingerprint(tp=3).to_json()
+    store._objects[LAYOUT.namespace_doc(w.ns)] = (b"not json", datetime.now(UTC), "e")
+    assert asyncio.run(cat.fingerprint(w.ns)) is None

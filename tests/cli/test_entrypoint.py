@@ -1,0 +1,50 @@
+"""The installed entry points, run as real processes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from s3kv.gc import Executor
+from tests.cli.conftest import Bucket
+
+
+def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, **(env or {})})
+
+
+def test_python_m_s3kv_cli(s3: Bucket) -> None:
+    s3.writer().commit_chain(list(range(8)))
+    res = run("-m", "s3kv.cli", "ls", env=s3.env)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.startswith("NAMESPACE")
+    res = run("-m", "s3kv.cli", "gc", "--older-than", "7", env=s3.env)
+    assert res.returncode == 2
+    assert "--older-than" in res.stderr and res.stdout == ""
+    res = run("-m", "s3kv.cli", "bogus-command")
+    assert res.returncode == 2
+
+
+def test_cli_imports_neither_torch_nor_vllm() -> None:
+    code = ("import sys, s3kv.cli.app, s3kv.catalog, s3kv.gc; "
+            "bad = [m for m in sys.modules if m.split('.')[0] in ('torch', 'vllm')]; "
+            "print(bad); sys.exit(1 if bad else 0)")
+    res = run("-c", code)
+    assert res.returncode == 0, res.stdout
+
+
+def test_interrupted_gc_exits_130(s3: Bucket, monkeypatch: pytest.MonkeyPatch) -> None:
+    w = s3.writer()
+    w.commit_chain(list(range(8)))
+
+    async def interrupted(self: Executor, keys: list[str]) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Executor, "_delete", interrupted)
+    res = s3.cli("gc", "--older-than", "0s", "--yes")
+    assert res.exit_code == 130
+    assert "interrupted" in res.stderr and "a new run picks up the rest" in res.stderr

@@ -1,0 +1,179 @@
+"""End-to-end: a real vLLM engine (CPU build), a tiny random model, a real HTTP S3.
+
+Every engine runs in its own process, as a second machine would. Correctness
+is always judged against an engine with no connector at all, token for token.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from s3kv.keys import KeyLayout
+from s3kv.manifest import decode_manifest
+from tests.vllm.harness import CHUNK, expected_hit_tokens, job, run_engine
+
+pytestmark = [pytest.mark.vllm, pytest.mark.slow]
+LAYOUT = KeyLayout("s3kv")
+
+
+def keys(s3: Any, bucket: str) -> list[str]:
+    out: list[str] = []
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket):
+        out.extend(o["Key"] for o in page.get("Contents", []))
+    return out
+
+
+def manifests(s3: Any, bucket: str) -> dict[str, Any]:
+    found = {}
+    for k in keys(s3, bucket):
+        if k.endswith("/manifest.json"):
+            body = s3.get_object(Bucket=bucket, Key=k)["Body"].read()
+            m = decode_manifest(body, layout=LAYOUT)
+            found[m.chunk_id] = m
+    return found
+
+
+def unique_chunks(prompts: list[list[int]]) -> int:
+    from s3kv.keys import chain_chunk_ids
+
+    return len({c for p in prompts for c in chain_chunk_ids(p, CHUNK)})
+
+
+def warm_expected(prompts: list[list[int]]) -> int:
+    return sum(expected_hit_tokens(len(p)) for p in prompts)
+
+
+def test_a_tp1_second_engine_hits_and_matches(
+    tiny_model: Path, prompts: list[list[int]], baseline_tp1: list[list[int]],
+    conn: dict[str, Any], s3: Any, bucket: str,
+) -> None:
+    cold = run_engine(job(tiny_model, prompts, conn))
+    assert cold.outputs == baseline_tp1
+    found = manifests(s3, bucket)
+    assert len(found) == unique_chunks(prompts)
+    assert all(len(m.shards) == 1 for m in found.values())
+    # The second engine, in a new process, enabled through kv_connector_module_path.
+    warm = run_engine(job(tiny_model, prompts, conn, prefix_caching=False, module_path=True))
+    assert warm.outputs == baseline_tp1
+    assert warm.counters["hit_tokens"] == warm_expected(prompts)
+    assert warm.counters["workers.loaded_chunks"] == sum(len(p) // CHUNK for p in prompts)
+    assert warm.counters.get("workers.load_failures", 0) == 0
+    assert warm.counters.get("planned_chunks", 0) == 0  # committed chunks are not saved again
+
+
+def test_b_tp2_both_ranks_one_manifest(
+    tiny_model: Path, prompts: list[list[int]], conn: dict[str, Any], s3: Any, bucket: str,
+) -> None:
+    base = run_engine(job(tiny_model, prompts, tp=2))
+    cold = run_engine(job(tiny_model, prompts, conn, tp=2))
+    assert cold.outputs == base.outputs
+    found = manifests(s3, bucket)
+    assert len(found) == unique_chunks(prompts)
+    for m in found.values():
+        assert [s.rank for s in m.shards] == [0, 1]
+        assert [(s.head_start, s.head_end) for s in m.shards] == [(0, 1), (1, 2)]
+    shard_keys = [k for k in keys(s3, bucket) if k.rsplit("/", 1)[-1] in ("r0", "r1")]
+    assert len(shard_keys) == 2 * len(found)  # no orphans, no duplicates
+    warm = run_engine(job(tiny_model, prompts, conn, tp=2, prefix_caching=False))
+    assert warm.outputs == base.outputs
+    assert warm.counters["hit_tokens"] == warm_expected(prompts)
+    assert warm.counters["workers.loaded_chunks"] == 2 * sum(len(p) // CHUNK for p in prompts)
+
+
+def test_c_corrupted_shard_recomputes(
+    tiny_model: Path, prompts: list[list[int]], baseline_tp1: list[list[int]],
+    conn: dict[str, Any], s3: Any, bucket: str,
+) -> None:
+    run_engine(job(tiny_model, prompts, conn))
+    found = manifests(s3, bucket)
+    # corrupt the shard of the shared first chunk: every prompt depends on it
+    from s3kv.keys import chain_chunk_ids
+
+    first = chain_chunk_ids(prompts[0], CHUNK)[0]
+    key = found[first].shards[0].key
+    body = bytearray(s3.get_object(Bucket=bucket, Key=key)["Body"].read())
+    body[len(body) // 2] ^= 0x40
+    s3.put_object(Bucket=bucket, Key=key, Body=bytes(body))
+    warm = run_engine(job(tiny_model, prompts, conn, prefix_caching=False))
+    assert warm.outputs == baseline_tp1
+    assert warm.counters["workers.load_failures"] >= 1
+    assert warm.counters["failed_loads"] >= 1
+
+
+def test_d_deleted_manifest_is_a_miss(
+    tiny_model: Path, prompts: list[list[int]], baseline_tp1: list[list[int]],
+    conn: dict[str, Any], s3: Any, bucket: str,
+) -> None:
+    from s3kv.keys import chain_chunk_ids
+
+    run_engine(job(tiny_model, prompts, conn))
+    ns = next(iter(manifests(s3, bucket).values())).namespace
+    second = chain_chunk_ids(prompts[0], CHUNK)[1]  # shared by all prompts
+    s3.delete_object(Bucket=bucket, Key=LAYOUT.manifest(ns, second))
+    warm = run_engine(job(tiny_model, prompts, conn, prefix_caching=False, kv_role="kv_consumer"))
+    assert warm.outputs == baseline_tp1
+    # only the first chunk of each prompt is still a hit
+    assert warm.counters["hit_tokens"] == CHUNK * len(prompts)
+    assert warm.counters.get("workers.load_failures", 0) == 0
+
+
+def test_e_unreachable_endpoint_serves_without_cache(
+    tiny_model: Path, prompts: list[list[int]], baseline_tp1: list[list[int]], bucket: str,
+) -> None:
+    conn = {"bucket": bucket, "endpoint_url": "http://127.0.0.1:9", "max_attempts": 1,
+            "connect_timeout_s": 0.5, "request_timeout_s": 2.0}
+    res = run_engine(job(tiny_model, prompts, conn))
+    assert res.outputs == baseline_tp1
+    assert res.counters.get("hit_tokens", 0) == 0
+    assert "object store unavailable" in res.stderr or "serving without the cache" in res.stderr
+
+
+@pytest.mark.parametrize("change", ["weights", "dtype", "block_size"])
+def test_f_other_config_never_hits(
+    change: str, tiny_model: Path, other_model: Path, prompts: list[list[int]],
+    conn: dict[str, Any], s3: Any, bucket: str,
+) -> None:
+    cold = run_engine(job(tiny_model, prompts, conn))
+    extra: dict[str, Any] = {"prefix_caching": False}
+    model = tiny_model
+    if change == "weights":
+        model = other_model
+    elif change == "dtype":
+        extra["dtype"] = "bfloat16"
+    else:
+        extra["block_size"] = 256
+    other = run_engine(job(model, prompts, conn, **extra))
+    assert other.namespace != cold.namespace
+    assert other.counters.get("hit_tokens", 0) == 0
+    assert other.counters.get("hit_chunks", 0) == 0
+    assert other.counters["lookups"] >= len(prompts)
+
+
+def test_bad_config_fails_startup_naming_the_key(
+    tiny_model: Path, prompts: list[list[int]], conn: dict[str, Any],
+) -> None:
+    res = run_engine(job(tiny_model, prompts[:1], {**conn, "chunk_tokenz": 256}),
+                     expect_ok=False)
+    assert res.returncode != 0
+    assert "chunk_tokenz" in res.stderr and "valid:" in res.stderr
+    res = run_engine(job(tiny_model, prompts[:1], {**conn, "chunk_tokens": 200}),
+                     expect_ok=False)
+    assert res.returncode != 0
+    assert "chunk_tokens" in res.stderr and "multiple" in res.stderr
+
+
+def test_namespace_document_describes_fingerprint(
+    tiny_model: Path, prompts: list[list[int]], conn: dict[str, Any], s3: Any, bucket: str,
+) -> None:
+    res = run_engine(job(tiny_model, prompts[:1], conn))
+    doc = json.loads(s3.get_object(Bucket=bucket,
+                                   Key=LAYOUT.namespace_doc(res.namespace))["Body"].read())
+    fp = doc["fingerprint"]
+    assert doc["namespace"] == res.namespace
+    assert fp["dtype"] == "float32" and fp["block_size"] == 128 and fp["tp_size"] == 1
+    assert fp["weights_id"].startswith("sampled:")
+    assert fp["num_layers"] == 2 and fp["num_kv_heads"] == 2 and fp["head_size"] == 64
