@@ -103,6 +103,9 @@ def machine_info(packages: Iterable[str]) -> dict[str, Any]:
         "implementation": platform.python_implementation(),
         "platform": platform.platform(),
         "machine": platform.machine(),
+        # load when the results are written (this benchmark included); a benchmark may
+        # also record it before it starts, when only other work counts
+        "loadavg_1_5_15": [round(x, 2) for x in os.getloadavg()],
         "packages": package_versions(packages),
     }
 

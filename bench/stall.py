@@ -6,13 +6,17 @@
 TP ranks are spawned processes joined in a GLOO process group (tcp rendezvous
 on 127.0.0.1). Each runs simulated forward steps: a fixed compute (default a
 single-threaded torch matmul loop calibrated to ~20 ms on this machine; with
-``--compute sleep`` a 20 ms wait, as a GPU forward looks to the host), then
-saves one shard of that step's chunk. The last rank's shard uploads are
-delayed by D ms (an asyncio sleep inside ``put``: a slow S3 connection),
-and the other ranks are the fast ranks whose stall we measure.
+``--compute sleep`` a 20 ms wait, as a GPU forward looks to the host) ending
+in an all-reduce over the ranks, as a TP forward does (``--no-collective``
+drops it, letting ranks drift apart), then saves one shard of that step's
+chunk. The last rank's shard uploads are delayed by D ms (an asyncio sleep
+inside ``put``: a slow S3 connection); the other ranks are the fast ranks
+whose stall we measure.
 
 Stall = time spent in the save call on the forward path (step wall time
-minus compute), for three ways to commit a chunk across ranks:
+minus compute), for three ways to commit a chunk across ranks. Because of
+the all-reduce, a rank that stalls also holds its peers up in the next
+step's compute; the step time and the run time show that cost on all ranks.
 
 * ``s3kv``: ``Committer.submit`` (uploads on the I/O loop, background GLOO
   gather on a committer thread, rank 0 writes the manifest);
@@ -138,6 +142,12 @@ def worker(rank: int, world: int, port: int, kv_port: int, endpoint: str, bucket
     io = LoopThread()
     inner = io.run(open_store(StoreSettings(bucket=bucket, endpoint_url=endpoint)))
     compute = make_compute(opts)
+    if opts["collective"]:
+        forward, tensor = compute, torch.zeros(4096)
+
+        def compute() -> None:
+            forward()
+            dist.all_reduce(tensor)  # the TP all-reduce: keeps ranks in lockstep
     ctx = Ctx(rank, world, opts, gatherer, cpu_group, kv, io, compute)
 
     # Untimed warm-up: connection pool, GLOO pairs, TCPStore, torch kernels.
@@ -200,7 +210,7 @@ class Ctx:
 def _step_loop(ctx: Ctx, tag: str, save: Any) -> dict[str, Any]:
     """Run the steps; ``save(step, cid, chunk)`` is the timed forward-path call."""
     ids = ctx.chunk_ids(tag)
-    stalls, computes = [], []
+    stalls, computes, steps = [], [], []
     start = time.perf_counter()
     for step, cid in enumerate(ids):
         chunk = ctx.shard(cid, ids[step - 1] if step else None, step)
@@ -211,7 +221,8 @@ def _step_loop(ctx: Ctx, tag: str, save: Any) -> dict[str, Any]:
         t2 = time.perf_counter()
         computes.append(t1 - t0)
         stalls.append(t2 - t1)
-    return {"ids": ids, "stalls": stalls, "computes": computes,
+        steps.append(t2 - t0)
+    return {"ids": ids, "stalls": stalls, "computes": computes, "steps": steps,
             "loop_s": time.perf_counter() - start, "start": start}
 
 
@@ -291,7 +302,8 @@ RUNNERS = {"s3kv": run_s3kv, "barrier": run_barrier, "tcpstore": run_tcpstore}
 def _result(res: dict[str, Any], drain: float, ok: bool, uploaded: dict[str, float],
             committed: dict[str, float], counters: dict[str, float]) -> dict[str, Any]:
     return {
-        "stalls": res["stalls"], "computes": res["computes"], "loop_s": res["loop_s"],
+        "stalls": res["stalls"], "computes": res["computes"], "steps": res["steps"],
+        "loop_s": res["loop_s"],
         "drain_s": drain, "flushed": ok, "uploaded": uploaded, "committed": committed,
         "counters": counters,
     }
@@ -351,6 +363,7 @@ def summarise(world: int, per_rank: list[dict[str, Any]]) -> list[dict[str, Any]
             "rank0_stall_ms": {"median": median(ms[0]), "p95": percentile(ms[0], 95)},
             "slow_rank_stall_ms": {"median": median(ms[slow]), "p95": percentile(ms[slow], 95)},
             "compute_ms_median": median(c * 1000 for r in runs for c in r["computes"]),
+            "step_ms_median": median(c * 1000 for r in runs for c in r["steps"]),
             "run_s": max(r["loop_s"] for r in runs),
             "run_until_committed_s": max(r["drain_s"] for r in runs),
             "chunks_committed": len(committed),
@@ -375,6 +388,7 @@ def ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 r["fast_stall_ms"]["median"] / b["fast_stall_ms"]["median"])
             entry[f"stall_p95_s3kv_over_{base}"] = (
                 r["fast_stall_ms"]["p95"] / b["fast_stall_ms"]["p95"])
+            entry[f"step_median_s3kv_over_{base}"] = r["step_ms_median"] / b["step_ms_median"]
             entry[f"run_time_s3kv_over_{base}"] = r["run_s"] / b["run_s"]
         out.append(entry)
     return out
@@ -382,25 +396,29 @@ def ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def table(rows: list[dict[str, Any]], rat: list[dict[str, Any]]) -> str:
     head = (f"{'TP':>3} {'D ms':>5} {'strategy':<9} {'fast med':>9} {'fast p95':>9} "
-            f"{'worst-fast':>10} {'slow med':>9} {'compute':>8} {'run s':>6} "
+            f"{'worst-fast':>10} {'slow med':>9} {'compute':>8} {'step':>6} {'run s':>6} "
             f"{'commit med':>10} {'commit p95':>10} {'chunks':>6}")
-    lines = ["stall per step on the forward path, ms (fast ranks unless noted)", head]
+    lines = ["per-step times in ms: stall = save call (fast ranks unless noted); compute "
+             "includes the all-reduce (if on); step = compute + stall, all ranks", head]
     for r in rows:
         cl = r["commit_latency_ms"] or {"median": float("nan"), "p95": float("nan")}
         lines.append(
             f"{r['tp']:>3} {r['delay_ms']:>5} {r['strategy']:<9} "
             f"{r['fast_stall_ms']['median']:>9.2f} {r['fast_stall_ms']['p95']:>9.2f} "
             f"{r['fast_worst_rank_median_ms']:>10.2f} {r['slow_rank_stall_ms']['median']:>9.2f} "
-            f"{r['compute_ms_median']:>8.1f} {r['run_s']:>6.2f} "
+            f"{r['compute_ms_median']:>8.1f} {r['step_ms_median']:>6.1f} {r['run_s']:>6.2f} "
             f"{cl['median']:>10.1f} {cl['p95']:>10.1f} {r['chunks_committed']:>3}/{r['steps']}")
     lines.append("")
-    lines.append("ratios, same run: s3kv / barrier and s3kv / tcpstore (fast-rank stall; run time)")
+    lines.append("ratios, same run: s3kv / barrier and s3kv / tcpstore "
+                 "(fast-rank stall; step time; run time)")
     for e in rat:
         lines.append(
             f"TP={e['tp']} D={e['delay_ms']:>3} ms: stall median "
             f"{e['stall_median_s3kv_over_barrier']:.4f} (barrier) "
             f"{e['stall_median_s3kv_over_tcpstore']:.4f} (tcpstore); p95 "
             f"{e['stall_p95_s3kv_over_barrier']:.4f} / {e['stall_p95_s3kv_over_tcpstore']:.4f}; "
+            f"step {e['step_median_s3kv_over_barrier']:.2f} / "
+            f"{e['step_median_s3kv_over_tcpstore']:.2f}; "
             f"run time {e['run_time_s3kv_over_barrier']:.2f} / "
             f"{e['run_time_s3kv_over_tcpstore']:.2f}")
     return "\n".join(lines)
@@ -414,6 +432,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--compute", choices=("matmul", "sleep"), default="matmul")
     ap.add_argument("--compute-ms", type=float, default=20.0)
+    ap.add_argument("--no-collective", action="store_true",
+                    help="no all-reduce at the end of each forward step")
     ap.add_argument("--shard-kib", type=int, default=256, help="shard size per rank per step")
     ap.add_argument("--out", type=Path, default=RESULTS / "stall.json")
     args = ap.parse_args(argv)
@@ -421,6 +441,7 @@ def main(argv: list[str] | None = None) -> int:
         args.steps = 15
     opts: dict[str, Any] = {
         "steps": args.steps, "compute": args.compute, "compute_ms": args.compute_ms,
+        "collective": not args.no_collective,
         "delays": [int(d) for d in args.delays.split(",")], "shard_kib": args.shard_kib,
         "timeout_s": 120.0, "group_timeout_s": 600.0, "matmul_iters": 0,
     }
@@ -430,6 +451,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import boto3
 
+    load_before = [round(x, 2) for x in os.getloadavg()]
     started = time.perf_counter()
     rows: list[dict[str, Any]] = []
     with MotoProcess() as moto:
@@ -460,6 +482,7 @@ def main(argv: list[str] | None = None) -> int:
                      "stall": "time in the save call on the forward path (step wall - compute)",
                      "commit_latency": "manifest PUT answered - last shard PUT answered"},
         "wall_seconds": round(wall, 1),
+        "loadavg_before": load_before,
         "ratios": rat,
         "results": rows,
     }

@@ -270,6 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     sizes = [parse_size(s) for s in args.sizes.split(",") if s.strip()]
     total = parse_size(args.total)
 
+    load_before = [round(x, 2) for x in os.getloadavg()]
     moto = None if args.endpoint else MotoProcess()
     endpoint: str = args.endpoint if moto is None else moto.url
     bucket = f"s3kv-bench-{uuid.uuid4().hex[:10]}"
@@ -323,6 +324,7 @@ def main(argv: list[str] | None = None) -> int:
                      "concurrency": args.concurrency, "chunks_per_round": 1,
                      "unit": "KV payload MiB/s (raw objects have the identical size)"},
         "wall_seconds": round(wall, 1),
+        "loadavg_before": load_before,
         "results": rows,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

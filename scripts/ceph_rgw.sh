@@ -86,6 +86,15 @@ wait_for() {  # wait_for WHAT CMD...: poll CMD until it succeeds, at most $TIMEO
   done
 }
 
+daemon() {  # daemon NAME CMD...: run CMD (it forks itself), its start-up chatter to a log
+  local name=$1
+  shift
+  "$@" >>"$WORK/log/$name.out" 2>&1 || {
+    tail -n 20 "$WORK/log/$name.out" >&2
+    die "$name failed to start; logs in $WORK/log"
+  }
+}
+
 ceph_cli() { ceph -c "$CONF" --connect-timeout 10 "$@"; }
 
 write_conf() {
@@ -181,22 +190,22 @@ start() {
     --addv a "[v2:127.0.0.1:$mon_v2,v1:127.0.0.1:$mon_v1]" "$WORK/monmap" >/dev/null
   ceph-authtool --create-keyring "$WORK/mon.keyring" --gen-key -n mon. \
     --cap mon 'allow *' >/dev/null
-  ceph-mon -c "$CONF" --mkfs -i a --monmap "$WORK/monmap" --keyring "$WORK/mon.keyring"
-  ceph-mon -c "$CONF" -i a --pid-file "$WORK/run/mon.a.pid"
+  daemon mon-mkfs ceph-mon -c "$CONF" --mkfs -i a --monmap "$WORK/monmap" \
+    --keyring "$WORK/mon.keyring"
+  daemon mon ceph-mon -c "$CONF" -i a --pid-file "$WORK/run/mon.a.pid"
   wait_for "monitor" ceph_cli mon stat
 
   log "osd"
   local osd_id
   osd_id=$(ceph_cli osd new "$osd_uuid")
   [ "$osd_id" = "0" ] || die "expected osd id 0, got $osd_id"
-  ceph-osd -c "$CONF" -i 0 --mkfs --osd-uuid "$osd_uuid" 2>>"$WORK/log/osd-mkfs.log" \
-    || die "osd mkfs failed; see $WORK/log"
-  ceph-osd -c "$CONF" -i 0 --pid-file "$WORK/run/osd.0.pid"
+  daemon osd-mkfs ceph-osd -c "$CONF" -i 0 --mkfs --osd-uuid "$osd_uuid"
+  daemon osd ceph-osd -c "$CONF" -i 0 --pid-file "$WORK/run/osd.0.pid"
   wait_for "osd" bash -c "ceph -c '$CONF' --connect-timeout 5 osd dump 2>/dev/null \
     | grep -q '^osd.0 up'"
 
   log "radosgw on 127.0.0.1:$port"
-  radosgw -c "$CONF" -n client.rgw.a --pid-file "$WORK/run/rgw.pid"
+  daemon rgw radosgw -c "$CONF" -n client.rgw.a --pid-file "$WORK/run/rgw.pid"
   wait_for "radosgw" endpoint_answers
 
   if ! radosgw-admin -c "$CONF" user info --uid=s3kv >/dev/null 2>&1; then

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import builtins
 import hashlib
 from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime
@@ -10,7 +11,7 @@ from datetime import UTC, datetime
 from typing_extensions import Buffer
 
 from s3kv.errors import AlreadyExists, InvalidRange, NotFound
-from s3kv.store.protocol import Capabilities, ObjectInfo, PutMode
+from s3kv.store.protocol import Capabilities, ObjectInfo, ObjectPage, PutMode
 
 
 class MemoryStore:
@@ -51,7 +52,7 @@ class MemoryStore:
         blob, mtime, etag = self._obj(key)
         return ObjectInfo(key, len(blob), mtime, etag)
 
-    async def list(self, prefix: str, *, page_size: int = 1000) -> AsyncIterator[list[ObjectInfo]]:
+    async def list(self, prefix: str, *, page_size: int = 1000) -> AsyncIterator[ObjectPage]:
         keys = sorted(k for k in self._objects if k.startswith(prefix))
         for i in range(0, len(keys), page_size):
             page = []
@@ -61,7 +62,7 @@ class MemoryStore:
                     page.append(ObjectInfo(k, len(blob), mtime, etag))
             yield page
 
-    async def list_dirs(self, prefix: str) -> list[str]:
+    async def list_dirs(self, prefix: str) -> builtins.list[str]:
         dirs = {
             prefix + k[len(prefix) :].split("/", 1)[0] + "/"
             for k in self._objects

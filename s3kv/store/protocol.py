@@ -12,6 +12,7 @@ All methods are coroutines run on the process's I/O loop (see
 
 from __future__ import annotations
 
+import builtins
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -28,6 +29,9 @@ class ObjectInfo:
     size: int
     last_modified: datetime
     etag: str | None = None
+
+
+ObjectPage = list[ObjectInfo]
 
 
 @dataclass(frozen=True)
@@ -79,11 +83,11 @@ class Head(Protocol):
 
 @runtime_checkable
 class List(Protocol):
-    def list(self, prefix: str, *, page_size: int = 1000) -> AsyncIterator[list[ObjectInfo]]:
+    def list(self, prefix: str, *, page_size: int = 1000) -> AsyncIterator[ObjectPage]:
         """Pages of objects under ``prefix`` (never the whole listing at once)."""
         ...
 
-    async def list_dirs(self, prefix: str) -> list[str]:
+    async def list_dirs(self, prefix: str) -> builtins.list[str]:
         """Common prefixes one level below ``prefix`` (delimiter ``/``)."""
         ...
 
@@ -97,7 +101,7 @@ class Delete(Protocol):
 
 @runtime_checkable
 class MultipartAdmin(Protocol):
-    async def list_multipart_uploads(self, prefix: str) -> list[UploadInfo]: ...
+    async def list_multipart_uploads(self, prefix: str) -> builtins.list[UploadInfo]: ...
 
     async def abort_multipart_upload(self, key: str, upload_id: str) -> None: ...
 

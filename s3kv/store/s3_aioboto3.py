@@ -9,6 +9,7 @@ objects.
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
@@ -35,7 +36,7 @@ from s3kv.errors import (
     Unavailable,
     from_s3_error,
 )
-from s3kv.store.protocol import Capabilities, ObjectInfo, PutMode, UploadInfo
+from s3kv.store.protocol import Capabilities, ObjectInfo, ObjectPage, PutMode, UploadInfo
 
 
 def _addressing(settings: StoreSettings) -> str:
@@ -89,14 +90,16 @@ class Aioboto3Store:
             # counts every attempt, as settings.max_attempts does.
             retries={"total_max_attempts": settings.max_attempts, "mode": "standard"},
             max_pool_connections=max(10, settings.max_concurrency * 2),
-            s3={"addressing_style": _addressing(settings)},
+            s3={"addressing_style": _addressing(settings)},  # type: ignore[arg-type]
             request_checksum_calculation="when_required",
             response_checksum_validation="when_required",
         )
         session = aioboto3.Session(region_name=settings.region)
         stack = contextlib.AsyncExitStack()
         client = await stack.enter_async_context(
-            session.client("s3", endpoint_url=settings.endpoint_url, config=config)
+            session.client(  # type: ignore[call-overload]
+                "s3", endpoint_url=settings.endpoint_url, config=config
+            )
         )
         return cls(settings, client, stack)
 
@@ -144,7 +147,7 @@ class Aioboto3Store:
             raise _translate(exc, key) from None
         return ObjectInfo(key, int(resp["ContentLength"]), resp["LastModified"], resp.get("ETag"))
 
-    async def list(self, prefix: str, *, page_size: int = 1000) -> AsyncIterator[list[ObjectInfo]]:
+    async def list(self, prefix: str, *, page_size: int = 1000) -> AsyncIterator[ObjectPage]:
         token: str | None = None
         while True:
             kwargs: dict[str, Any] = {"Bucket": self.bucket, "Prefix": prefix,
@@ -165,8 +168,8 @@ class Aioboto3Store:
                 return
             token = resp.get("NextContinuationToken")
 
-    async def list_dirs(self, prefix: str) -> list[str]:
-        out: list[str] = []
+    async def list_dirs(self, prefix: str) -> builtins.list[str]:
+        out: builtins.list[str] = []
         token: str | None = None
         while True:
             kwargs: dict[str, Any] = {"Bucket": self.bucket, "Prefix": prefix, "Delimiter": "/"}
@@ -197,8 +200,8 @@ class Aioboto3Store:
                                     f"{first.get('Code')} {first.get('Message')}",
                                     key=first.get("Key"))
 
-    async def list_multipart_uploads(self, prefix: str) -> list[UploadInfo]:
-        out: list[UploadInfo] = []
+    async def list_multipart_uploads(self, prefix: str) -> builtins.list[UploadInfo]:
+        out: builtins.list[UploadInfo] = []
         kwargs: dict[str, Any] = {"Bucket": self.bucket, "Prefix": prefix}
         while True:
             try:

@@ -8,6 +8,7 @@ so both backends honour the same AWS configuration.
 
 from __future__ import annotations
 
+import builtins
 import re
 from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime, timedelta
@@ -29,7 +30,7 @@ from s3kv.errors import (
     Unavailable,
     from_s3_error,
 )
-from s3kv.store.protocol import Capabilities, ObjectInfo, PutMode
+from s3kv.store.protocol import Capabilities, ObjectInfo, ObjectPage, PutMode
 
 _CODE_RE = re.compile(r"<Code>([A-Za-z]+)</Code>")
 _STATUS_RE = re.compile(r"(?:status(?: code)?:?\s*|HTTP status server error \()(\d{3})")
@@ -160,7 +161,7 @@ class ObstoreStore:
             raise _translate(exc, key) from None
         return ObjectInfo(m["path"], m["size"], m["last_modified"], m.get("e_tag"))
 
-    async def list(self, prefix: str, *, page_size: int = 1000) -> AsyncIterator[list[ObjectInfo]]:
+    async def list(self, prefix: str, *, page_size: int = 1000) -> AsyncIterator[ObjectPage]:
         stream = obstore.list(self._store, prefix, chunk_size=page_size)
         try:
             async for chunk in stream:
@@ -171,7 +172,7 @@ class ObstoreStore:
         except Exception as exc:
             raise _translate(exc, prefix) from None
 
-    async def list_dirs(self, prefix: str) -> list[str]:
+    async def list_dirs(self, prefix: str) -> builtins.list[str]:
         try:
             res = await obstore.list_with_delimiter_async(self._store, prefix)
         except Exception as exc:

@@ -130,14 +130,17 @@ class SchedulerSide:
             st.chunk_ids.append(chunk_id(parent, tokens[lo:hi], self._extra_for_chunk(st, hi)))
         return st.chunk_ids[:n]
 
-    def get_num_new_matched_tokens(self, request: Any, num_computed: int) -> tuple[int | None, bool]:
+    def get_num_new_matched_tokens(
+        self, request: Any, num_computed: int
+    ) -> tuple[int | None, bool]:
         st = self._state(request)
         st.local_tokens = num_computed
         if not self.can_load or st.load_failed or not st.cacheable or self._store is None:
             return 0, False
         # Leave at least one token to compute, and load whole blocks only.
         limit = (request.num_tokens - 1) // self.block_size * self.block_size
-        ids = self._chunk_ids(st, limit)
+        # Chunks that straddle the limit still count: their blocks below it load.
+        ids = self._chunk_ids(st, request.num_tokens)
         first = num_computed // self.chunk_tokens
         candidates = ids[first:]
         if not candidates or candidates[0] in self._absent or candidates[0] in self._bad:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -40,7 +41,7 @@ def create_tiny_model(path: Path, spec: TinyModelSpec | None = None) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     path.mkdir(parents=True, exist_ok=True)
-    config = LlamaConfig(
+    config_kwargs: dict[str, Any] = dict(
         vocab_size=spec.vocab_size,
         hidden_size=spec.hidden_size,
         intermediate_size=spec.intermediate_size,
@@ -53,6 +54,7 @@ def create_tiny_model(path: Path, spec: TinyModelSpec | None = None) -> Path:
         eos_token_id=2,
         tie_word_embeddings=False,
     )
+    config = LlamaConfig(**config_kwargs)
     torch.manual_seed(spec.seed)
     model = LlamaForCausalLM(config).to(getattr(torch, spec.dtype))
     model.save_pretrained(path, safe_serialization=True)

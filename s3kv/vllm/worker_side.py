@@ -130,7 +130,7 @@ class WorkerSide:
         with stream_ctx:
             for s, spec, (total, off) in zip(meta.saves, specs, sizes, strict=True):
                 host = torch.empty(total, dtype=torch.uint8, pin_memory=on_gpu)
-                mv = memoryview(host.numpy())
+                mv = host.numpy().data
                 write_header(mv, spec)
                 kv.copy_out(s.block_ids, kv.payload_view(host[off:], n_heads, len(s.block_ids)))
                 saves.append(ChunkSave(

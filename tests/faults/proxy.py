@@ -185,6 +185,7 @@ class _Server(ThreadingHTTPServer):
     daemon_threads = True
     block_on_close = False
     allow_reuse_address = True
+    request_queue_size = 128  # clients open many connections at once
     proxy: FaultProxy
 
 
@@ -215,7 +216,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _read_body(self) -> bytes | None:
         """The request body, de-chunked; None when the client went away."""
         if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
-            parts = []
+            parts: list[bytes] = []
             while True:
                 line = self.rfile.readline(1 << 16)
                 if not line:
@@ -290,7 +291,7 @@ class _Handler(BaseHTTPRequestHandler):
         self, method: str, target: str, body: bytes
     ) -> tuple[int, str, list[tuple[str, str]], bytes]:
         up = self.server.proxy.upstream
-        conn = http.client.HTTPConnection(up.hostname, up.port, timeout=60)
+        conn = http.client.HTTPConnection(up.hostname or "127.0.0.1", up.port, timeout=60)
         try:
             conn.putrequest(method, target, skip_host=True, skip_accept_encoding=True)
             for name, value in self.headers.items():  # Host included, verbatim
@@ -411,8 +412,8 @@ class FaultProxy:
     def url(self) -> str:
         if self._server is None:
             raise RuntimeError("proxy not started")
-        host, port = self._server.server_address[:2]
-        return f"http://{host}:{port}"
+        port = self._server.server_address[1]
+        return f"http://127.0.0.1:{port}"
 
     # --- rules --------------------------------------------------------------
 
@@ -453,8 +454,9 @@ class FaultProxy:
 
     @property
     def faults(self) -> int:
+        """Faults injected since the start, by every rule (cleared ones included)."""
         with self._lock:
-            return sum(r.injected for r in self.rules)
+            return sum(1 for r in self.requests if r.fault is not None)
 
     # --- handler side -------------------------------------------------------
 

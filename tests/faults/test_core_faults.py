@@ -126,7 +126,7 @@ def test_lookup_through_the_proxy_finds_the_whole_prefix(
     assert lookup(target, three_committed) == three_committed
 
 
-@pytest.mark.parametrize("reset", [False, True])
+@pytest.mark.parametrize("reset", [False, True], ids=["fin", "rst"])
 def test_dropped_manifest_gets_raise_store_error(
     target: Target, three_committed: list[Manifest], reset: bool
 ) -> None:

@@ -44,7 +44,9 @@ def secret_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("AWS_SESSION_TOKEN", raising=False)
     monkeypatch.delenv("AWS_PROFILE", raising=False)
     # The environment is what the standard chain resolves: the check below can fail.
-    assert boto3.session.Session().get_credentials().secret_key == SECRET
+    creds = boto3.session.Session().get_credentials()
+    assert creds is not None
+    assert creds.secret_key == SECRET
 
 
 def test_secret_absent_from_logs_errors_and_reprs(

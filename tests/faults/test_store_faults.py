@@ -51,7 +51,7 @@ def test_slowdown_burst_on_put_is_retried_and_succeeds(target: Target) -> None:
 
 @pytest.mark.parametrize(("action", "expected"), [
     (SlowDown(), Throttled), (InternalError(), Unavailable),
-])
+], ids=["503-slowdown", "500-internal"])
 @pytest.mark.parametrize("mode", ["overwrite", "create"])
 def test_error_storm_on_put_fails_cleanly_after_max_attempts(
     target: Target, action: Action, expected: type[StoreError], mode: str
@@ -80,7 +80,7 @@ def test_slowdown_storm_on_get_raises_throttled(target: Target) -> None:
 # --- connections dropped, bodies cut short --------------------------------------------
 
 
-@pytest.mark.parametrize("reset", [False, True])
+@pytest.mark.parametrize("reset", [False, True], ids=["fin", "rst"])
 def test_dropped_connections_on_every_get_raise_unavailable(target: Target, reset: bool) -> None:
     target.upstream_client().put_object(Bucket=target.bucket, Key="d/k", Body=b"v")
     target.proxy.add("GET", r"/d/k$", Drop(reset=reset))

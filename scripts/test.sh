@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# The whole test suite: installs what it needs (idempotent), lints, then runs
+# every test against the embedded moto HTTP server and, where Ceph RGW can be
+# installed, the real-server tier against a local single-node Ceph RGW.
+#   S3KV_SKIP_CEPH=1   skip the Ceph tier (it needs root and Debian packages)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/bootstrap.sh
+export TMPDIR="$PWD/.tmp"
+mkdir -p "$TMPDIR"
+
+echo "== lint"
+.venv/bin/ruff check s3kv tests bench
+.venv/bin/mypy s3kv
+
+echo "== tests (moto HTTP server)"
+.venv/bin/python -m pytest -q "$@"
+
+if [ "${S3KV_SKIP_CEPH:-0}" != 1 ] && [ -x scripts/ceph_rgw.sh ]; then
+  echo "== real-server tier (Ceph RGW)"
+  scripts/ceph_rgw.sh start
+  trap 'scripts/ceph_rgw.sh stop' EXIT
+  eval "$(scripts/ceph_rgw.sh env)"
+  .venv/bin/python -m pytest -q tests/store tests/cli \
+    "tests/vllm/test_connector_e2e.py::test_a_tp1_second_engine_hits_and_matches"
+fi
