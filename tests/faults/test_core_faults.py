@@ -13,7 +13,7 @@ import pytest
 
 from s3kv.aio import LoopThread
 from s3kv.commit import ChunkSave, Committer, LocalGatherer
-from s3kv.errors import IntegrityError, StoreError
+from s3kv.errors import IntegrityError, NotFound, StoreError
 from s3kv.keys import chain_chunk_ids
 from s3kv.lookup import find_committed_prefix
 from s3kv.manifest import Manifest, decode_manifest
@@ -32,15 +32,14 @@ from tests.faults.proxy import (
 from tests.unit.builders import LAYOUT, NS, Chunk, build_chunk
 
 
-def seed_chunk(target: Target, chunk: Chunk, *, with_manifest: bool = True) -> None:
-    """Write a chunk's shards (and manifest) straight to moto."""
+def seed_chunk(target: Target, chunk: Chunk) -> None:
+    """Write a chunk's shards and manifest straight to moto."""
     s3 = target.upstream_client()
     for rank, data in chunk.shards.items():
         key = chunk.manifest.shard_for_rank(rank).key
         s3.put_object(Bucket=target.bucket, Key=key, Body=data)
-    if with_manifest:
-        s3.put_object(Bucket=target.bucket, Key=LAYOUT.manifest(NS, chunk.manifest.chunk_id),
-                      Body=chunk.manifest.encode())
+    s3.put_object(Bucket=target.bucket, Key=LAYOUT.manifest(NS, chunk.manifest.chunk_id),
+                  Body=chunk.manifest.encode())
 
 
 def big_chunk(index: int = 0) -> Chunk:
@@ -202,6 +201,10 @@ class Rig:
         return self.committer.counters.get(name)
 
 
+MakeRig = Callable[..., Rig]
+FAST_FAIL = {"request_timeout_s": 1.0, "max_attempts": 2}
+
+
 @pytest.fixture
 def make_rig(target: Target) -> Iterator[MakeRig]:
     """Builds a committer (world size 1) over a store through the proxy."""
@@ -226,10 +229,6 @@ def make_rig(target: Target) -> Iterator[MakeRig]:
         r.io.stop()
 
 
-MakeRig = Callable[..., Rig]
-FAST_FAIL = {"request_timeout_s": 1.0, "max_attempts": 2}
-
-
 def committed(target: Target, n: int) -> dict[str, Manifest]:
     """chunk_id -> manifest for each committed chunk, every shard verified."""
 
@@ -238,7 +237,7 @@ def committed(target: Target, n: int) -> dict[str, Manifest]:
         for cid in CHUNK_IDS[:n]:
             try:
                 doc = await store.get(LAYOUT.manifest(NS, cid))
-            except StoreError:
+            except NotFound:
                 continue
             m = decode_manifest(doc, layout=LAYOUT, expect_namespace=NS, expect_chunk_id=cid)
             await read_shard(store, m, 0)
@@ -271,7 +270,7 @@ def test_failed_shard_puts_leave_no_manifest(
     rig = make_rig(**FAST_FAIL)
     target.proxy.add("PUT", rf"/{WRITER}/r0$", action)
     rig.commit(2)
-    assert manifest_keys(target) == []
+    assert target.upstream_keys(LAYOUT.namespace_prefix(NS)) == []  # no manifest, no shard
     assert rig.counter("upload_failures") == 2
     assert rig.counter("chunks_not_committed") == 2
     assert rig.counter("chunks_committed") == 0
