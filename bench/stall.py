@@ -371,6 +371,7 @@ def summarise(world: int, per_rank: list[dict[str, Any]]) -> list[dict[str, Any]
             "commit_latency_ms": ({"median": median(lat), "p95": percentile(lat, 95),
                                    "max": max(lat)} if lat else None),
             "per_rank_stall_ms": [[round(x, 3) for x in m] for m in ms],
+            "commit_latency_per_chunk_ms": [round(x, 2) for x in lat],
         })
     return rows
 

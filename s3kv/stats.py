@@ -14,6 +14,7 @@ class Counters:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._values: defaultdict[str, float] = defaultdict(float)
+        self._last: dict[str, float] = {}
 
     def add(self, name: str, value: float = 1) -> None:
         with self._lock:
@@ -22,6 +23,15 @@ class Counters:
     def get(self, name: str) -> float:
         with self._lock:
             return self._values.get(name, 0.0)
+
+    def delta(self) -> dict[str, float]:
+        """Changes since the previous ``delta()`` call (totals stay intact)."""
+        with self._lock:
+            last = self._last
+            out = {k: v - last.get(k, 0.0) for k, v in self._values.items()
+                   if v != last.get(k, 0.0)}
+            self._last = dict(self._values)
+            return out
 
     def snapshot(self, reset: bool = False) -> dict[str, float]:
         with self._lock:

@@ -23,7 +23,13 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 
-from s3kv.catalog import AmbiguousNamespace, Catalog, InvalidNamespace, NamespaceNotFound
+from s3kv.catalog import (
+    AmbiguousNamespace,
+    Catalog,
+    InvalidNamespace,
+    NamespaceNotFound,
+    is_directory_bucket,
+)
 from s3kv.config import Settings, parse_settings
 from s3kv.errors import (
     AccessDenied,
@@ -50,7 +56,7 @@ class ExitCode(enum.IntEnum):
 
 
 class CliError(Exception):
-    """A failure the command has already explained; carries its exit code."""
+    """A failure worded for the user, with the exit code it maps to."""
 
     def __init__(self, message: str, code: ExitCode = ExitCode.FAILURE) -> None:
         super().__init__(message)
@@ -341,8 +347,6 @@ async def opened(conn: Conn) -> AsyncIterator[ObjectStore]:
 
 
 def make_catalog(conn: Conn, store: ObjectStore) -> Catalog:
-    from s3kv.catalog import is_directory_bucket
-
     return Catalog(store, conn.layout, concurrency=conn.settings.store.max_concurrency,
                    ordered_listing=not is_directory_bucket(conn.bucket))
 
@@ -368,7 +372,7 @@ def describe(exc: BaseException, conn: Conn | None) -> tuple[str, ExitCode]:
         bucket = conn.bucket if conn is not None else "?"
         return f"bucket {bucket!r} does not exist (NoSuchBucket)", ExitCode.CONFIG
     if isinstance(exc, AccessDenied):
-        return (f"access denied on {where}: {redact(str(exc))} -- check the credentials the "
+        return (f"access denied on {where}: {one_line(str(exc))} -- check the credentials the "
                 f"AWS chain resolves (environment, ~/.aws files, SSO, instance role) and the "
                 f"IAM policy", ExitCode.CONFIG)
     if isinstance(exc, (InvalidNamespace, AmbiguousNamespace)):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
 import warnings
 from concurrent.futures import Future
@@ -172,6 +173,7 @@ class WorkerSide:
     async def _load_chunk(self, ch: LoadChunk) -> set[int]:
         """Returns the block ids that failed (empty on success)."""
         failed = {bid for _, bid in ch.blocks}
+        t0 = time.perf_counter()
         try:
             async with self._load_sem:  # type: ignore[union-attr]
                 vs = await asyncio.wait_for(
@@ -182,6 +184,7 @@ class WorkerSide:
             loop = asyncio.get_running_loop()
             await loop.run_in_executor(None, self._copy_in, vs.payload, ch)
             self.counters.add("bytes_loaded", vs.size)
+            self.counters.add("load_seconds", time.perf_counter() - t0)
             self.counters.add("loaded_chunks")
             return set()
         except Exception as exc:

@@ -29,6 +29,16 @@ def test_python_m_s3kv_cli(s3: Bucket) -> None:
     assert res.returncode == 2
 
 
+def test_console_script(s3: Bucket) -> None:
+    script = os.path.join(os.path.dirname(sys.executable), "s3kv")
+    if not os.path.exists(script):
+        pytest.skip("package not installed into this environment")
+    res = subprocess.run([script, "du", "--format", "json"], capture_output=True, text=True,
+                         timeout=120, env={**os.environ, **s3.env})
+    assert res.returncode == 0, res.stderr
+    assert '"version": 1' in res.stdout
+
+
 def test_cli_imports_neither_torch_nor_vllm() -> None:
     code = ("import sys, s3kv.cli.app, s3kv.catalog, s3kv.gc; "
             "bad = [m for m in sys.modules if m.split('.')[0] in ('torch', 'vllm')]; "

@@ -72,6 +72,7 @@ def test_orphans_older_than_grace(s3: Bucket) -> None:
     res = s3.cli("gc", "--yes")
     assert res.exit_code == 0, res.stderr
     assert "deleted 4 objects" in res.stdout
+    assert "\r" not in res.stderr  # no progress bar when stderr is not a terminal
     assert set(s3.object_keys()) == before - set(orphans)
     assert set(s3.object_keys()) == live_keys(s3, w)
     assert s3.cli("verify").exit_code == 0

@@ -125,3 +125,18 @@ def test_eviction_takes_leaves_first() -> None:
     planner._evict(records, {}, lambda r, reason: doomed.append(r.chunk_id), 150, 400)
     # Leaves are o (t=5) and l (t=9): o goes first, then l, then m; r stays.
     assert doomed == ["o", "l", "m"]
+
+
+def test_progress_draws_only_when_enabled(capsys: pytest.CaptureFixture[str]) -> None:
+    from s3kv.cli.common import Progress
+
+    quiet = Progress("x")  # captured stderr is not a terminal
+    quiet.update(1, 2)
+    quiet.close()
+    assert capsys.readouterr().err == ""
+    bar = Progress("deleting", enabled=True)
+    bar.update(1, 2)
+    bar.update(2, 2)
+    bar.close()
+    err = capsys.readouterr().err
+    assert "\rdeleting [" in err and err.endswith("2/2\n")
