@@ -23,8 +23,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import RESULTS, ROOT, MotoProcess, machine_info, median  # noqa: E402
-from s3kv.vllm.tiny_model import TinyModelSpec, create_tiny_model  # noqa: E402
+from bench.common import RESULTS, ROOT, MotoProcess, machine_info, median
+from s3kv.vllm.tiny_model import TinyModelSpec, create_tiny_model
 
 MODEL = TinyModelSpec(num_layers=6, hidden_size=768, num_heads=12, num_kv_heads=4,
                       intermediate_size=2048, vocab_size=1024, seed=7,

@@ -229,11 +229,13 @@ def _step_loop(ctx: Ctx, tag: str, save: Any) -> dict[str, Any]:
 def run_s3kv(ctx: Ctx, store: Any, tag: str) -> dict[str, Any]:
     from s3kv.commit import Committer
 
-    events: list[tuple[str, float, str]] = []
+    events: list[tuple[str, float, Any]] = []
 
     def on_event(name: str, info: dict[str, Any]) -> None:
         if name in ("uploaded", "committed"):
             events.append((name, time.time(), info["chunk_id"]))
+        elif name == "gathered":  # one chunk per round: round id = step
+            events.append((name, time.time(), info["round_id"]))
 
     committer = Committer(
         io=ctx.io, store=store, layout=ctx.layout, namespace=NAMESPACE,
@@ -246,7 +248,9 @@ def run_s3kv(ctx: Ctx, store: Any, tag: str) -> dict[str, Any]:
     committer.close()
     uploaded = {cid: t for name, t, cid in events if name == "uploaded"}
     committed = {cid: t for name, t, cid in events if name == "committed"}
-    return _result(res, drain, flushed, uploaded, committed, committer.counters.snapshot())
+    out = _result(res, drain, flushed, uploaded, committed, committer.counters.snapshot())
+    out["gathered"] = {res["ids"][rnd]: t for name, t, rnd in events if name == "gathered"}
+    return out
 
 
 def _baseline(ctx: Ctx, store: Any, tag: str, sync: Any) -> dict[str, Any]:
@@ -345,12 +349,16 @@ def summarise(world: int, per_rank: list[dict[str, Any]]) -> list[dict[str, Any]
         runs = [pr["runs"][i] for pr in per_rank]
         ms = [[s * 1000 for s in r["stalls"]] for r in runs]
         fast = [x for r in range(world) if r != slow for x in ms[r]]
-        lat = []
+        lat, gather_lat = [], []
         committed = runs[0]["committed"]
+        gathered = runs[0].get("gathered", {})
         for cid, t_commit in committed.items():
             ups = [r["uploaded"].get(cid) for r in runs]
             if all(u is not None for u in ups):
-                lat.append((t_commit - max(ups)) * 1000)  # type: ignore[type-var]
+                last = max(u for u in ups if u is not None)
+                lat.append((t_commit - last) * 1000)
+                if cid in gathered:
+                    gather_lat.append((gathered[cid] - last) * 1000)
         rows.append({
             "tp": world,
             "strategy": first["strategy"],
@@ -372,6 +380,10 @@ def summarise(world: int, per_rank: list[dict[str, Any]]) -> list[dict[str, Any]
                                    "max": max(lat)} if lat else None),
             "per_rank_stall_ms": [[round(x, 3) for x in m] for m in ms],
             "commit_latency_per_chunk_ms": [round(x, 2) for x in lat],
+            # s3kv only: last shard stored -> rank 0's gather of that round returned
+            "gather_latency_ms": ({"median": median(gather_lat), "p95": percentile(gather_lat, 95)}
+                                  if gather_lat else None),
+            "gather_latency_per_chunk_ms": [round(x, 2) for x in gather_lat],
         })
     return rows
 

@@ -38,7 +38,8 @@ def plan(rounds: int = 3, per_round: int = 2, chunk_tokens: int = 16) -> list[li
     out: list[list[tuple]] = []
     for r in range(rounds):
         out.append([
-            (ids[i], ids[i - 1] if i else None, i) for i in range(r * per_round, (r + 1) * per_round)
+            (ids[i], ids[i - 1] if i else None, i)
+            for i in range(r * per_round, (r + 1) * per_round)
         ])
     return out
 

@@ -8,11 +8,11 @@ import pytest
 
 pytest.importorskip("vllm")
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram  # noqa: E402
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from s3kv.stats import Counters  # noqa: E402
-from s3kv.vllm.connector import S3KVConnector  # noqa: E402
-from s3kv.vllm.stats import METRICS, S3KVStats  # noqa: E402
+from s3kv.stats import Counters
+from s3kv.vllm.connector import S3KVConnector
+from s3kv.vllm.stats import METRICS, S3KVStats
 
 
 def test_counters_delta_reports_changes_only_and_keeps_totals() -> None:
@@ -45,7 +45,8 @@ def test_prometheus_counters_follow_observations() -> None:
             super().__init__(*args, registry=registry, **kwargs)
 
     prom = S3KVConnector.build_prom_metrics(
-        vllm_config=SimpleNamespace(kv_transfer_config=None), metric_types={Counter: C, Gauge: Gauge, Histogram: Histogram},
+        vllm_config=SimpleNamespace(kv_transfer_config=None),
+        metric_types={Counter: C, Gauge: Gauge, Histogram: Histogram},
         labelnames=["model_name", "engine"], per_engine_labelvalues={0: ["m", "0"]},
     )
     assert prom is not None
