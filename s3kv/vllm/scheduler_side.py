@@ -66,8 +66,14 @@ class SchedulerSide:
         self.breaker = Breaker()
         # Opening a store performs no request (start-up may block; the scheduler
         # loop may not). The namespace write below is the first request.
-        self._store: ObjectStore | None = self.io.run(open_store(settings.store), timeout=60)
-        self.io.submit(self._describe_namespace(self._store))
+        self._store: ObjectStore | None = None
+        try:
+            self._store = self.io.run(open_store(settings.store), timeout=60)
+        except Exception as exc:  # missing credentials, bad endpoint: serve without cache
+            log.warning("s3kv: cannot open the object store (%s: %s); serving without the cache",
+                        type(exc).__name__, exc)
+        if self._store is not None:
+            self.io.submit(self._describe_namespace(self._store))
         self._reqs: dict[str, _Req] = {}
         self._pending_loads: dict[str, LoadRequest] = {}
         self._load_blocks: dict[int, tuple[str, str]] = {}  # block id -> (req id, chunk id)

@@ -22,7 +22,7 @@ import torch
 from s3kv.aio import io_loop
 from s3kv.commit import ChunkSave, Committer, Gatherer, LocalGatherer
 from s3kv.config import Settings
-from s3kv.errors import IntegrityError
+from s3kv.errors import IntegrityError, Unavailable
 from s3kv.keys import Fingerprint, KeyLayout
 from s3kv.reader import read_shard
 from s3kv.shard import ShardSpec, shard_size, write_header
@@ -86,7 +86,11 @@ class WorkerSide:
         if kv.device.type == "cuda":
             self._side_stream = torch.cuda.Stream(device=kv.device)
             self._load_stream = torch.cuda.Stream(device=kv.device)
-        self.store = self.io.run(open_store(self.settings.store), timeout=30)
+        try:
+            self.store = self.io.run(open_store(self.settings.store), timeout=60)
+        except Exception as exc:
+            log.warning("s3kv: cannot open the object store (%s: %s); serving without the cache",
+                        type(exc).__name__, exc)
         if not self.can_save:
             return
         gatherer: Gatherer
@@ -97,8 +101,12 @@ class WorkerSide:
         else:
             gatherer = LocalGatherer()
         writer = gatherer.broadcast(uuid.uuid4().hex[:16])
+        if self.store is None:
+            # Ranks must agree on saving or their gathers would wait for each
+            # other; a rank without a store still joins rounds, empty-handed.
+            log.warning("s3kv: rank %d saves nothing (no object store)", self.tp_rank)
         self.committer = Committer(
-            io=self.io, store=self.store, layout=self.layout, namespace=self.ns,
+            io=self.io, store=self.store or _NoStore(), layout=self.layout, namespace=self.ns,
             writer_id=writer, gatherer=gatherer,
             max_inflight_bytes=self.settings.max_inflight_mib << 20,
             max_concurrency=self.settings.store.max_concurrency, counters=self.counters,
@@ -249,3 +257,11 @@ class _null:
 
     def __exit__(self, *exc: object) -> None:
         return None
+
+
+class _NoStore:
+    """Stands in for a store that could not be opened: every put fails, so no
+    manifest is ever written, while the rank still takes part in the gathers."""
+
+    async def put(self, key: str, data: object, *, mode: str = "overwrite") -> str | None:
+        raise Unavailable("no object store", key=key)

@@ -41,13 +41,19 @@ class EngineResult:
     raw: dict[str, Any]
 
 
-def run_engine(job: dict[str, Any], *, expect_ok: bool = True, timeout: int = 600) -> EngineResult:
+def run_engine(job: dict[str, Any], *, expect_ok: bool = True, timeout: int = 600,
+               env_update: dict[str, str | None] | None = None) -> EngineResult:
     TMP.mkdir(exist_ok=True)
     tag = uuid.uuid4().hex[:8]
     jp, rp = TMP / f"job-{tag}.json", TMP / f"result-{tag}.json"
     jp.write_text(json.dumps(job))
     env = dict(os.environ, TMPDIR=str(TMP), PYTHONPATH=str(ROOT),
                VLLM_ENABLE_V1_MULTIPROCESSING="0")
+    for k, v in (env_update or {}).items():
+        if v is None:
+            env.pop(k, None)
+        else:
+            env[k] = v
     proc = subprocess.run(
         [sys.executable, "-m", "s3kv.vllm.engine_run", str(jp), str(rp)],
         cwd=TMP, env=env, capture_output=True, text=True, timeout=timeout,

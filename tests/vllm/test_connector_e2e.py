@@ -177,3 +177,20 @@ def test_namespace_document_describes_fingerprint(
     assert fp["dtype"] == "float32" and fp["block_size"] == 128 and fp["tp_size"] == 1
     assert fp["weights_id"].startswith("sampled:")
     assert fp["num_layers"] == 2 and fp["num_kv_heads"] == 2 and fp["head_size"] == 64
+
+
+def test_no_credentials_serves_without_cache_and_says_why(
+    tiny_model: Path, prompts: list[list[int]], baseline_tp1: list[list[int]],
+    conn: dict[str, Any], tmp_path: Path,
+) -> None:
+    empty = tmp_path / "empty"
+    empty.write_text("")
+    res = run_engine(job(tiny_model, prompts, conn), env_update={
+        "AWS_ACCESS_KEY_ID": None, "AWS_SECRET_ACCESS_KEY": None, "AWS_SESSION_TOKEN": None,
+        "AWS_PROFILE": None, "AWS_SHARED_CREDENTIALS_FILE": str(empty),
+        "AWS_CONFIG_FILE": str(empty), "AWS_EC2_METADATA_DISABLED": "true",
+    })
+    assert res.outputs == baseline_tp1
+    assert "serving without the cache" in res.stderr
+    assert "credentials" in res.stderr
+    assert res.counters.get("hit_tokens", 0) == 0
