@@ -337,7 +337,10 @@ class Catalog:
         except (ValueError, UnicodeDecodeError):
             log.warning("namespace document of %s is not JSON; ignored", ns)
             return None
-        return doc if isinstance(doc, dict) else None
+        if not isinstance(doc, dict):
+            return None
+        inner = doc.get("fingerprint")  # the document wraps the fingerprint's fields
+        return inner if isinstance(inner, dict) else None
 
     # --- chunks ---------------------------------------------------------------
 

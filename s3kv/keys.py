@@ -62,6 +62,11 @@ class Fingerprint:
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
+    def document(self) -> bytes:
+        """The ``namespace.json`` written beside the chunks, for operators and ``s3kv ls``."""
+        return json.dumps({"format": "s3kv.namespace", "namespace": self.namespace,
+                           "fingerprint": self.to_json()}, sort_keys=True, indent=1).encode()
+
     @property
     def namespace(self) -> str:
         """128-bit hex digest of the canonical JSON of every field."""

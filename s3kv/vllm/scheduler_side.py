@@ -11,7 +11,6 @@ of chunks in the same round: the commit's gather relies on it.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from concurrent.futures import Future
@@ -87,7 +86,7 @@ class SchedulerSide:
         # Describe the namespace once (for `s3kv ls`); doubles as a start-up probe.
         try:
             await store.put(
-                self.layout.namespace_doc(self.ns), _namespace_doc(self.fingerprint),
+                self.layout.namespace_doc(self.ns), self.fingerprint.document(),
                 mode="create",
             )
             self.breaker.success()
@@ -299,7 +298,3 @@ class SchedulerSide:
         self._pending_loads.pop(request.request_id, None)
         self._forget_load_blocks(request.request_id)
 
-
-def _namespace_doc(fp: Fingerprint) -> bytes:
-    return json.dumps({"format": "s3kv.namespace", "namespace": fp.namespace,
-                       "fingerprint": fp.to_json()}, sort_keys=True, indent=1).encode()

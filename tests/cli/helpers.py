@@ -8,7 +8,6 @@ manifest written with ``If-None-Match: *``, exactly the order a commit uses.
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -62,7 +61,7 @@ class ChunkWriter:
 
     def put_namespace_doc(self, fp: Fingerprint) -> None:
         self.client.put_object(Bucket=self.bucket, Key=self.layout.namespace_doc(self.ns),
-                               Body=json.dumps(fp.to_json()).encode())
+                               Body=fp.document())
 
     def put_shards(self, cid: str) -> list[ShardEntry]:
         entries = []
