@@ -7,6 +7,7 @@ command's options, output and tests sit together.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from typing import Annotated
 
@@ -49,7 +50,16 @@ doctor.register(app)
 
 
 def main() -> None:
-    app(prog_name="s3kv")
+    code = 0
+    try:
+        app(prog_name="s3kv", standalone_mode=True)
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    # Exit without interpreter teardown: the S3 client's native runtime can abort
+    # while Python finalises its threads, turning a finished command into SIGABRT.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 __all__ = ["app", "main"]
