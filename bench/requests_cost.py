@@ -462,6 +462,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import boto3
 
+    load_before = [round(x, 2) for x in os.getloadavg()]
     started = time.perf_counter()
     counts = []
     with MotoProcess() as moto:
@@ -494,6 +495,7 @@ def main(argv: list[str] | None = None) -> int:
         "models": [asdict(m) | {"kv_bytes_per_token": m.kv_bytes_per_token}
                    for m in model_shapes()],
         "wall_seconds": round(wall, 1),
+        "loadavg_before": load_before,
         "counted": counts,
         "all_counts_match_design": ok,
         "cost": rows,

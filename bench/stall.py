@@ -439,7 +439,7 @@ def table(rows: list[dict[str, Any]], rat: list[dict[str, Any]]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="15 steps per run (about a minute)")
+    ap.add_argument("--quick", action="store_true", help="15 steps per run (about 1.5 minutes)")
     ap.add_argument("--tp", default="2,4", help="TP sizes (default 2,4)")
     ap.add_argument("--delays", default="0,100,300", help="slow-rank upload delays in ms")
     ap.add_argument("--steps", type=int, default=40)

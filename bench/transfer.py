@@ -20,6 +20,9 @@ For each backend (obstore, aioboto3) and shard size:
   from the scheduler's lookup, measured in ``requests_cost.py``);
 * load, raw: ``store.get`` of the very same shard objects.
 
+Each load measurement reads every object ``LOAD_PASSES`` times, so that it
+lasts about as long as a save measurement.
+
 Throughput is KV payload bytes per second; the raw objects are the same size,
 so the ratio s3kv/raw is the ratio of the two elapsed times. Each measurement
 moves at least ``--total`` bytes and at least four waves of requests. The
@@ -67,6 +70,7 @@ HEADS = 2
 LAYERS = 8
 BLOCK_SHAPE = (16, 256)  # bf16: 8 KiB per block per head per layer
 MIB = 1 << 20
+LOAD_PASSES = 3  # loads are fast: read every object this often per measurement
 
 
 def spec_for(cid: str, size: int) -> ShardSpec:
@@ -153,12 +157,12 @@ class Bench:
 
         async def go() -> float:
             t = time.perf_counter()
-            await self._pool(manifests, one)
+            await self._pool(manifests * LOAD_PASSES, one)
             return time.perf_counter() - t
         return self.io.run(go())
 
     def load_raw(self, manifests: list[Manifest]) -> float:
-        keys = [m.shard_for_rank(0).key for m in manifests]
+        keys = [m.shard_for_rank(0).key for m in manifests] * LOAD_PASSES
 
         async def one(key: str) -> None:
             body = await self.store.get(key)
@@ -190,6 +194,11 @@ class Bench:
 def paired(runs: dict[str, list[float]], base: str) -> float:
     """Median over repetitions of (base seconds / s3kv seconds) = s3kv/base throughput."""
     return median(rb / rs for rs, rb in zip(runs["s3kv"], runs[base], strict=True))
+
+
+def paired_range(runs: dict[str, list[float]], base: str) -> list[float]:
+    ratios = [rb / rs for rs, rb in zip(runs["s3kv"], runs[base], strict=True)]
+    return [min(ratios), max(ratios)]
 
 
 def run_case(io: LoopThread, store: ObjectStore, backend: str, size: int, count: int,
@@ -225,9 +234,9 @@ def run_case(io: LoopThread, store: ObjectStore, backend: str, size: int, count:
         order = LOAD_MODES if rep % 2 == 0 else LOAD_MODES[::-1]
         for mode in order:
             secs = b.load_s3kv(manifests) if mode == "s3kv" else b.load_raw(manifests)
-            load[mode].append(secs)
+            load[mode].append(secs / LOAD_PASSES)  # seconds per pass over kv_bytes
             print(f"  {backend:<9} load {format_size(size):>7} rep {rep + 1} {mode:<12} "
-                  f"{kv_bytes / MIB / secs:8.1f} MiB/s", flush=True)
+                  f"{kv_bytes * LOAD_PASSES / MIB / secs:8.1f} MiB/s", flush=True)
     b.cleanup()
     out = []
     for direction, runs in (("save", save), ("load", load)):
@@ -241,6 +250,7 @@ def run_case(io: LoopThread, store: ObjectStore, backend: str, size: int, count:
             # the same ratio taken within each repetition (neighbouring runs), then the
             # median: less sensitive to drift on a noisy machine than the ratio of medians
             "paired_ratio_s3kv_over_raw": paired(runs, "raw"),
+            "paired_ratio_range": paired_range(runs, "raw"),
             "seconds": runs,
         }
         if "raw+manifest" in mibs:
@@ -322,6 +332,7 @@ def main(argv: list[str] | None = None) -> int:
                      "url": None if moto else endpoint},
         "settings": {"sizes": sizes, "min_total_bytes": total, "reps": args.reps,
                      "concurrency": args.concurrency, "chunks_per_round": 1,
+                     "load_passes": LOAD_PASSES, "load_seconds": "per pass over kv_bytes",
                      "unit": "KV payload MiB/s (raw objects have the identical size)"},
         "wall_seconds": round(wall, 1),
         "loadavg_before": load_before,

@@ -23,7 +23,7 @@ from s3kv.errors import ConfigError
 
 Backend = Literal["obstore", "aioboto3"]
 AddressingStyle = Literal["auto", "path", "virtual"]
-Admission = Literal["all"]
+Admission = Literal["all", "second_sighting", "requested"]
 
 DEFAULT_BACKEND: Backend = "obstore"
 DEFAULT_CHUNK_TOKENS = 256
@@ -61,6 +61,7 @@ class Settings:
     weights_id: str | None = None
     namespace_tag: str = ""
     admission: Admission = "all"
+    admission_window: int = 1_000_000
 
 
 _STORE_KEYS = {f.name for f in fields(StoreSettings)}

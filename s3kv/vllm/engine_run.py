@@ -50,8 +50,10 @@ def run(job: dict[str, Any]) -> dict[str, Any]:
     t0 = time.perf_counter()
     llm = LLM(**kwargs)
     startup = time.perf_counter() - t0
+    extra = ({"kv_transfer_params": job["kv_transfer_params"]}
+             if job.get("kv_transfer_params") else None)
     params = SamplingParams(max_tokens=job.get("max_tokens", 8), temperature=0.0,
-                            ignore_eos=True)
+                            ignore_eos=True, extra_args=extra)
     conn = _connector(llm)
     if job.get("warmup"):
         # One unrelated short request first, so one-time start-up costs of the

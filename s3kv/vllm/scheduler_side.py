@@ -17,6 +17,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
+from s3kv.admission import REQUEST_FLAG, AdmissionPolicy
 from s3kv.aio import io_loop
 from s3kv.config import Settings
 from s3kv.errors import AlreadyExists, StoreError
@@ -81,6 +82,7 @@ class SchedulerSide:
         self._committed = LRUSet()
         self._planned = LRUSet()
         self._round = 0
+        self.admission = AdmissionPolicy(settings.admission, settings.admission_window)
 
     async def _describe_namespace(self, store: ObjectStore) -> None:
         # Describe the namespace once (for `s3kv ls`); doubles as a start-up probe.
@@ -262,6 +264,9 @@ class SchedulerSide:
             st.saved_upto = ci + 1
             if cid in self._committed or cid in self._planned:
                 continue
+            if not self.admission.admit(cid, _requested(st.request)):
+                self.counters.add("admission_skipped")
+                continue
             self._planned.add(cid)
             meta.saves.append(
                 SaveChunk(cid, ids[ci - 1] if ci else None, ci, self.chunk_tokens, tuple(blocks))
@@ -298,3 +303,7 @@ class SchedulerSide:
         self._pending_loads.pop(request.request_id, None)
         self._forget_load_blocks(request.request_id)
 
+
+def _requested(request: Any) -> bool:
+    params = getattr(request, "kv_transfer_params", None) or {}
+    return bool(params.get(REQUEST_FLAG))
