@@ -1,8 +1,8 @@
 """Finding the longest committed prefix, and staying out of the way when S3 is not.
 
 A prefix is usable only up to its first chunk without a valid manifest, so
-manifests are fetched in small concurrent windows and the scan stops at the
-first miss. Manifests are parsed strictly; a malformed or foreign one is a
+manifests are fetched in concurrent windows that double from one (a cold
+prompt costs a single GET) and the scan stops at the first miss. Manifests are parsed strictly; a malformed or foreign one is a
 miss, never a hit.
 """
 
@@ -28,8 +28,11 @@ async def find_committed_prefix(
 ) -> list[Manifest]:
     """Manifests of the longest run of committed chunks at the start of ``chunk_ids``."""
     found: list[Manifest] = []
-    for start in range(0, len(chunk_ids), window):
-        batch = chunk_ids[start : start + window]
+    start, size = 0, 1
+    while start < len(chunk_ids):
+        # Windows of 1, 2, 4, ... so a cold prompt costs one GET, a hit a few round trips.
+        batch = chunk_ids[start : start + size]
+        start, size = start + len(batch), min(window, size * 2)
         results = await asyncio.gather(
             *(_fetch(store, layout, namespace, cid) for cid in batch), return_exceptions=True
         )

@@ -1,0 +1,58 @@
+from __future__ import annotations
+
+import asyncio
+
+from s3kv.keys import KeyLayout, chain_chunk_ids
+from s3kv.lookup import TTLSet, find_committed_prefix
+from s3kv.manifest import ShardEntry, new_manifest
+from s3kv.store.memory import MemoryStore
+
+LAYOUT = KeyLayout("s3kv")
+NS = "ab" * 16
+
+
+class CountingStore(MemoryStore):
+    def __init__(self) -> None:
+        super().__init__()
+        self.gets = 0
+
+    async def get(self, key: str) -> memoryview:
+        self.gets += 1
+        return await super().get(key)
+
+
+async def _commit(store: MemoryStore, ids: list[str], upto: int) -> None:
+    for i, cid in enumerate(ids[:upto]):
+        key = LAYOUT.shard(NS, cid, "w1", 0)
+        entry = ShardEntry(0, key, 128, "0" * 32, 0, 1, 64, ("0" * 32,))
+        m = new_manifest(namespace=NS, chunk_id=cid, parent_id=ids[i - 1] if i else None,
+                         chunk_index=i, num_tokens=16, writer="w1", shards=[entry])
+        await store.put(LAYOUT.manifest(NS, cid), m.encode(), mode="create")
+
+
+def test_cold_prompt_costs_one_get_and_hits_stop_at_first_miss() -> None:
+    ids = chain_chunk_ids(list(range(16 * 20)), 16)
+
+    async def go() -> tuple[int, int, int, int]:
+        store = CountingStore()
+        cold = await find_committed_prefix(store, LAYOUT, NS, ids)
+        cold_gets = store.gets
+        await _commit(store, ids, 5)
+        store.gets = 0
+        hits = await find_committed_prefix(store, LAYOUT, NS, ids)
+        return len(cold), cold_gets, len(hits), store.gets
+
+    n_cold, cold_gets, n_hits, hit_gets = asyncio.run(go())
+    assert (n_cold, cold_gets) == (0, 1)
+    assert n_hits == 5
+    assert hit_gets == 1 + 2 + 4  # windows 1, 2, 4: the 6th id is the first miss
+
+
+def test_ttl_set_expires_and_is_bounded() -> None:
+    s = TTLSet(ttl_s=1e-9, max_items=3)
+    s.add("a")
+    assert "a" not in s  # already expired
+    s2 = TTLSet(ttl_s=60, max_items=3)
+    for k in "abcde":
+        s2.add(k)
+    assert "a" not in s2 and "b" not in s2 and "e" in s2
