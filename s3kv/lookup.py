@@ -2,8 +2,8 @@
 
 A prefix is usable only up to its first chunk without a valid manifest, so
 manifests are fetched in concurrent windows that double from one (a cold
-prompt costs a single GET) and the scan stops at the first miss. Manifests are parsed strictly; a malformed or foreign one is a
-miss, never a hit.
+prompt costs a single GET) and the scan stops at the first miss. Manifests
+are parsed strictly; a malformed or foreign one is a miss, never a hit.
 """
 
 from __future__ import annotations
