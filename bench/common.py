@@ -55,13 +55,14 @@ class MotoProcess:
     """moto's S3 server in its own process, so it does not share the GIL with the
     client under test (an in-process server would slow the pure-Python client most)."""
 
-    def __init__(self) -> None:
+    def __init__(self, nice: int = 0) -> None:
         for k, v in (("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing"),
                      ("AWS_DEFAULT_REGION", "us-east-1")):
             os.environ.setdefault(k, v)
         self._proc = subprocess.Popen(
             [sys.executable, "-c", _MOTO_CHILD],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+            preexec_fn=(lambda: os.nice(nice)) if nice else None,
         )
         line = self._proc.stdout.readline().strip() if self._proc.stdout else ""
         if not line.startswith("http://"):

@@ -31,6 +31,8 @@ METRICS: dict[str, str] = {
     "commit_gather_failures": "Commit gathers that timed out or lost a peer",
     "save_seconds": "Seconds spent in shard PUT requests",
     "load_seconds": "Seconds spent fetching and verifying shards",
+    "forward_path_seconds": "Seconds the forward path spent in the connector (copy-out, hand-off)",
+    "forward_steps": "Steps seen by the worker connector",
 }
 
 
