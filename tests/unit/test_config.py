@@ -61,7 +61,7 @@ def test_several_unknown_keys_name_the_first_in_order() -> None:
     [
         ("backend", "s3fs", ["aioboto3", "obstore"]),
         ("addressing_style", "dns", ["auto", "path", "virtual"]),
-        ("admission", "none", ["all"]),
+        ("admission", "none", ["all", "requested", "second_sighting"]),
     ],
 )
 def test_bad_enum_names_the_choices(key: str, bad: str, choices: list[str]) -> None:
@@ -205,7 +205,8 @@ def test_settings_to_mapping_round_trips() -> None:
         "lookup_ttl_s": 0.5,
         "weights_id": "sha-abc",
         "namespace_tag": "blue",
-        "admission": "all",
+        "admission": "second_sighting",
+        "admission_window": 5000,
     }
     assert set(raw) == ALL_KEYS
     settings = parse_settings(raw)
