@@ -1,0 +1,170 @@
+"""Capacity calculator: S3 requests, bandwidth, storage and dollars for a fleet.
+
+    python -m s3kv.capacity --config path/to/config.json --tp 4 \\
+        --prefill-tokens-per-s 6000 --reuse 0.3 --engines 16 [--class express]
+
+Request counts follow the commit and load design exactly: every committed
+chunk costs one PUT per TP rank plus one manifest PUT; every hit chunk costs
+one manifest GET plus one GET per rank (``bench/requests_cost.py`` counts the
+same numbers against a live server). Prices are AWS us-east-1 list prices and
+can be overridden. Per-prefix load assumes S3 has split the cache prefix
+along the two hex characters s3kv puts in front of every chunk (up to 256
+partitions); a brand-new prefix starts as one partition and answers 503
+SlowDown while it scales, which the clients retry.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import cast
+
+PRICES = {
+    "standard": {"put_per_1k": 0.005, "get_per_1k": 0.0004, "storage_gb_month": 0.023,
+                 "upload_per_gb_over_512k": 0.0, "retrieval_per_gb_over_512k": 0.0},
+    "express": {"put_per_1k": 0.00113, "get_per_1k": 0.00003, "storage_gb_month": 0.11,
+                "upload_per_gb_over_512k": 0.0032, "retrieval_per_gb_over_512k": 0.0006},
+}
+PUT_LIMIT_PER_PREFIX = 3500
+GET_LIMIT_PER_PREFIX = 5500
+SPREAD_PREFIXES = 256
+DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float8_e4m3fn": 1, "fp8": 1}
+
+
+@dataclass(frozen=True)
+class Workload:
+    num_layers: int
+    num_kv_heads: int
+    head_size: int
+    dtype_bytes: int
+    tp: int
+    prefill_tokens_per_s: float  # tokens each engine prefills (computes) per second
+    reuse: float  # fraction of prompt tokens served from the cache
+    chunk_tokens: int = 256
+    ttl_days: float = 1.0
+    engines: int = 1
+    admitted: float = 1.0  # fraction of new chunks saved (admission policy)
+    storage_class: str = "standard"
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        return 2 * self.num_layers * self.num_kv_heads * self.head_size * self.dtype_bytes
+
+
+def estimate(w: Workload) -> dict[str, object]:
+    if w.storage_class not in PRICES:
+        raise ValueError(f"storage_class {w.storage_class!r}; valid: {sorted(PRICES)}")
+    p = PRICES[w.storage_class]
+    chunk_bytes = w.kv_bytes_per_token * w.chunk_tokens
+    shard_bytes = chunk_bytes / w.tp
+    # Computed tokens become new chunks; reused tokens arrive as hits.
+    hit_tokens_s = w.prefill_tokens_per_s * w.reuse / max(1e-9, 1 - w.reuse)
+    commits_s = w.prefill_tokens_per_s / w.chunk_tokens * w.admitted
+    hits_s = hit_tokens_s / w.chunk_tokens
+    per_engine = {
+        "put_per_s": commits_s * (w.tp + 1),
+        "get_per_s": hits_s * (w.tp + 1),
+        "write_mib_s": commits_s * chunk_bytes / 2**20,
+        "read_mib_s": hits_s * chunk_bytes / 2**20,
+        "chunks_committed_per_s": commits_s,
+        "chunks_hit_per_s": hits_s,
+    }
+    fleet = {k: v * w.engines for k, v in per_engine.items()}
+    stored_bytes = fleet["write_mib_s"] * 2**20 * 86400 * w.ttl_days
+    over = max(0.0, shard_bytes - 512 * 1024) / 1e9  # Express per-GB charge beyond 512 KiB
+    day = {
+        "put": fleet["put_per_s"] * 86400 / 1000 * p["put_per_1k"],
+        "get": fleet["get_per_s"] * 86400 / 1000 * p["get_per_1k"],
+        "storage": stored_bytes / 1e9 * p["storage_gb_month"] / 30,
+        "transfer": 86400 * w.tp * (commits_s * over * p["upload_per_gb_over_512k"]
+                                    + hits_s * over * p["retrieval_per_gb_over_512k"])
+        * w.engines,
+    }
+    day["total"] = sum(day.values())
+    partitions = 1 if w.storage_class == "express" else SPREAD_PREFIXES
+    return {
+        "workload": asdict(w),
+        "kv_bytes_per_token": w.kv_bytes_per_token,
+        "shard_bytes": shard_bytes,
+        "per_engine": per_engine,
+        "fleet": fleet,
+        "per_prefix": {
+            "partitions_assumed": partitions,
+            "put_per_s": fleet["put_per_s"] / partitions,
+            "get_per_s": fleet["get_per_s"] / partitions,
+            "put_limit": PUT_LIMIT_PER_PREFIX,
+            "get_limit": GET_LIMIT_PER_PREFIX,
+            "min_partitions_needed": max(
+                math.ceil(fleet["put_per_s"] / PUT_LIMIT_PER_PREFIX),
+                math.ceil(fleet["get_per_s"] / GET_LIMIT_PER_PREFIX), 1),
+        },
+        "stored_bytes": stored_bytes,
+        "dollars_per_day": day,
+    }
+
+
+def _from_config(path: Path) -> tuple[int, int, int, str]:
+    cfg = json.loads(path.read_text())
+    heads = cfg.get("num_key_value_heads") or cfg["num_attention_heads"]
+    head = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+    return cfg["num_hidden_layers"], heads, head, str(cfg.get("torch_dtype", "bfloat16"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m s3kv.capacity", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", type=Path, help="a model's config.json (HF format)")
+    ap.add_argument("--layers", type=int)
+    ap.add_argument("--kv-heads", type=int)
+    ap.add_argument("--head-size", type=int)
+    ap.add_argument("--dtype", default=None, choices=sorted(DTYPE_BYTES))
+    ap.add_argument("--tp", type=int, default=1)
+    ap.add_argument("--prefill-tokens-per-s", type=float, required=True)
+    ap.add_argument("--reuse", type=float, default=0.3, help="fraction of prompt tokens hit")
+    ap.add_argument("--chunk-tokens", type=int, default=256)
+    ap.add_argument("--ttl-days", type=float, default=1.0)
+    ap.add_argument("--engines", type=int, default=1)
+    ap.add_argument("--admitted", type=float, default=1.0,
+                    help="fraction of new chunks saved (e.g. 0.04 for second_sighting)")
+    ap.add_argument("--class", dest="storage_class", default="standard", choices=sorted(PRICES))
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args(argv)
+    if args.config:
+        layers, heads, head, dtype = _from_config(args.config)
+    else:
+        if not (args.layers and args.kv_heads and args.head_size):
+            ap.error("give --config, or all of --layers --kv-heads --head-size")
+        layers, heads, head, dtype = args.layers, args.kv_heads, args.head_size, "bfloat16"
+    dtype = args.dtype or dtype
+    if not 0 <= args.reuse < 1:
+        ap.error("--reuse must be in [0, 1)")
+    w = Workload(layers, heads, head, DTYPE_BYTES.get(dtype, 2), args.tp,
+                 args.prefill_tokens_per_s, args.reuse, args.chunk_tokens, args.ttl_days,
+                 args.engines, args.admitted, args.storage_class)
+    r = estimate(w)
+    if args.json:
+        print(json.dumps(r, indent=1))
+        return 0
+    pe, fl = cast(dict[str, float], r["per_engine"]), cast(dict[str, float], r["fleet"])
+    pp, d = cast(dict[str, float], r["per_prefix"]), cast(dict[str, float], r["dollars_per_day"])
+    shard_mib = cast(float, r["shard_bytes"]) / 2**20
+    print(f"KV {w.kv_bytes_per_token / 1024:.0f} KiB/token, shard {shard_mib:.1f} MiB "
+          f"({w.chunk_tokens} tokens / TP {w.tp})")
+    for name, vals in (("per engine", pe), (f"fleet of {w.engines}", fl)):
+        print(f"{name:>14}: PUT {vals['put_per_s']:.1f}/s  GET {vals['get_per_s']:.1f}/s  "
+              f"write {vals['write_mib_s']:.0f} MiB/s  read {vals['read_mib_s']:.0f} MiB/s")
+    print(f"    per prefix: PUT {pp['put_per_s']:.1f}/s of {PUT_LIMIT_PER_PREFIX}, GET "
+          f"{pp['get_per_s']:.1f}/s of {GET_LIMIT_PER_PREFIX} over {pp['partitions_assumed']} "
+          f"partitions (needs >= {pp['min_partitions_needed']})")
+    stored_tib = cast(float, r["stored_bytes"]) / 2**40
+    print(f"        stored: {stored_tib:.1f} TiB at {w.ttl_days} day TTL")
+    print(f"     $ per day: total {d['total']:.2f} (PUT {d['put']:.2f}, GET {d['get']:.2f}, "
+          f"storage {d['storage']:.2f}, transfer {d['transfer']:.2f})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

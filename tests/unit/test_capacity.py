@@ -1,0 +1,50 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from s3kv.capacity import Workload, estimate, main
+
+LLAMA_70B = dict(num_layers=80, num_kv_heads=8, head_size=128, dtype_bytes=2)
+
+
+def test_request_counts_follow_the_commit_and_load_design() -> None:
+    w = Workload(**LLAMA_70B, tp=4, prefill_tokens_per_s=6000, reuse=0.0)
+    r = estimate(w)
+    assert r["kv_bytes_per_token"] == 320 * 1024
+    # 6000/256 chunks per second, each TP shard PUTs + 1 manifest PUT
+    assert r["per_engine"]["put_per_s"] == pytest.approx(6000 / 256 * 5)  # type: ignore[index]
+    assert r["per_engine"]["get_per_s"] == 0  # type: ignore[index]
+    day = r["dollars_per_day"]
+    assert day["put"] == pytest.approx(6000 / 256 * 5 * 86400 / 1000 * 0.005)  # type: ignore[index]
+
+
+def test_hits_cost_one_manifest_get_plus_one_per_rank_and_fleet_scales() -> None:
+    w = Workload(**LLAMA_70B, tp=2, prefill_tokens_per_s=1000, reuse=0.5, engines=10)
+    r = estimate(w)
+    hits_s = 1000 / 256  # reuse 0.5: as many tokens hit as computed
+    assert r["per_engine"]["get_per_s"] == pytest.approx(hits_s * 3)  # type: ignore[index]
+    assert r["fleet"]["put_per_s"] == pytest.approx(10 * 1000 / 256 * 3)  # type: ignore[index]
+    assert r["per_prefix"]["partitions_assumed"] == 256  # type: ignore[index]
+
+
+def test_admission_and_storage_class() -> None:
+    base = estimate(Workload(**LLAMA_70B, tp=4, prefill_tokens_per_s=6000, reuse=0.3))
+    cut = estimate(Workload(**LLAMA_70B, tp=4, prefill_tokens_per_s=6000, reuse=0.3,
+                            admitted=0.04))
+    assert cut["stored_bytes"] == pytest.approx(base["stored_bytes"] * 0.04)  # type: ignore[operator]
+    with pytest.raises(ValueError, match="valid"):
+        estimate(Workload(**LLAMA_70B, tp=4, prefill_tokens_per_s=1, reuse=0,
+                          storage_class="glacier"))
+
+
+def test_cli_reads_a_model_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps({"num_hidden_layers": 32, "num_attention_heads": 32,
+                               "num_key_value_heads": 8, "hidden_size": 4096,
+                               "torch_dtype": "bfloat16"}))
+    assert main(["--config", str(cfg), "--prefill-tokens-per-s", "1000", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["kv_bytes_per_token"] == 128 * 1024
