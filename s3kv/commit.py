@@ -159,6 +159,8 @@ class Committer:
         self._on_event = on_event
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._broken: str | None = None
+        self._failures_unreported = 0
+        self._next_failure_report = 0.0
         self._manifest_futures: list[Future[None]] = []
         self._mf_lock = threading.Lock()
         self._progress = threading.Condition()
@@ -263,12 +265,24 @@ class Committer:
             self.counters.add("upload_failures")
             self._emit("upload_failed", chunk_id=s.chunk_id, error=str(exc))
             log.debug("shard upload failed for %s: %s", key, exc)
+            self._warn_upload_failure(exc)
             return ShardReport(s.chunk_id, s.parent_id, s.chunk_index, s.num_tokens, False,
                                error=type(exc).__name__)
         finally:
             self._release(s)
             with self._inflight_lock:
                 self._inflight -= size
+
+    def _warn_upload_failure(self, exc: Exception) -> None:
+        # S3 down or refusing: say so at once, then at most once a minute.
+        self._failures_unreported += 1
+        now = time.monotonic()
+        if now >= self._next_failure_report:
+            log.warning("s3kv: shard uploads failing (%d since the last report; last: %s: %s); "
+                        "those chunks stay uncached, serving continues",
+                        self._failures_unreported, type(exc).__name__, exc)
+            self._failures_unreported = 0
+            self._next_failure_report = now + 60.0
 
     def _release(self, s: ChunkSave) -> None:
         if s.release is not None:

@@ -120,12 +120,14 @@ class Breaker:
         with self._lock:
             return time.monotonic() >= self._open_until
 
-    def failure(self, exc: BaseException) -> None:
+    def failure(self, exc: BaseException, *, warn: bool = True) -> None:
+        """``warn=False``: the caller has already said why, more precisely."""
         with self._lock:
             self._open_until = time.monotonic() + self._cooldown
             if not self._warned:
-                log.warning("s3kv: object store unavailable (%s); serving without the cache, "
-                            "retrying in %.0fs", exc, self._cooldown)
+                if warn:
+                    log.warning("s3kv: object store unavailable (%s); serving without the "
+                                "cache, retrying in %.0fs", exc, self._cooldown)
                 self._warned = True
 
     def success(self) -> None:

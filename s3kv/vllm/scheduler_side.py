@@ -20,7 +20,7 @@ from typing import Any
 from s3kv.admission import REQUEST_FLAG, AdmissionPolicy
 from s3kv.aio import io_loop
 from s3kv.config import Settings
-from s3kv.errors import AlreadyExists, StoreError
+from s3kv.errors import AccessDenied, AlreadyExists, StoreError, Unavailable
 from s3kv.keys import Fingerprint, KeyLayout, chunk_id
 from s3kv.lookup import Breaker, LRUSet, TTLSet, find_committed_prefix
 from s3kv.manifest import Manifest
@@ -94,6 +94,16 @@ class SchedulerSide:
             self.breaker.success()
         except AlreadyExists:
             self.breaker.success()
+        except AccessDenied as exc:
+            # Wrong keys or a missing IAM permission will not heal by retrying
+            # soon: say so plainly, once, at start-up.
+            log.warning(
+                "s3kv: s3://%s refused this engine's credentials or permissions (%s); check "
+                "the AWS credential chain and the IAM policy for s3:GetObject/s3:PutObject on "
+                "'%s/*'; serving without the cache",
+                self.settings.store.bucket, exc, self.settings.store.prefix,
+            )
+            self.breaker.failure(exc, warn=False)
         except StoreError as exc:
             self.breaker.failure(exc)
 
@@ -150,7 +160,10 @@ class SchedulerSide:
         ids = self._chunk_ids(st, request.num_tokens)
         first = num_computed // self.chunk_tokens
         candidates = ids[first:]
-        if not candidates or candidates[0] in self._absent or candidates[0] in self._bad:
+        if not candidates or candidates[0] in self._bad:
+            return self._miss(st)
+        if candidates[0] in self._absent and candidates[0] not in self._planned:
+            # Recently missing. A chunk this engine saved since is asked again.
             return self._miss(st)
         if st.lookup is None:
             if not self.breaker.allow():
@@ -166,7 +179,10 @@ class SchedulerSide:
         if not st.lookup.done():
             if time.monotonic() - st.lookup_started > self.settings.load_timeout_s:
                 st.lookup.cancel()
+                st.lookup = None
                 self.counters.add("lookup_timeouts")
+                self.breaker.failure(Unavailable(
+                    f"lookup took over load_timeout_s={self.settings.load_timeout_s:g}s"))
                 return self._miss(st)
             return None, False
         try:

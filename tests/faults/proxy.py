@@ -14,9 +14,14 @@ rule that fires decides the request's fate::
     proxy.add("GET", r"manifest\\.json$", Drop(), nth=1)
     proxy.add(None, r"", Blackhole())                 # nothing ever answers
 
+A :class:`Trigger` arms rules at a moment in the traffic rather than a count
+of their own matches: ``down = proxy.trigger("GET", r"/abc.*manifest")`` then
+``proxy.add(None, "", Drop(), when=down)`` fails everything from the first
+manifest GET of chunk ``abc...`` on (that request included).
+
 Actions: :class:`Delay`, :class:`Drop`, :class:`Error` (:func:`SlowDown`,
 :func:`InternalError`), :class:`Truncate`, :class:`FlipBytes`,
-:class:`Blackhole`. The proxy counts requests (:attr:`FaultProxy.requests`)
+:class:`Blackhole`, :class:`Hold`. The proxy counts requests (:attr:`FaultProxy.requests`)
 and injected faults (:attr:`Rule.injected`, :attr:`FaultProxy.faults`).
 
 Request bodies may arrive with ``Content-Length`` or chunked; they are
@@ -115,10 +120,50 @@ class Blackhole:
     kind = "blackhole"
 
 
-Action = Delay | Drop | Error | Truncate | FlipBytes | Blackhole
+@dataclass(frozen=True, eq=False)
+class Hold:
+    """Hold the request until ``gate`` is set (or the proxy stops), then
+    forward it: a server that accepted work and answers only later."""
+
+    gate: threading.Event
+    kind = "hold"
+
+
+Action = Delay | Drop | Error | Truncate | FlipBytes | Blackhole | Hold
 
 
 # --- rules and records --------------------------------------------------------
+
+
+@dataclass
+class Trigger:
+    """Fires for good on the ``nth`` request matching ``method`` and ``path``;
+    :attr:`event` is set then (``Hold(trigger.event)`` waits for it)."""
+
+    method: str | None = None
+    path: str = ""
+    nth: int = 1
+    matched: int = 0
+    event: threading.Event = field(default_factory=threading.Event, repr=False)
+    _regex: re.Pattern[str] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._regex = re.compile(self.path)
+        if self.method is not None:
+            self.method = self.method.upper()
+
+    @property
+    def fired(self) -> bool:
+        return self.matched >= self.nth
+
+    def _see(self, method: str, target: str) -> None:
+        if self.method is not None and method != self.method:
+            return
+        path = target.split("?", 1)[0]
+        if self._regex.search(path) or (path != target and self._regex.search(target)):
+            self.matched += 1
+            if self.matched >= self.nth:
+                self.event.set()
 
 
 @dataclass
@@ -130,6 +175,7 @@ class Rule:
     times: int | None = None
     probability: float | None = None
     seed: int = 0
+    when: Trigger | None = None
     matched: int = 0
     injected: int = 0
     _regex: re.Pattern[str] = field(init=False, repr=False)
@@ -150,6 +196,8 @@ class Rule:
     def _fires(self, method: str, target: str, *, taken: bool) -> bool:
         """Called under the proxy lock for every request and every rule: each
         rule counts its matches; ``taken`` says an earlier rule already fired."""
+        if self.when is not None and not self.when.fired:
+            return False
         if not self._matches(method, target):
             return False
         self.matched += 1
@@ -261,6 +309,9 @@ class _Handler(BaseHTTPRequestHandler):
             else:
                 if isinstance(action, Delay):
                     proxy._released.wait(action.ms / 1000)
+                elif isinstance(action, Hold):
+                    while not (action.gate.wait(0.05) or proxy._released.is_set()):
+                        pass
                 try:
                     up_status, reason, headers, data = self._forward(method, target, body)
                 except OSError as exc:
@@ -365,6 +416,7 @@ class FaultProxy:
         if self.upstream.scheme != "http" or self.upstream.hostname is None:
             raise ValueError(f"upstream must be http://host:port, got {upstream_url!r}")
         self.rules: list[Rule] = []
+        self.triggers: list[Trigger] = []
         self.requests: list[Record] = []
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
@@ -420,16 +472,25 @@ class FaultProxy:
     def add(
         self, method: str | None, path: str, action: Action, *, nth: int | None = None,
         times: int | None = None, probability: float | None = None, seed: int = 0,
+        when: Trigger | None = None,
     ) -> Rule:
-        """Add a rule (checked after the ones already there) and return it."""
-        rule = Rule(action, method, path, nth, times, probability, seed)
+        """Add a rule (checked after the ones already there) and return it;
+        with ``when`` it takes part only once that trigger has fired."""
+        rule = Rule(action, method, path, nth, times, probability, seed, when)
         with self._lock:
             self.rules.append(rule)
         return rule
 
+    def trigger(self, method: str | None, path: str, *, nth: int = 1) -> Trigger:
+        trig = Trigger(method, path, nth)
+        with self._lock:
+            self.triggers.append(trig)
+        return trig
+
     def clear(self) -> None:
         with self._lock:
             self.rules.clear()
+            self.triggers.clear()
 
     # --- counting -----------------------------------------------------------
 
@@ -463,6 +524,8 @@ class FaultProxy:
     def _match(self, method: str, target: str) -> Rule | None:
         chosen = None
         with self._lock:
+            for trig in self.triggers:
+                trig._see(method, target)
             for rule in self.rules:
                 if rule._fires(method, target, taken=chosen is not None):
                     chosen = rule
@@ -489,9 +552,11 @@ __all__ = [
     "Error",
     "FaultProxy",
     "FlipBytes",
+    "Hold",
     "InternalError",
     "Record",
     "Rule",
     "SlowDown",
+    "Trigger",
     "Truncate",
 ]

@@ -152,6 +152,28 @@ def test_nth_and_times_select_which_matches_fire(
     assert fault_proxy.count("HEAD") == 4
 
 
+def test_trigger_arms_rules_from_its_request_on(
+    fault_proxy: FaultProxy, fault_bucket: str, seeded: bytes
+) -> None:
+    s3 = client_via(fault_proxy)
+    down = fault_proxy.trigger("HEAD", r"/obj$", nth=2)
+    rule = fault_proxy.add(None, r"/obj$", SlowDown(), when=down)
+    seen = []
+    for call in ("get", "head", "get", "head", "get"):
+        try:
+            if call == "get":
+                s3.get_object(Bucket=fault_bucket, Key="obj")["Body"].read()
+            else:
+                s3.head_object(Bucket=fault_bucket, Key="obj")
+            seen.append("ok")
+        except ClientError as exc:
+            seen.append(str(exc.response["ResponseMetadata"]["HTTPStatusCode"]))
+    # the second HEAD fires the trigger and is itself refused, as is all after it
+    assert seen == ["ok", "ok", "ok", "503", "503"]
+    assert down.fired and down.matched == 2 and down.event.is_set()
+    assert (rule.matched, rule.injected) == (2, 2)
+
+
 def test_method_and_path_must_both_match(
     fault_proxy: FaultProxy, fault_bucket: str, seeded: bytes
 ) -> None:

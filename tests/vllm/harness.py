@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
+import signal
 import subprocess
 import sys
 import uuid
@@ -41,30 +43,70 @@ class EngineResult:
     raw: dict[str, Any]
 
 
+class RunningEngine:
+    """An engine process started by :func:`start_engine`; :meth:`wait` reads its result."""
+
+    def __init__(self, job: dict[str, Any], env_update: dict[str, str | None] | None) -> None:
+        TMP.mkdir(exist_ok=True)
+        tag = uuid.uuid4().hex[:8]
+        self._jp, self._rp = TMP / f"job-{tag}.json", TMP / f"result-{tag}.json"
+        self._err = TMP / f"stderr-{tag}.txt"
+        self._jp.write_text(json.dumps(job))
+        env = dict(os.environ, TMPDIR=str(TMP), PYTHONPATH=str(ROOT),
+                   VLLM_ENABLE_V1_MULTIPROCESSING="0")
+        for k, v in (env_update or {}).items():
+            if v is None:
+                env.pop(k, None)
+            else:
+                env[k] = v
+        with self._err.open("wb") as err:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "s3kv.vllm.engine_run", str(self._jp), str(self._rp)],
+                cwd=TMP, env=env, stdout=subprocess.DEVNULL, stderr=err,
+                start_new_session=True,
+            )
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def kill_all(self) -> None:
+        """SIGKILL the engine and every process it started."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+
+    def wait(self, timeout: float = 600, *, expect_ok: bool = True) -> EngineResult:
+        try:
+            self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill_all()
+            self.proc.wait()
+        finally:
+            self.kill_all()  # no stray workers outlive the engine
+        stderr = self._err.read_text(errors="replace")
+        if expect_ok and self.proc.returncode != 0:
+            raise AssertionError(f"engine failed ({self.proc.returncode}):\n{stderr[-6000:]}")
+        raw = json.loads(self._rp.read_text()) if self._rp.exists() else {}
+        for p in (self._jp, self._rp, self._err):
+            p.unlink(missing_ok=True)
+        return EngineResult(raw.get("outputs", []), raw.get("counters", {}),
+                            raw.get("namespace"), stderr, self.proc.returncode, raw)
+
+
+def start_engine(job: dict[str, Any], *,
+                 env_update: dict[str, str | None] | None = None) -> RunningEngine:
+    return RunningEngine(job, env_update)
+
+
 def run_engine(job: dict[str, Any], *, expect_ok: bool = True, timeout: int = 600,
                env_update: dict[str, str | None] | None = None) -> EngineResult:
-    TMP.mkdir(exist_ok=True)
-    tag = uuid.uuid4().hex[:8]
-    jp, rp = TMP / f"job-{tag}.json", TMP / f"result-{tag}.json"
-    jp.write_text(json.dumps(job))
-    env = dict(os.environ, TMPDIR=str(TMP), PYTHONPATH=str(ROOT),
-               VLLM_ENABLE_V1_MULTIPROCESSING="0")
-    for k, v in (env_update or {}).items():
-        if v is None:
-            env.pop(k, None)
-        else:
-            env[k] = v
-    proc = subprocess.run(
-        [sys.executable, "-m", "s3kv.vllm.engine_run", str(jp), str(rp)],
-        cwd=TMP, env=env, capture_output=True, text=True, timeout=timeout,
-    )
-    if expect_ok and proc.returncode != 0:
-        raise AssertionError(f"engine failed ({proc.returncode}):\n{proc.stderr[-6000:]}")
-    raw = json.loads(rp.read_text()) if rp.exists() else {}
-    for p in (jp, rp):
-        p.unlink(missing_ok=True)
-    return EngineResult(raw.get("outputs", []), raw.get("counters", {}), raw.get("namespace"),
-                        proc.stderr, proc.returncode, raw)
+    return start_engine(job, env_update=env_update).wait(timeout, expect_ok=expect_ok)
+
+
+def distinct_prompts(seed: int, n: int, chunks: int = 2, tail: int = 50) -> list[list[int]]:
+    """``n`` prompts that share no chunk: each ``chunks`` full chunks plus a tail."""
+    rng = random.Random(seed)
+    return [[rng.randrange(3, 1000) for _ in range(chunks * CHUNK + tail)] for _ in range(n)]
 
 
 def job(model: Path, prompts: list[list[int]], connector: dict[str, Any] | None = None,
@@ -75,3 +117,53 @@ def job(model: Path, prompts: list[list[int]], connector: dict[str, Any] | None 
         j["connector"] = {"chunk_tokens": CHUNK, **connector}
     j.update(extra)
     return j
+
+
+def audit(endpoint_url: str, bucket: str, prefix: str = "s3kv") -> dict[str, str]:
+    """Every manifest in the bucket, read back and every shard it names verified:
+    chunk id -> ``"ok"`` or what is wrong with it."""
+    import asyncio
+
+    from s3kv.config import StoreSettings
+    from s3kv.errors import IntegrityError, ManifestError
+    from s3kv.keys import KeyLayout
+    from s3kv.manifest import decode_manifest
+    from s3kv.reader import read_shard
+    from s3kv.store import open_store
+
+    layout = KeyLayout(prefix)
+
+    async def main() -> dict[str, str]:
+        store = await open_store(StoreSettings(bucket=bucket, endpoint_url=endpoint_url))
+        out: dict[str, str] = {}
+        try:
+            keys = [info.key async for page in store.list(prefix + "/") for info in page]
+            for key in keys:
+                if not key.endswith("/manifest.json"):
+                    continue
+                cid = key.rsplit("/", 2)[-2]
+                try:
+                    m = decode_manifest(await store.get(key), layout=layout,
+                                        expect_chunk_id=cid)
+                    for s in m.shards:
+                        await read_shard(store, m, s.rank)
+                    out[cid] = "ok"
+                except (ManifestError, IntegrityError) as exc:
+                    out[cid] = f"{type(exc).__name__}: {exc}"
+        finally:
+            await store.close()
+        return out
+
+    return asyncio.run(main())
+
+
+def committed_prefix(prompt: list[int], committed: set[str]) -> int:
+    """How many leading chunks of ``prompt`` have a manifest."""
+    from s3kv.keys import chain_chunk_ids
+
+    n = 0
+    for cid in chain_chunk_ids(prompt, CHUNK):
+        if cid not in committed:
+            break
+        n += 1
+    return n
