@@ -16,11 +16,18 @@ echo "== lint"
 echo "== tests (moto HTTP server)"
 .venv/bin/python -m pytest -q "$@"
 
+if [ "$#" -eq 0 ]; then
+  echo "== soak (real engines, random faults through the proxy)"
+  .venv/bin/python -m tests.faults.soak --engines 4 --seed "${S3KV_SOAK_SEED:-1}" \
+    --json .tmp/soak-report.json
+fi
+
 if [ "${S3KV_SKIP_CEPH:-0}" != 1 ] && [ -x scripts/ceph_rgw.sh ]; then
   echo "== real-server tier (Ceph RGW)"
   scripts/ceph_rgw.sh start
   trap 'scripts/ceph_rgw.sh stop' EXIT
   eval "$(scripts/ceph_rgw.sh env)"
   .venv/bin/python -m pytest -q tests/store tests/cli \
-    "tests/vllm/test_connector_e2e.py::test_a_tp1_second_engine_hits_and_matches"
+    "tests/vllm/test_connector_e2e.py::test_a_tp1_second_engine_hits_and_matches" \
+    "tests/vllm/test_faults_e2e.py::test_wrong_credentials_serve_without_cache_and_never_log_the_secret"
 fi

@@ -127,6 +127,11 @@ def worker(
         gatherer=gatherer, max_inflight_bytes=64 << 20,
         on_event=lambda name, info: events.append((name, dict(info))),
     )
+    if sc.name == "absent" and rank == sc.fault_rank:
+        # Alive and connected, but never joins a gather: hold until the test
+        # has the survivor's report, then leave without reporting.
+        gate.wait(sc.timeout_s * 6 + 60)
+        os._exit(0)
     for round_id, chunks in enumerate(plan(sc.rounds)):
         saves = []
         for cid, parent, idx in chunks:

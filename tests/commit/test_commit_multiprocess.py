@@ -153,6 +153,30 @@ def test_d_rank_killed_mid_upload(s3_endpoint: S3Endpoint, bucket: str) -> None:
     assert set(found) <= set(chunks[:2])
 
 
+def test_gather_peer_that_never_arrives(s3_endpoint: S3Endpoint, bucket: str) -> None:
+    """Rank 1 is alive but never gathers: rank 0's submits return at once, its
+    gather times out, it writes no manifest and disables saving, cleanly."""
+    sc = Scenario(name="absent", timeout_s=3.0)
+    results, gate = CTX.Queue(), CTX.Event()
+    procs = run_group(s3_endpoint, bucket, 2, sc, results, gate, join=False)
+    try:
+        res = results.get(timeout=120)
+    finally:
+        gate.set()  # now the absent rank may go
+    collect(procs, results, 0, sc)
+    assert res["rank"] == 0
+    submits = [e for e in res["log"] if e[0] == "submit_returned"]
+    assert len(submits) == sc.rounds  # never waited for the peer
+    assert res["broken"] is not None and "gather" in res["broken"]
+    assert res["counters"].get("commit_gather_failures", 0) == 1
+    assert res["counters"].get("chunks_committed", 0) == 0
+    assert committed(s3_endpoint, bucket, 2) == {}
+    # rank 0's own shards were stored, named by nothing: orphans for GC
+    keys = [o["Key"] for o in s3_endpoint.client().list_objects_v2(
+        Bucket=bucket).get("Contents", [])]
+    assert sum(k.endswith("/r0") for k in keys) >= len(plan(sc.rounds)[0])
+
+
 def test_e_two_writer_groups_same_chunks(s3_endpoint: S3Endpoint, bucket: str) -> None:
     results, gate = CTX.Queue(), CTX.Event()
     sa, sb = Scenario(salt="group-a"), Scenario(salt="group-b")

@@ -472,14 +472,19 @@ class FaultProxy:
     def add(
         self, method: str | None, path: str, action: Action, *, nth: int | None = None,
         times: int | None = None, probability: float | None = None, seed: int = 0,
-        when: Trigger | None = None,
+        when: Trigger | None = None, first: bool = False,
     ) -> Rule:
-        """Add a rule (checked after the ones already there) and return it;
-        with ``when`` it takes part only once that trigger has fired."""
+        """Add a rule (checked after the ones already there, or before them
+        with ``first``) and return it; with ``when`` it takes part only once
+        that trigger has fired."""
         rule = Rule(action, method, path, nth, times, probability, seed, when)
         with self._lock:
-            self.rules.append(rule)
+            self.rules.insert(0 if first else len(self.rules), rule)
         return rule
+
+    def remove(self, rule: Rule) -> None:
+        with self._lock:
+            self.rules.remove(rule)
 
     def trigger(self, method: str | None, path: str, *, nth: int = 1) -> Trigger:
         trig = Trigger(method, path, nth)

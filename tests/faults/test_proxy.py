@@ -6,6 +6,7 @@ from __future__ import annotations
 import http.client
 import os
 import socket
+import threading
 import time
 from typing import Any
 from urllib.parse import urlsplit
@@ -24,6 +25,7 @@ from tests.faults.proxy import (
     Error,
     FaultProxy,
     FlipBytes,
+    Hold,
     InternalError,
     SlowDown,
     Truncate,
@@ -172,6 +174,24 @@ def test_trigger_arms_rules_from_its_request_on(
     assert seen == ["ok", "ok", "ok", "503", "503"]
     assert down.fired and down.matched == 2 and down.event.is_set()
     assert (rule.matched, rule.injected) == (2, 2)
+
+
+def test_hold_answers_only_once_its_gate_opens(
+    fault_proxy: FaultProxy, fault_bucket: str, seeded: bytes
+) -> None:
+    s3 = client_via(fault_proxy)
+    opened = fault_proxy.trigger("HEAD", r"/obj$")
+    fault_proxy.add("GET", r"/obj$", Hold(opened.event))
+    got: list[bytes] = []
+    reader = threading.Thread(
+        target=lambda: got.append(s3.get_object(Bucket=fault_bucket, Key="obj")["Body"].read()))
+    reader.start()
+    assert fault_proxy.wait_for_requests(1, "GET", r"/obj$")
+    held = next(r for r in fault_proxy.requests if r.method == "GET")
+    assert held.status is None and got == []  # arrived, not answered
+    s3.head_object(Bucket=fault_bucket, Key="obj")
+    reader.join(timeout=10)
+    assert got == [seeded] and held.status == 200
 
 
 def test_method_and_path_must_both_match(
