@@ -6,7 +6,6 @@ import contextlib
 import json
 import os
 import random
-import signal
 import subprocess
 import sys
 import uuid
@@ -63,7 +62,6 @@ class RunningEngine:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "s3kv.vllm.engine_run", str(self._jp), str(self._rp)],
                 cwd=TMP, env=env, stdout=subprocess.DEVNULL, stderr=err,
-                start_new_session=True,
             )
 
     @property
@@ -71,9 +69,21 @@ class RunningEngine:
         return self.proc.pid
 
     def kill_all(self) -> None:
-        """SIGKILL the engine and every process it started."""
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGKILL)
+        """SIGKILL the engine and every process it started.
+
+        Not by process group: a TP>1 engine started in a session of its own
+        was seen to miss the completions of its S3 requests (see docs/faults.md).
+        """
+        import psutil
+
+        try:
+            procs = [psutil.Process(self.proc.pid)]
+            procs += procs[0].children(recursive=True)
+        except psutil.NoSuchProcess:
+            return
+        for p in procs:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                p.kill()
 
     def wait(self, timeout: float = 600, *, expect_ok: bool = True) -> EngineResult:
         try:
@@ -81,13 +91,16 @@ class RunningEngine:
         except subprocess.TimeoutExpired:
             self.kill_all()
             self.proc.wait()
-        finally:
-            self.kill_all()  # no stray workers outlive the engine
         stderr = self._err.read_text(errors="replace")
         if expect_ok and self.proc.returncode != 0:
             raise AssertionError(f"engine failed ({self.proc.returncode}):\n{stderr[-6000:]}")
         raw = json.loads(self._rp.read_text()) if self._rp.exists() else {}
-        for p in (self._jp, self._rp, self._err):
+        # Keep every engine's log for the last test session: the first place to
+        # look when an end-to-end assertion fails.
+        logs = TMP / "engine-logs"
+        logs.mkdir(exist_ok=True)
+        self._err.replace(logs / self._err.name)
+        for p in (self._jp, self._rp):
             p.unlink(missing_ok=True)
         return EngineResult(raw.get("outputs", []), raw.get("counters", {}),
                             raw.get("namespace"), stderr, self.proc.returncode, raw)

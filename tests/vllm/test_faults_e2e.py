@@ -139,7 +139,6 @@ def test_s3_dies_in_the_middle_of_a_run(
     c = res.counters
     assert (c.get("lookup_errors", 0) + c.get("lookup_timeouts", 0)
             + c.get("lookups_skipped_store_down", 0)) >= len(a)  # the second pass over a
-    assert c.get("workers.chunks_committed", 0) == len(ids_of(a))
     committed = check_bucket(moto_endpoint, mbucket, proxy)
     assert committed == set(ids_of(a))
     warm_check(tiny_model, batches, base, committed, mbucket, moto_endpoint.url)
