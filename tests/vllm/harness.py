@@ -71,8 +71,9 @@ class RunningEngine:
     def kill_all(self) -> None:
         """SIGKILL the engine and every process it started.
 
-        Not by process group: a TP>1 engine started in a session of its own
-        was seen to miss the completions of its S3 requests (see docs/faults.md).
+        Not by process group: a TP>1 CPU engine in a session of its own is a
+        scheduling group of its own, whose spinning workers starved its I/O
+        threads on a 2-core machine (see docs/faults.md).
         """
         import psutil
 
