@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,6 +21,7 @@ def _project_tmpdir() -> None:
     tmp = ROOT / ".tmp"
     tmp.mkdir(exist_ok=True)
     os.environ.setdefault("TMPDIR", str(tmp))
+    shutil.rmtree(tmp / "engine-logs", ignore_errors=True)  # this session's logs only
 
 
 @pytest.fixture(scope="session")
