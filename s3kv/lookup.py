@@ -15,7 +15,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Sequence
 
-from s3kv.errors import ManifestError, NotFound, StoreError
+from s3kv.errors import AccessDenied, ManifestError, NotFound, StoreError
 from s3kv.keys import KeyLayout
 from s3kv.manifest import Manifest, decode_manifest
 from s3kv.store.protocol import Get
@@ -120,12 +120,18 @@ class Breaker:
         with self._lock:
             return time.monotonic() >= self._open_until
 
-    def failure(self, exc: BaseException, *, warn: bool = True) -> None:
-        """``warn=False``: the caller has already said why, more precisely."""
+    def failure(self, exc: BaseException) -> None:
         with self._lock:
             self._open_until = time.monotonic() + self._cooldown
             if not self._warned:
-                if warn:
+                if isinstance(exc, AccessDenied):
+                    # Wrong keys, an expired token or a missing IAM permission:
+                    # retrying will not help, the operator has to act.
+                    log.warning("s3kv: S3 refused this engine's credentials or permissions "
+                                "(%s); check the AWS credential chain and the IAM policy "
+                                "(s3:GetObject, s3:PutObject on the cache prefix); serving "
+                                "without the cache, retrying in %.0fs", exc, self._cooldown)
+                else:
                     log.warning("s3kv: object store unavailable (%s); serving without the "
                                 "cache, retrying in %.0fs", exc, self._cooldown)
                 self._warned = True

@@ -20,7 +20,7 @@ from typing import Any
 from s3kv.admission import REQUEST_FLAG, AdmissionPolicy
 from s3kv.aio import io_loop
 from s3kv.config import Settings
-from s3kv.errors import AccessDenied, AlreadyExists, StoreError, Unavailable
+from s3kv.errors import AlreadyExists, StoreError, Unavailable
 from s3kv.keys import Fingerprint, KeyLayout, chunk_id
 from s3kv.lookup import Breaker, LRUSet, TTLSet, find_committed_prefix
 from s3kv.manifest import Manifest
@@ -94,16 +94,6 @@ class SchedulerSide:
             self.breaker.success()
         except AlreadyExists:
             self.breaker.success()
-        except AccessDenied as exc:
-            # Wrong keys or a missing IAM permission will not heal by retrying
-            # soon: say so plainly, once, at start-up.
-            log.warning(
-                "s3kv: s3://%s refused this engine's credentials or permissions (%s); check "
-                "the AWS credential chain and the IAM policy for s3:GetObject/s3:PutObject on "
-                "'%s/*'; serving without the cache",
-                self.settings.store.bucket, exc, self.settings.store.prefix,
-            )
-            self.breaker.failure(exc, warn=False)
         except StoreError as exc:
             self.breaker.failure(exc)
 

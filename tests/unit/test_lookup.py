@@ -1,9 +1,13 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 
+import pytest
+
+from s3kv.errors import AccessDenied, Unavailable
 from s3kv.keys import KeyLayout, chain_chunk_ids
-from s3kv.lookup import TTLSet, find_committed_prefix
+from s3kv.lookup import Breaker, TTLSet, find_committed_prefix
 from s3kv.manifest import ShardEntry, new_manifest
 from s3kv.store.memory import MemoryStore
 
@@ -56,3 +60,22 @@ def test_ttl_set_expires_and_is_bounded() -> None:
     for k in "abcde":
         s2.add(k)
     assert "a" not in s2 and "b" not in s2 and "e" in s2
+
+
+def test_breaker_warns_once_per_outage_and_names_refused_credentials(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    b = Breaker(cooldown_s=60)
+    with caplog.at_level(logging.WARNING, logger="s3kv.lookup"):
+        b.failure(AccessDenied("InvalidAccessKeyId: no such key", code="InvalidAccessKeyId"))
+        b.failure(Unavailable("connection refused"))
+        assert not b.allow()
+        b.success()
+        assert b.allow()
+        b.failure(Unavailable("connection refused"))
+    msgs = [r.getMessage() for r in caplog.records]
+    assert len(msgs) == 3
+    assert "refused this engine's credentials" in msgs[0] and "IAM" in msgs[0]
+    assert "serving without the cache" in msgs[0]
+    assert "reachable again" in msgs[1]
+    assert "object store unavailable (connection refused)" in msgs[2]
