@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.faults.proxy import FaultProxy
 from tests.s3server import S3Endpoint, ensure_fake_credentials, start_moto
 
 logging.getLogger("werkzeug").setLevel(logging.ERROR)
@@ -46,3 +47,19 @@ def s3_endpoint(moto_endpoint: S3Endpoint) -> S3Endpoint:
 @pytest.fixture
 def bucket(s3_endpoint: S3Endpoint) -> str:
     return s3_endpoint.new_bucket()
+
+
+@pytest.fixture
+def fault_proxy(moto_endpoint: S3Endpoint) -> Iterator[FaultProxy]:
+    """A fresh fault proxy (no rules) in front of the session's moto server."""
+    proxy = FaultProxy(moto_endpoint.url).start()
+    try:
+        yield proxy
+    finally:
+        proxy.stop()
+
+
+@pytest.fixture
+def fault_bucket(moto_endpoint: S3Endpoint) -> str:
+    """A bucket on moto, created directly (not through the proxy)."""
+    return moto_endpoint.new_bucket("fault")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -19,22 +19,6 @@ logging.getLogger("werkzeug").setLevel(logging.ERROR)
 
 T = TypeVar("T")
 S3_BACKENDS = ("obstore", "aioboto3")
-
-
-@pytest.fixture
-def fault_proxy(moto_endpoint: S3Endpoint) -> Iterator[FaultProxy]:
-    """A fresh proxy (no rules) in front of the session's moto server."""
-    proxy = FaultProxy(moto_endpoint.url).start()
-    try:
-        yield proxy
-    finally:
-        proxy.stop()
-
-
-@pytest.fixture
-def fault_bucket(moto_endpoint: S3Endpoint) -> str:
-    """A bucket on moto, created directly (not through the proxy)."""
-    return moto_endpoint.new_bucket("fault")
 
 
 @dataclass(frozen=True)

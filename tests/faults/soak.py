@@ -39,7 +39,7 @@ from tests.faults.proxy import (
     Truncate,
 )
 from tests.s3server import ensure_fake_credentials, start_moto
-from tests.vllm.harness import TMP, audit, job, run_engine
+from tests.vllm.harness import TMP, audit, bucket_keys, job, run_engine
 
 CONNECTOR = {"connect_timeout_s": 1.0, "request_timeout_s": 3.0, "max_attempts": 2,
              "load_timeout_s": 5.0, "commit_timeout_s": 20.0}
@@ -116,8 +116,7 @@ def add_random_faults(proxy: FaultProxy, seed: int, scale: float) -> None:
 
 def damage_a_shard(s3: Any, bucket: str, rng: random.Random) -> str | None:
     """Flip one byte of a random stored shard; returns its chunk id."""
-    keys = [o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket)
-            for o in page.get("Contents", []) if re.search(r"/r\d+$", o["Key"])]
+    keys = [k for k in bucket_keys(s3, bucket) if re.search(r"/r\d+$", k)]
     if not keys:
         return None
     key = rng.choice(sorted(keys))

@@ -133,6 +133,12 @@ def job(model: Path, prompts: list[list[int]], connector: dict[str, Any] | None 
     return j
 
 
+def bucket_keys(s3: Any, bucket: str) -> list[str]:
+    """Every key in the bucket (a boto3 client, all pages)."""
+    pages = s3.get_paginator("list_objects_v2").paginate(Bucket=bucket)
+    return [o["Key"] for page in pages for o in page.get("Contents", [])]
+
+
 def audit(endpoint_url: str, bucket: str, prefix: str = "s3kv") -> dict[str, str]:
     """Every manifest in the bucket, read back and every shard it names verified:
     chunk id -> ``"ok"`` or what is wrong with it."""

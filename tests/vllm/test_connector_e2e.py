@@ -14,22 +14,15 @@ import pytest
 
 from s3kv.keys import KeyLayout
 from s3kv.manifest import decode_manifest
-from tests.vllm.harness import CHUNK, expected_hit_tokens, job, run_engine
+from tests.vllm.harness import CHUNK, bucket_keys, expected_hit_tokens, job, run_engine
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 LAYOUT = KeyLayout("s3kv")
 
 
-def keys(s3: Any, bucket: str) -> list[str]:
-    out: list[str] = []
-    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket):
-        out.extend(o["Key"] for o in page.get("Contents", []))
-    return out
-
-
 def manifests(s3: Any, bucket: str) -> dict[str, Any]:
     found = {}
-    for k in keys(s3, bucket):
+    for k in bucket_keys(s3, bucket):
         if k.endswith("/manifest.json"):
             body = s3.get_object(Bucket=bucket, Key=k)["Body"].read()
             m = decode_manifest(body, layout=LAYOUT)
@@ -76,7 +69,7 @@ def test_b_tp2_both_ranks_one_manifest(
     for m in found.values():
         assert [s.rank for s in m.shards] == [0, 1]
         assert [(s.head_start, s.head_end) for s in m.shards] == [(0, 1), (1, 2)]
-    shard_keys = [k for k in keys(s3, bucket) if k.rsplit("/", 1)[-1] in ("r0", "r1")]
+    shard_keys = [k for k in bucket_keys(s3, bucket) if k.rsplit("/", 1)[-1] in ("r0", "r1")]
     assert len(shard_keys) == 2 * len(found)  # no orphans, no duplicates
     warm = run_engine(job(tiny_model, prompts, conn, tp=2, prefix_caching=False))
     assert warm.outputs == base.outputs

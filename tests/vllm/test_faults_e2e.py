@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +36,7 @@ from tests.s3server import S3Endpoint
 from tests.vllm.harness import (
     CHUNK,
     audit,
+    bucket_keys,
     committed_prefix,
     distinct_prompts,
     expected_hit_tokens,
@@ -52,31 +52,12 @@ FAST = {"connect_timeout_s": 1.0, "request_timeout_s": 3.0, "max_attempts": 2,
         "load_timeout_s": 5.0, "commit_timeout_s": 20.0}
 
 
-@pytest.fixture
-def proxy(moto_endpoint: S3Endpoint) -> Iterator[FaultProxy]:
-    p = FaultProxy(moto_endpoint.url).start()
-    try:
-        yield p
-    finally:
-        p.stop()
-
-
-@pytest.fixture
-def mbucket(moto_endpoint: S3Endpoint) -> str:
-    return moto_endpoint.new_bucket("efault")
-
-
 def ids_of(prompts: list[list[int]]) -> list[str]:
     return [c for p in prompts for c in chain_chunk_ids(p, CHUNK)]
 
 
 def any_of(ids: list[str]) -> str:
     return "(" + "|".join(re.escape(c) for c in ids) + ")"
-
-
-def stored_keys(endpoint: S3Endpoint, bucket: str) -> list[str]:
-    pages = endpoint.client().get_paginator("list_objects_v2").paginate(Bucket=bucket)
-    return [o["Key"] for page in pages for o in page.get("Contents", [])]
 
 
 def acknowledged_manifests(proxy: FaultProxy) -> set[str]:
@@ -93,15 +74,19 @@ def expect_hits(batches: list[list[list[int]]], committed: set[str]) -> int:
                for batch in batches for p in batch)
 
 
-def check_bucket(moto_endpoint: S3Endpoint, bucket: str, proxy: FaultProxy | None) -> set[str]:
+def check_bucket(moto_endpoint: S3Endpoint, bucket: str, proxy: FaultProxy) -> set[str]:
     """Every manifest verifies, none acknowledged was lost; returns the committed set."""
     found = audit(moto_endpoint.url, bucket)
     bad = {c: v for c, v in found.items() if v != "ok"}
     assert not bad, f"half-written or corrupt chunks committed: {bad}"
-    if proxy is not None:
-        lost = acknowledged_manifests(proxy) - set(found)
-        assert not lost, f"acknowledged commits lost: {lost}"
+    lost = acknowledged_manifests(proxy) - set(found)
+    assert not lost, f"acknowledged commits lost: {lost}"
     return set(found)
+
+
+def via(proxy: FaultProxy, bucket: str, **overrides: Any) -> dict[str, Any]:
+    """Connector settings that reach the bucket through the proxy, fast timeouts."""
+    return {"bucket": bucket, "endpoint_url": proxy.url, **FAST, **overrides}
 
 
 def warm_check(tiny_model: Path, batches: list[list[list[int]]], base: list[list[int]],
@@ -119,68 +104,70 @@ def warm_check(tiny_model: Path, batches: list[list[list[int]]], base: list[list
 
 @pytest.mark.parametrize("how", ["refused", "hung"])
 def test_s3_dies_in_the_middle_of_a_run(
-    how: str, tiny_model: Path, proxy: FaultProxy, moto_endpoint: S3Endpoint, mbucket: str,
+    how: str, tiny_model: Path, fault_proxy: FaultProxy, moto_endpoint: S3Endpoint,
+    fault_bucket: str,
 ) -> None:
     a, b = distinct_prompts(10, 2), distinct_prompts(11, 2)
     batches = [a, b, a]
     base = run_engine(job(tiny_model, [], batches=batches)).outputs
     # S3 dies right after the first lookup of batch b, which waits until every
     # chunk of batch a is committed (so there is something committed to lose).
-    a_committed = proxy.trigger("PUT", r"/manifest\.json$", nth=len(ids_of(a)))
+    a_committed = fault_proxy.trigger("PUT", r"/manifest\.json$", nth=len(ids_of(a)))
     b_first = re.escape(ids_of(b)[0])
-    proxy.add(None, b_first, Hold(a_committed.event), times=1)
-    down = proxy.trigger(None, b_first)
-    proxy.add(None, "", Drop(reset=True) if how == "refused" else Blackhole(), when=down)
-    conn = {"bucket": mbucket, "endpoint_url": proxy.url, **FAST}
+    fault_proxy.add(None, b_first, Hold(a_committed.event), times=1)
+    down = fault_proxy.trigger(None, b_first)
+    fault_proxy.add(None, "", Drop(reset=True) if how == "refused" else Blackhole(), when=down)
+    conn = via(fault_proxy, fault_bucket)
     res = run_engine(job(tiny_model, [], conn, batches=batches, prefix_caching=False))
     assert res.outputs == base
-    assert down.fired and proxy.faults > 1
+    assert down.fired and fault_proxy.faults > 1
     assert "serving without the cache" in res.stderr
     c = res.counters
     assert (c.get("lookup_errors", 0) + c.get("lookup_timeouts", 0)
             + c.get("lookups_skipped_store_down", 0)) >= len(a)  # the second pass over a
-    committed = check_bucket(moto_endpoint, mbucket, proxy)
+    committed = check_bucket(moto_endpoint, fault_bucket, fault_proxy)
     assert committed == set(ids_of(a))
-    warm_check(tiny_model, batches, base, committed, mbucket, moto_endpoint.url)
+    warm_check(tiny_model, batches, base, committed, fault_bucket, moto_endpoint.url)
 
 
 def test_slowdown_storm(
     tiny_model: Path, prompts: list[list[int]], baseline_tp1: list[list[int]],
-    proxy: FaultProxy, moto_endpoint: S3Endpoint, mbucket: str,
+    fault_proxy: FaultProxy, moto_endpoint: S3Endpoint, fault_bucket: str,
 ) -> None:
-    storm = proxy.add(None, "", SlowDown(), probability=0.5, seed=7)
-    conn = {"bucket": mbucket, "endpoint_url": proxy.url, **FAST, "max_attempts": 3}
+    storm = fault_proxy.add(None, "", SlowDown(), probability=0.5, seed=7)
+    conn = via(fault_proxy, fault_bucket, max_attempts=3)
     cold = run_engine(job(tiny_model, prompts, conn))
     assert cold.outputs == baseline_tp1
-    committed = check_bucket(moto_endpoint, mbucket, proxy)
+    committed = check_bucket(moto_endpoint, fault_bucket, fault_proxy)
     warm = run_engine(job(tiny_model, prompts, conn, prefix_caching=False))
     assert warm.outputs == baseline_tp1
     assert storm.injected >= 5
     # Under the storm a lookup may give up early (a miss), never hit beyond the commits.
     assert warm.counters.get("hit_tokens", 0) <= expect_hits([prompts], committed)
-    assert check_bucket(moto_endpoint, mbucket, proxy) >= committed
+    assert check_bucket(moto_endpoint, fault_bucket, fault_proxy) >= committed
 
 
 # --- one rank's uploads --------------------------------------------------------------
 
 
 def test_tp2_rank_uploads_fail_after_retries(
-    tiny_model: Path, prompts: list[list[int]], proxy: FaultProxy,
-    moto_endpoint: S3Endpoint, mbucket: str,
+    tiny_model: Path, prompts: list[list[int]], fault_proxy: FaultProxy,
+    moto_endpoint: S3Endpoint, fault_bucket: str,
 ) -> None:
     base = run_engine(job(tiny_model, prompts, tp=2)).outputs
-    failing = proxy.add("PUT", r"/r1$", InternalError())
-    conn = {"bucket": mbucket, "endpoint_url": proxy.url, **FAST}
+    failing = fault_proxy.add("PUT", r"/r1$", InternalError())
+    conn = via(fault_proxy, fault_bucket)
     res = run_engine(job(tiny_model, prompts, conn, tp=2))
     assert res.outputs == base
     unique = set(ids_of(prompts))
     assert failing.injected >= len(unique)  # every chunk, after its retries
     assert res.counters["workers.upload_failures"] >= len(unique)
     assert res.counters.get("workers.chunks_committed", 0) == 0
-    assert check_bucket(moto_endpoint, mbucket, proxy) == set()
+    assert check_bucket(moto_endpoint, fault_bucket, fault_proxy) == set()
     # rank 0's shards are stored but never named: orphans for GC, never read
-    assert sum(k.endswith("/r0") for k in stored_keys(moto_endpoint, mbucket)) == len(unique)
-    warm_check(tiny_model, [prompts], base, set(), mbucket, moto_endpoint.url, tp=2)
+    stored = bucket_keys(moto_endpoint.client(), fault_bucket)
+    assert sum(k.endswith("/r0") for k in stored) == len(unique)
+    warm_check(tiny_model, [prompts], base, set(), fault_bucket, moto_endpoint.url, tp=2)
 
 
 def _worker_process(engine_pid: int, tp_rank: int) -> psutil.Process:
@@ -194,30 +181,30 @@ def _worker_process(engine_pid: int, tp_rank: int) -> psutil.Process:
 
 
 def test_tp2_rank_dies_mid_upload(
-    tiny_model: Path, proxy: FaultProxy, moto_endpoint: S3Endpoint, mbucket: str,
+    tiny_model: Path, fault_proxy: FaultProxy, moto_endpoint: S3Endpoint, fault_bucket: str,
 ) -> None:
     a, b = distinct_prompts(20, 1), distinct_prompts(21, 1)
     batches = [a, b]
     base = run_engine(job(tiny_model, [], batches=batches, tp=2)).outputs
     b_r1 = rf"/{any_of(ids_of(b))}/[^/]+/r1$"
     b_r0 = rf"/{any_of(ids_of(b))}/[^/]+/r0$"
-    proxy.add("PUT", b_r1, Blackhole())  # rank 1's uploads of b never finish...
-    conn = {"bucket": mbucket, "endpoint_url": proxy.url, **FAST, "request_timeout_s": 60.0}
+    fault_proxy.add("PUT", b_r1, Blackhole())  # rank 1's uploads of b never finish...
+    conn = via(fault_proxy, fault_bucket, request_timeout_s=60.0)
     eng = start_engine(job(tiny_model, [], conn, batches=batches, tp=2))
     try:
-        assert proxy.wait_for_requests(1, "PUT", b_r1, timeout=300), "rank 1 never uploaded b"
-        assert proxy.wait_for_requests(len(ids_of(b)), "PUT", b_r0, timeout=60)
-        assert proxy.wait_for_requests(len(ids_of(a)), "PUT", r"/manifest\.json$", timeout=60)
+        assert fault_proxy.wait_for_requests(1, "PUT", b_r1, timeout=300), "rank 1 never uploaded b"
+        assert fault_proxy.wait_for_requests(len(ids_of(b)), "PUT", b_r0, timeout=60)
+        assert fault_proxy.wait_for_requests(len(ids_of(a)), "PUT", r"/manifest\.json$", timeout=60)
         _worker_process(eng.pid, 1).kill()  # ...because rank 1 dies while they are in flight
         res = eng.wait(timeout=240, expect_ok=False)
     finally:
         eng.kill_all()
     assert res.returncode != 0 or res.outputs == base  # the engine may or may not survive it
-    committed = check_bucket(moto_endpoint, mbucket, proxy)
+    committed = check_bucket(moto_endpoint, fault_bucket, fault_proxy)
     assert committed == set(ids_of(a))  # nothing of b: rank 1's shards never landed
-    stored = stored_keys(moto_endpoint, mbucket)
+    stored = bucket_keys(moto_endpoint.client(), fault_bucket)
     assert all(any(k.endswith("/r0") and f"/{c}/" in k for k in stored) for c in ids_of(b))
-    warm_check(tiny_model, batches, base, committed, mbucket, moto_endpoint.url, tp=2)
+    warm_check(tiny_model, batches, base, committed, fault_bucket, moto_endpoint.url, tp=2)
 
 
 # --- writers racing -------------------------------------------------------------------
@@ -225,62 +212,60 @@ def test_tp2_rank_dies_mid_upload(
 
 def test_two_engines_write_the_same_prefix_at_once(
     tiny_model: Path, prompts: list[list[int]], baseline_tp1: list[list[int]],
-    proxy: FaultProxy, moto_endpoint: S3Endpoint, mbucket: str,
+    fault_proxy: FaultProxy, moto_endpoint: S3Endpoint, fault_bucket: str,
 ) -> None:
     unique = len(set(ids_of(prompts)))
     # No manifest lands until both engines have uploaded every chunk: both
     # miss, both save, and the two commits of every chunk truly race.
-    both = proxy.trigger("PUT", r"/r0$", nth=2 * unique)
-    proxy.add("PUT", r"/manifest\.json$", Hold(both.event))
-    conn = {"bucket": mbucket, "endpoint_url": proxy.url, **FAST, "request_timeout_s": 120.0,
-            "commit_timeout_s": 120.0}
+    both = fault_proxy.trigger("PUT", r"/r0$", nth=2 * unique)
+    fault_proxy.add("PUT", r"/manifest\.json$", Hold(both.event))
+    conn = via(fault_proxy, fault_bucket, request_timeout_s=120.0, commit_timeout_s=120.0)
     engines = [start_engine(job(tiny_model, prompts, conn)) for _ in range(2)]
     results = [e.wait() for e in engines]
     assert [r.outputs for r in results] == [baseline_tp1, baseline_tp1]
     won = sum(r.counters.get("workers.chunks_committed", 0) for r in results)
     lost = sum(r.counters.get("workers.chunks_already_committed", 0) for r in results)
     assert (won, lost) == (unique, unique)
-    committed = check_bucket(moto_endpoint, mbucket, proxy)
+    committed = check_bucket(moto_endpoint, fault_bucket, fault_proxy)
     assert committed == set(ids_of(prompts))
-    warm_check(tiny_model, [prompts], baseline_tp1, committed, mbucket, moto_endpoint.url)
+    warm_check(tiny_model, [prompts], baseline_tp1, committed, fault_bucket, moto_endpoint.url)
 
 
 # --- the upload queue ---------------------------------------------------------------------
 
 
 def test_upload_queue_full_drops_saves_and_serves(
-    tiny_model: Path, proxy: FaultProxy, moto_endpoint: S3Endpoint, mbucket: str,
+    tiny_model: Path, fault_proxy: FaultProxy, moto_endpoint: S3Endpoint, fault_bucket: str,
 ) -> None:
     d = distinct_prompts(30, 4)  # each: two chunks of 0.5 MiB on the tiny model
     batches = [[p] for p in d]
     base = run_engine(job(tiny_model, [], batches=batches)).outputs
     # The server accepts d0's shards but answers only once batch d3 begins;
     # meanwhile the 2 MiB upload budget is full and d1, d2 must be dropped.
-    d3_lookup = proxy.trigger(None, re.escape(ids_of([d[3]])[0]))
-    proxy.add("PUT", rf"/{any_of(ids_of([d[0]]))}/[^/]+/r0$", Hold(d3_lookup.event))
-    conn = {"bucket": mbucket, "endpoint_url": proxy.url, **FAST, "request_timeout_s": 120.0,
-            "max_inflight_mib": 2}
+    d3_lookup = fault_proxy.trigger(None, re.escape(ids_of([d[3]])[0]))
+    fault_proxy.add("PUT", rf"/{any_of(ids_of([d[0]]))}/[^/]+/r0$", Hold(d3_lookup.event))
+    conn = via(fault_proxy, fault_bucket, request_timeout_s=120.0, max_inflight_mib=2)
     res = run_engine(job(tiny_model, [], conn, batches=batches, prefix_caching=False))
     assert res.outputs == base
     assert res.counters["workers.saves_dropped"] >= 4
-    committed = check_bucket(moto_endpoint, mbucket, proxy)
+    committed = check_bucket(moto_endpoint, fault_bucket, fault_proxy)
     assert set(ids_of([d[0]])) <= committed
     assert not committed & set(ids_of([d[1], d[2]]))
-    warm_check(tiny_model, batches, base, committed, mbucket, moto_endpoint.url)
+    warm_check(tiny_model, batches, base, committed, fault_bucket, moto_endpoint.url)
 
 
 # --- bytes and manifests that lie --------------------------------------------------------
 
 
 def test_shard_bytes_damaged_in_transit_recompute(
-    tiny_model: Path, proxy: FaultProxy, moto_endpoint: S3Endpoint, mbucket: str,
+    tiny_model: Path, fault_proxy: FaultProxy, moto_endpoint: S3Endpoint, fault_bucket: str,
 ) -> None:
     d = distinct_prompts(40, 3)
     base = run_engine(job(tiny_model, d)).outputs
-    run_engine(job(tiny_model, d, {"bucket": mbucket, "endpoint_url": moto_endpoint.url}))
-    flip = proxy.add("GET", rf"/{re.escape(ids_of([d[0]])[0])}/[^/]+/r0$", FlipBytes())
-    cut = proxy.add("GET", rf"/{re.escape(ids_of([d[1]])[0])}/[^/]+/r0$", Truncate())
-    conn = {"bucket": mbucket, "endpoint_url": proxy.url, **FAST, "max_attempts": 1}
+    run_engine(job(tiny_model, d, {"bucket": fault_bucket, "endpoint_url": moto_endpoint.url}))
+    flip = fault_proxy.add("GET", rf"/{re.escape(ids_of([d[0]])[0])}/[^/]+/r0$", FlipBytes())
+    cut = fault_proxy.add("GET", rf"/{re.escape(ids_of([d[1]])[0])}/[^/]+/r0$", Truncate())
+    conn = via(fault_proxy, fault_bucket, max_attempts=1)
     warm = run_engine(job(tiny_model, d, conn, prefix_caching=False))
     assert warm.outputs == base
     assert flip.injected >= 1 and cut.injected >= 1
@@ -323,29 +308,30 @@ TAMPERINGS = ("truncated", "oversized", "not_json", "other_namespace", "other_ch
 
 
 def test_tampered_manifests_are_misses(
-    tiny_model: Path, proxy: FaultProxy, moto_endpoint: S3Endpoint, mbucket: str,
+    tiny_model: Path, fault_proxy: FaultProxy, moto_endpoint: S3Endpoint, fault_bucket: str,
 ) -> None:
     d = distinct_prompts(50, len(TAMPERINGS) + 1)
     base = run_engine(job(tiny_model, d)).outputs
-    cold = run_engine(job(tiny_model, d, {"bucket": mbucket, "endpoint_url": moto_endpoint.url}))
+    direct = {"bucket": fault_bucket, "endpoint_url": moto_endpoint.url}
+    cold = run_engine(job(tiny_model, d, direct))
     ns = cold.namespace
     assert ns is not None
     s3 = moto_endpoint.client()
     for kind, p in zip(TAMPERINGS, d, strict=False):
         first, second = chain_chunk_ids(p, CHUNK)[:2]
         key = LAYOUT.manifest(ns, first)
-        body = s3.get_object(Bucket=mbucket, Key=key)["Body"].read()
-        s3.put_object(Bucket=mbucket, Key=key,
-                      Body=_tamper(kind, body, second, s3, mbucket))
-    conn = {"bucket": mbucket, "endpoint_url": proxy.url, **FAST}
+        body = s3.get_object(Bucket=fault_bucket, Key=key)["Body"].read()
+        s3.put_object(Bucket=fault_bucket, Key=key,
+                      Body=_tamper(kind, body, second, s3, fault_bucket))
+    conn = via(fault_proxy, fault_bucket)
     warm = run_engine(job(tiny_model, d, conn, prefix_caching=False))
     assert warm.outputs == base
     # only the untouched last prompt hits; every tampered one is a plain miss
     assert warm.counters.get("hit_tokens", 0) == expected_hit_tokens(len(d[-1]))
     assert warm.counters.get("workers.load_failures", 0) == 0
     assert warm.stderr.count("ignoring invalid manifest") >= len(TAMPERINGS)
-    outside = [r.target for r in proxy.requests
-               if r.method == "GET" and not r.target.startswith(f"/{mbucket}/s3kv/")]
+    outside = [r.target for r in fault_proxy.requests
+               if r.method == "GET" and not r.target.startswith(f"/{fault_bucket}/s3kv/")]
     assert outside == [], "a reader fetched a key outside its prefix"
 
 
