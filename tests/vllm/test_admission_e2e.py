@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 
 from s3kv.keys import chain_chunk_ids
-from tests.vllm.harness import CHUNK, job, run_engine
-from tests.vllm.test_connector_e2e import keys, manifests
+from tests.vllm.harness import CHUNK, bucket_keys, job, run_engine
+from tests.vllm.test_connector_e2e import manifests
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
@@ -40,7 +40,7 @@ def test_policy_tp2(
     for m in found.values():
         assert [s.rank for s in m.shards] == [0, 1]
     named = {s.key for m in found.values() for s in m.shards}
-    shard_keys = {k for k in keys(s3, bucket) if k.rsplit("/", 1)[-1] in ("r0", "r1")}
+    shard_keys = {k for k in bucket_keys(s3, bucket) if k.rsplit("/", 1)[-1] in ("r0", "r1")}
     assert shard_keys == named  # no orphan shards from admission decisions
 
 
@@ -49,4 +49,4 @@ def test_requested_policy_saves_nothing_unasked(
 ) -> None:
     run_engine(job(tiny_model, prompts, {**conn, "admission": "requested"}))
     assert manifests(s3, bucket) == {}
-    assert [k for k in keys(s3, bucket) if not k.endswith("namespace.json")] == []
+    assert [k for k in bucket_keys(s3, bucket) if not k.endswith("namespace.json")] == []
