@@ -100,8 +100,9 @@ def run_pool(args: argparse.Namespace, pool: int) -> dict[str, dict[str, float]]
     for seed in range(args.seeds):
         reqs = workload(args.requests, args.shared, pool, seed)
         per_seed.append({m: simulate(m, reqs, args.chunk, args.tp) for m in MODES})
-    avg = {m: {k: sum(s[m][k] for s in per_seed) / len(per_seed) for k in per_seed[0][m]}
-           for m in MODES}
+    avg: dict[str, dict[str, float]] = {
+        m: {k: sum(s[m][k] for s in per_seed) / len(per_seed) for k in per_seed[0][m]}
+        for m in MODES}
     base = avg["all"]
     for m in MODES:
         avg[m]["puts_vs_all"] = avg[m]["puts_per_1k"] / base["puts_per_1k"]

@@ -40,10 +40,8 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import RESULTS, MotoProcess, free_port, machine_info
-
+from bench.common import RESULTS, MotoProcess, free_port, machine_info
 from s3kv.config import DEFAULT_CHUNK_TOKENS
 from s3kv.keys import KeyLayout
 from s3kv.manifest import ShardEntry, new_manifest

@@ -50,9 +50,8 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import RESULTS, MotoProcess, free_port, machine_info, median, percentile
+from bench.common import RESULTS, MotoProcess, free_port, machine_info, median, percentile
 
 STRATEGIES = ("s3kv", "barrier", "tcpstore")
 PACKAGES = ("torch", "obstore", "moto")

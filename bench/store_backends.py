@@ -31,7 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import boto3
 from botocore.exceptions import ClientError
-from common import (
+
+from bench.common import (
     RESULTS,
     MotoProcess,
     format_size,
@@ -39,7 +40,6 @@ from common import (
     median,
     parse_size,
 )
-
 from s3kv.config import Backend as BackendName
 from s3kv.config import StoreSettings
 from s3kv.store import ObjectStore, open_store

@@ -45,11 +45,10 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import boto3
-from common import RESULTS, MotoProcess, format_size, machine_info, median, parse_size
 
+from bench.common import RESULTS, MotoProcess, format_size, machine_info, median, parse_size
 from s3kv.aio import LoopThread
 from s3kv.commit import ChunkSave, Committer, LocalGatherer
 from s3kv.config import StoreSettings

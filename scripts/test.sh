@@ -11,7 +11,7 @@ mkdir -p "$TMPDIR"
 
 echo "== lint"
 .venv/bin/ruff check s3kv tests bench
-.venv/bin/mypy s3kv
+.venv/bin/mypy --explicit-package-bases s3kv tests bench
 
 echo "== tests (moto HTTP server)"
 .venv/bin/python -m pytest -q "$@"

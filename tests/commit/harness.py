@@ -30,12 +30,15 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def plan(rounds: int = 3, per_round: int = 2, chunk_tokens: int = 16) -> list[list[tuple]]:
+Step = tuple[str, str | None, int]  # (chunk_id, parent_id, index)
+
+
+def plan(rounds: int = 3, per_round: int = 2, chunk_tokens: int = 16) -> list[list[Step]]:
     """Rounds of (chunk_id, parent_id, index) over one token sequence."""
     from s3kv.keys import chain_chunk_ids
 
     ids = chain_chunk_ids(list(range(rounds * per_round * chunk_tokens)), chunk_tokens)
-    out: list[list[tuple]] = []
+    out: list[list[Step]] = []
     for r in range(rounds):
         out.append([
             (ids[i], ids[i - 1] if i else None, i)
@@ -64,7 +67,8 @@ class Scenario:
 class FaultyStore:
     """Delegates to a real store; injects the scenario's fault on one rank."""
 
-    def __init__(self, inner: Any, rank: int, sc: Scenario, gate: Any, log: list) -> None:
+    def __init__(self, inner: Any, rank: int, sc: Scenario, gate: Any,
+                 log: list[tuple[Any, ...]]) -> None:
         self._inner = inner
         self._rank = rank
         self._sc = sc
@@ -118,10 +122,10 @@ def worker(
     gatherer = GlooGatherer(list(range(world)), sc.timeout_s)
     io = LoopThread()
     inner = io.run(open_store(StoreSettings(bucket=bucket, endpoint_url=endpoint)))
-    log: list[tuple] = []
+    log: list[tuple[Any, ...]] = []
     store = FaultyStore(inner, rank, sc, gate if sc.name == "slow" else None, log)
     writer = gatherer.broadcast(uuid.uuid4().hex[:16] if rank == 0 else None)
-    events: list[tuple[str, dict]] = []
+    events: list[tuple[str, dict[str, Any]]] = []
     committer = Committer(
         io=io, store=store, layout=KeyLayout(PREFIX), namespace=NAMESPACE, writer_id=writer,
         gatherer=gatherer, max_inflight_bytes=64 << 20,

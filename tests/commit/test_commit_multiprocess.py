@@ -45,7 +45,7 @@ def run_group(endpoint: S3Endpoint, bucket: str, world: int, sc: Scenario,
     return collect(procs, results, world, sc)
 
 
-def collect(procs: list[Any], results: Any, expected: int, sc: Scenario) -> list[dict]:
+def collect(procs: list[Any], results: Any, expected: int, sc: Scenario) -> list[dict[str, Any]]:
     out = []
     deadline = sc.timeout_s * 6 + 60
     for _ in range(expected):

@@ -83,7 +83,7 @@ def plan_batches(rng: random.Random, engines: int, batches: int, per_batch: int
     for _ in range(engines):
         eng = []
         for _ in range(batches):
-            batch = []
+            batch: list[list[int]] = []
             while len(batch) < per_batch:
                 if seen and rng.random() < 0.3:
                     p = rng.choice(seen)

@@ -2,12 +2,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from s3kv.capacity import Workload, estimate, main
 
-LLAMA_70B = dict(num_layers=80, num_kv_heads=8, head_size=128, dtype_bytes=2)
+LLAMA_70B: dict[str, Any] = dict(num_layers=80, num_kv_heads=8, head_size=128, dtype_bytes=2)
 
 
 def test_request_counts_follow_the_commit_and_load_design() -> None:

@@ -163,6 +163,7 @@ def test_namespace_document_describes_fingerprint(
     tiny_model: Path, prompts: list[list[int]], conn: dict[str, Any], s3: Any, bucket: str,
 ) -> None:
     res = run_engine(job(tiny_model, prompts[:1], conn))
+    assert res.namespace is not None
     doc = json.loads(s3.get_object(Bucket=bucket,
                                    Key=LAYOUT.namespace_doc(res.namespace))["Body"].read())
     fp = doc["fingerprint"]

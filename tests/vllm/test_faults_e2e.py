@@ -291,8 +291,9 @@ def _tamper(kind: str, body: bytes, other_cid: str, s3: Any, bucket: str) -> byt
         return json.dumps(doc).encode()
     if kind == "other_chunk":
         # a well-formed, verifiable manifest, but of another chunk
-        return s3.get_object(Bucket=bucket, Key=LAYOUT.manifest(doc["namespace"], other_cid))[
-            "Body"].read()
+        theirs: bytes = s3.get_object(
+            Bucket=bucket, Key=LAYOUT.manifest(doc["namespace"], other_cid))["Body"].read()
+        return theirs
     if kind == "key_outside_prefix":
         for s in doc["shards"]:
             outside = "elsewhere/" + s["key"]

@@ -33,7 +33,7 @@ def test_stats_aggregate_across_ranks_and_reduce() -> None:
     merged = a.aggregate(b)
     assert merged.reduce() == {"bytes_loaded": 15.0, "load_failures": 1.0, "loaded_chunks": 2.0}
     assert not merged.is_empty()
-    merged.reset()
+    merged.reset()  # type: ignore[no-untyped-call]
     assert merged.is_empty()
 
 
@@ -42,7 +42,7 @@ def test_prometheus_counters_follow_observations() -> None:
 
     class C(Counter):
         def __init__(self, *args, **kwargs):  # type: ignore[no-untyped-def]
-            super().__init__(*args, registry=registry, **kwargs)
+            super().__init__(*args, registry=registry, **kwargs)  # type: ignore[misc]
 
     prom = S3KVConnector.build_prom_metrics(
         vllm_config=SimpleNamespace(kv_transfer_config=None),
