@@ -43,17 +43,16 @@ from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, TypeVar
 
-from s3kv.catalog import (
-    Catalog,
+from s3kv.catalog import Catalog, bounded_map
+from s3kv.errors import AccessDenied, ManifestError, NoSuchBucket, NotFound, StoreError
+from s3kv.inventory import (
     ChunkRecord,
     ShardObject,
-    bounded_map,
     chunk_record,
     named_keys,
     subtree_newest,
     timestamp,
 )
-from s3kv.errors import AccessDenied, ManifestError, NoSuchBucket, NotFound, StoreError
 from s3kv.keys import KeyLayout
 from s3kv.manifest import decode_manifest
 from s3kv.store.protocol import Delete, Get, List, MultipartAdmin

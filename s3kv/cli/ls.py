@@ -14,13 +14,7 @@ from typing import Annotated, Any
 
 import typer
 
-from s3kv.catalog import (
-    CachedPrefix,
-    Catalog,
-    ChunkRecord,
-    NamespaceUsage,
-    build_prefixes,
-)
+from s3kv.catalog import Catalog
 from s3kv.cli.common import (
     BackendOpt,
     BucketOpt,
@@ -45,6 +39,7 @@ from s3kv.cli.common import (
     run,
     sort_rows,
 )
+from s3kv.inventory import CachedPrefix, ChunkRecord, NamespaceUsage, build_prefixes
 
 
 class SortKey(str, enum.Enum):

@@ -13,8 +13,9 @@ from typing import Any
 
 import pytest
 
-from s3kv.catalog import Catalog, ChunkObjects
+from s3kv.catalog import Catalog
 from s3kv.errors import Unavailable
+from s3kv.inventory import ChunkObjects
 from s3kv.keys import KeyLayout
 from s3kv.store.memory import MemoryStore
 from s3kv.store.protocol import ObjectInfo

@@ -28,9 +28,10 @@ import boto3
 import pytest
 from typer.testing import CliRunner
 
-from s3kv.catalog import Catalog, ChunkRecord, build_prefixes
+from s3kv.catalog import Catalog
 from s3kv.cli.app import app
 from s3kv.config import parse_settings
+from s3kv.inventory import ChunkRecord, build_prefixes
 from s3kv.keys import KeyLayout, chain_chunk_ids
 from s3kv.manifest import ShardEntry, new_manifest
 from s3kv.shard import compute_checksums
