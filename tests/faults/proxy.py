@@ -17,7 +17,11 @@ rule that fires decides the request's fate::
 A :class:`Trigger` arms rules at a moment in the traffic rather than a count
 of their own matches: ``down = proxy.trigger("GET", r"/abc.*manifest")`` then
 ``proxy.add(None, "", Drop(), when=down)`` fails everything from the first
-manifest GET of chunk ``abc...`` on (that request included).
+manifest GET of chunk ``abc...`` on (that request included). A trigger made
+with ``answered=True`` counts only requests the server answered with a 2xx
+that the proxy passes on unharmed, and fires before the client sees that
+answer: "once the 4th manifest PUT is acknowledged" rather than "once it
+arrives" (a held, refused or damaged request never counts).
 
 Actions: :class:`Delay`, :class:`Drop`, :class:`Error` (:func:`SlowDown`,
 :func:`InternalError`), :class:`Truncate`, :class:`FlipBytes`,
@@ -138,11 +142,14 @@ Action = Delay | Drop | Error | Truncate | FlipBytes | Blackhole | Hold
 @dataclass
 class Trigger:
     """Fires for good on the ``nth`` request matching ``method`` and ``path``;
-    :attr:`event` is set then (``Hold(trigger.event)`` waits for it)."""
+    :attr:`event` is set then (``Hold(trigger.event)`` waits for it). With
+    ``answered`` it counts a request only once the server answered it with a
+    2xx that is passed on unharmed."""
 
     method: str | None = None
     path: str = ""
     nth: int = 1
+    answered: bool = False
     matched: int = 0
     event: threading.Event = field(default_factory=threading.Event, repr=False)
     _regex: re.Pattern[str] = field(init=False, repr=False)
@@ -334,6 +341,8 @@ class _Handler(BaseHTTPRequestHandler):
                                head=method == "HEAD")
                 else:
                     record.status = up_status
+                    if 200 <= up_status < 300:  # before the client can see the answer
+                        proxy._answered(method, unquote(target))
                     self._send(up_status, reason, headers, data, head=method == "HEAD")
         except OSError:  # the client went away first
             self.close_connection = True
@@ -486,8 +495,9 @@ class FaultProxy:
         with self._lock:
             self.rules.remove(rule)
 
-    def trigger(self, method: str | None, path: str, *, nth: int = 1) -> Trigger:
-        trig = Trigger(method, path, nth)
+    def trigger(self, method: str | None, path: str, *, nth: int = 1,
+                answered: bool = False) -> Trigger:
+        trig = Trigger(method, path, nth, answered)
         with self._lock:
             self.triggers.append(trig)
         return trig
@@ -530,11 +540,18 @@ class FaultProxy:
         chosen = None
         with self._lock:
             for trig in self.triggers:
-                trig._see(method, target)
+                if not trig.answered:
+                    trig._see(method, target)
             for rule in self.rules:
                 if rule._fires(method, target, taken=chosen is not None):
                     chosen = rule
         return chosen
+
+    def _answered(self, method: str, target: str) -> None:
+        with self._lock:
+            for trig in self.triggers:
+                if trig.answered:
+                    trig._see(method, target)
 
     def _record(self, record: Record) -> None:
         with self._changed:

@@ -176,6 +176,26 @@ def test_trigger_arms_rules_from_its_request_on(
     assert (rule.matched, rule.injected) == (2, 2)
 
 
+def test_answered_trigger_counts_only_acknowledged_requests(
+    fault_proxy: FaultProxy, fault_bucket: str, seeded: bytes
+) -> None:
+    s3 = client_via(fault_proxy)
+    acked = fault_proxy.trigger("PUT", r"/new$", nth=2, answered=True)
+    arrived = fault_proxy.trigger("PUT", r"/new$", nth=2)
+    fault_proxy.add("PUT", r"/new$", InternalError(), nth=1)  # the first PUT is refused
+    with pytest.raises(ClientError):
+        s3.put_object(Bucket=fault_bucket, Key="new", Body=b"1")
+    s3.put_object(Bucket=fault_bucket, Key="new", Body=b"2")
+    # two PUTs arrived, one was acknowledged
+    assert arrived.fired and (acked.matched, acked.fired) == (1, False)
+    after = fault_proxy.add(None, r"/new$", SlowDown(), when=acked)
+    s3.put_object(Bucket=fault_bucket, Key="new", Body=b"3")  # the second acknowledged PUT
+    assert acked.fired and acked.event.is_set() and after.injected == 0
+    with pytest.raises(ClientError):
+        s3.get_object(Bucket=fault_bucket, Key="new")
+    assert after.injected == 1
+
+
 def test_hold_answers_only_once_its_gate_opens(
     fault_proxy: FaultProxy, fault_bucket: str, seeded: bytes
 ) -> None:

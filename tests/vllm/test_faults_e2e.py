@@ -23,6 +23,7 @@ from s3kv.keys import KeyLayout, chain_chunk_ids
 from s3kv.manifest import MAX_MANIFEST_BYTES
 from tests.faults.proxy import (
     Blackhole,
+    Delay,
     Drop,
     Error,
     FaultProxy,
@@ -110,17 +111,20 @@ def test_s3_dies_in_the_middle_of_a_run(
     a, b = distinct_prompts(10, 2), distinct_prompts(11, 2)
     batches = [a, b, a]
     base = run_engine(job(tiny_model, [], batches=batches)).outputs
-    # S3 dies right after the first lookup of batch b, which waits until every
-    # chunk of batch a is committed (so there is something committed to lose).
-    a_committed = fault_proxy.trigger("PUT", r"/manifest\.json$", nth=len(ids_of(a)))
-    b_first = re.escape(ids_of(b)[0])
-    fault_proxy.add(None, b_first, Hold(a_committed.event), times=1)
-    down = fault_proxy.trigger(None, b_first)
-    fault_proxy.add(None, "", Drop(reset=True) if how == "refused" else Blackhole(), when=down)
+    # S3 dies the moment the server has acknowledged every manifest of batch a
+    # (so there is something committed to lose). a's manifest PUTs are slowed
+    # so that batch b's requests arrive while they are in flight; those are held
+    # until a is committed, so none of b can be committed before S3 is gone.
+    a_manifests = "(" + "|".join(ids_of(a)) + r")/manifest\.json$"
+    a_committed = fault_proxy.trigger("PUT", a_manifests, nth=len(ids_of(a)), answered=True)
+    fault_proxy.add(None, "", Drop(reset=True) if how == "refused" else Blackhole(),
+                    when=a_committed)
+    fault_proxy.add("PUT", a_manifests, Delay(ms=1500), times=len(ids_of(a)))
+    held = fault_proxy.add(None, "|".join(ids_of(b)), Hold(a_committed.event))
     conn = via(fault_proxy, fault_bucket)
     res = run_engine(job(tiny_model, [], conn, batches=batches, prefix_caching=False))
     assert res.outputs == base
-    assert down.fired and fault_proxy.faults > 1
+    assert a_committed.fired and held.injected >= 1 and fault_proxy.faults > 1
     assert "serving without the cache" in res.stderr
     c = res.counters
     assert (c.get("lookup_errors", 0) + c.get("lookup_timeouts", 0)
