@@ -86,7 +86,7 @@ class AmbiguousNamespace(NamespaceError):
         self.matches = matches
 
 
-# --- what a scan yields -------------------------------------------------------
+# --- bounded concurrency ------------------------------------------------------
 
 
 async def bounded_map(

@@ -167,7 +167,8 @@ class NamespaceUsage:
         self.newest = newest if self.newest is None else max(self.newest, newest)
 
 
-# --- bounded concurrency ------------------------------------------------------
+# --- per chunk ----------------------------------------------------------------
+
 
 def named_keys(manifest: Manifest) -> frozenset[str]:
     return frozenset(s.key for s in manifest.shards)
