@@ -21,7 +21,8 @@ manifest GET of chunk ``abc...`` on (that request included). A trigger made
 with ``answered=True`` counts only requests the server answered with a 2xx
 that the proxy passes on unharmed, and fires before the client sees that
 answer: "once the 4th manifest PUT is acknowledged" rather than "once it
-arrives" (a held, refused or damaged request never counts).
+arrives" (a refused, dropped or damaged request never counts; a delayed or
+held one counts once it is answered).
 
 Actions: :class:`Delay`, :class:`Drop`, :class:`Error` (:func:`SlowDown`,
 :func:`InternalError`), :class:`Truncate`, :class:`FlipBytes`,
