@@ -62,15 +62,51 @@ class KVBlocks:
         """Interpret a flat uint8 host tensor as ``[heads, layers, blocks, *block_shape]``."""
         return buf.view(self.dtype).view(heads, len(self.views), nblocks, *self.block_shape)
 
+    def _index(self, ids: Sequence[int]) -> torch.Tensor:
+        """Block ids as a device tensor, without a host wait.
+
+        ``torch.tensor(ids, device=cuda)`` copies from pageable memory and then
+        synchronizes the current stream, which on the side stream means
+        waiting for the whole queued forward pass; a pinned, non-blocking copy
+        does not.
+        """
+        idx = torch.tensor(ids, dtype=torch.long)
+        if self.device.type == "cpu":
+            return idx
+        return idx.pin_memory().to(self.device, non_blocking=True)
+
     def copy_out(self, block_ids: Sequence[int], dst: torch.Tensor) -> None:
-        idx = torch.tensor(block_ids, dtype=torch.long, device=self.device)
-        non_blocking = self.device.type != "cpu"
+        """Copy blocks into ``dst`` (``[heads, layers, blocks, *block_shape]``, host).
+
+        On GPU the blocks are first gathered into one contiguous device
+        buffer in payload order, then moved with a single asynchronous copy
+        into ``dst`` (pinned). Copying each layer straight into its strided
+        slice of host memory would make PyTorch stage it through pageable
+        memory, a copy that blocks the calling thread until the stream gets
+        there. On CPU the strided copies go straight into ``dst``.
+        """
+        idx = self._index(block_ids)
+        if self.device.type == "cpu":
+            for li, v in enumerate(self.views):
+                dst[:, li].copy_(v.index_select(0, idx).transpose(0, 1))
+            return
+        staging = torch.empty(dst.shape, dtype=self.dtype, device=self.device)
         for li, v in enumerate(self.views):
-            dst[:, li].copy_(v.index_select(0, idx).transpose(0, 1), non_blocking=non_blocking)
+            staging[:, li].copy_(v.index_select(0, idx).transpose(0, 1))
+        dst.copy_(staging, non_blocking=True)
 
     def copy_in(self, src: torch.Tensor, offsets: Sequence[int], block_ids: Sequence[int]) -> None:
-        idx = torch.tensor(block_ids, dtype=torch.long, device=self.device)
-        sel = torch.tensor(offsets, dtype=torch.long)
+        """Copy blocks ``offsets`` of ``src`` (host payload) into ``block_ids``.
+
+        On GPU the payload crosses to the device once, whole and contiguous;
+        blocks are then picked out on the device.
+        """
+        idx = self._index(block_ids)
+        if self.device.type == "cpu":
+            sel = torch.tensor(offsets, dtype=torch.long)
+        else:
+            src = src.to(self.device)
+            sel = self._index(offsets)
         for li, v in enumerate(self.views):
             part = src[:, li].index_select(1, sel).transpose(0, 1)  # [k, heads, *block_shape]
-            v.index_copy_(0, idx, part.to(self.device))
+            v.index_copy_(0, idx, part)

@@ -10,6 +10,7 @@ another rank.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
@@ -49,7 +50,7 @@ class WorkerSide:
     def __init__(
         self, settings: Settings, fingerprint: Fingerprint, num_blocks: int, block_size: int,
         tp_rank: int, tp_size: int, tp_ranks: list[int], can_load: bool, can_save: bool,
-        counters: Counters,
+        counters: Counters, store: ObjectStore | None = None,
     ) -> None:
         self.settings = settings
         self.fp = fingerprint
@@ -64,7 +65,9 @@ class WorkerSide:
         self.counters = counters
         self.io = io_loop()
         self.kv: KVBlocks | None = None
-        self.store: ObjectStore | None = None
+        # An already-open store (embedding, tests); otherwise the configured
+        # one is opened when the caches are registered.
+        self.store: ObjectStore | None = store
         self.committer: Committer | None = None
         self._loads: dict[str, tuple[Future[set[int]], set[int]]] = {}
         self._load_errors: set[int] = set()
@@ -87,7 +90,8 @@ class WorkerSide:
             self._side_stream = torch.cuda.Stream(device=kv.device)
             self._load_stream = torch.cuda.Stream(device=kv.device)
         try:
-            self.store = self.io.run(open_store(self.settings.store), timeout=60)
+            if self.store is None:
+                self.store = self.io.run(open_store(self.settings.store), timeout=60)
         except Exception as exc:
             log.warning("s3kv: cannot open the object store (%s: %s); serving without the cache",
                         type(exc).__name__, exc)
@@ -133,7 +137,8 @@ class WorkerSide:
         on_gpu = kv.device.type == "cuda"
         event = None
         saves = []
-        stream_ctx = torch.cuda.stream(self._side_stream) if on_gpu else _null()
+        stream_ctx = (torch.cuda.stream(self._side_stream) if on_gpu
+                      else contextlib.nullcontext())
         if on_gpu:
             self._side_stream.wait_stream(torch.cuda.current_stream(kv.device))
         with stream_ctx:
@@ -163,22 +168,29 @@ class WorkerSide:
             # order the device stream after the copy (no host wait).
             torch.cuda.current_stream().wait_event(self._last_save_event)
             self._last_save_event = None
+        issued = None
+        if meta.loads and self._load_stream is not None:
+            # Loads write into blocks the scheduler just allocated; kernels
+            # queued before this step may still read their previous contents.
+            # The load stream waits for them on the device (no host wait).
+            issued = torch.cuda.Event()
+            issued.record(torch.cuda.current_stream())
         for lr in meta.loads:
             blocks = {bid for ch in lr.chunks for _, bid in ch.blocks}
             if self.kv is None or self.store is None or not self.can_load:
                 fut: Future[set[int]] = Future()
                 fut.set_result(blocks)
             else:
-                fut = self.io.submit(self._load(lr))
+                fut = self.io.submit(self._load(lr, issued))
             self._loads[lr.req_id] = (fut, blocks)
 
-    async def _load(self, lr: LoadRequest) -> set[int]:
+    async def _load(self, lr: LoadRequest, issued: Any = None) -> set[int]:
         if self._load_sem is None:
             self._load_sem = asyncio.Semaphore(self.settings.store.max_concurrency)
-        results = await asyncio.gather(*(self._load_chunk(ch) for ch in lr.chunks))
+        results = await asyncio.gather(*(self._load_chunk(ch, issued) for ch in lr.chunks))
         return set().union(*results) if results else set()
 
-    async def _load_chunk(self, ch: LoadChunk) -> set[int]:
+    async def _load_chunk(self, ch: LoadChunk, issued: Any = None) -> set[int]:
         """Returns the block ids that failed (empty on success)."""
         failed = {bid for _, bid in ch.blocks}
         t0 = time.perf_counter()
@@ -190,7 +202,7 @@ class WorkerSide:
                 )
             self._check_spec(vs.spec)
             loop = asyncio.get_running_loop()
-            await loop.run_in_executor(None, self._copy_in, vs.payload, ch)
+            await loop.run_in_executor(None, self._copy_in, vs.payload, ch, issued)
             self.counters.add("bytes_loaded", vs.size)
             self.counters.add("load_seconds", time.perf_counter() - t0)
             self.counters.add("loaded_chunks")
@@ -211,7 +223,7 @@ class WorkerSide:
         if got != expect:
             raise IntegrityError(f"shard layout {got} does not match this engine {expect}")
 
-    def _copy_in(self, payload: memoryview, ch: LoadChunk) -> None:
+    def _copy_in(self, payload: memoryview, ch: LoadChunk, issued: Any = None) -> None:
         kv = self.kv
         if kv is None:
             raise IntegrityError("KV cache not registered")
@@ -222,6 +234,8 @@ class WorkerSide:
         block_ids = [b for _, b in ch.blocks]
         if kv.device.type == "cuda":
             with torch.cuda.stream(self._load_stream):
+                if issued is not None:
+                    self._load_stream.wait_event(issued)
                 kv.copy_in(src, offsets, block_ids)
             self._load_stream.synchronize()  # this executor thread only
         else:
@@ -245,18 +259,26 @@ class WorkerSide:
         out, self._load_errors = self._load_errors, set()
         return out
 
+    def flush(self, timeout: float) -> bool:
+        """Wait until every save submitted so far is committed (or failed) and
+        every load started so far has finished. For shutdown and tests; never
+        called on the forward path."""
+        deadline = time.monotonic() + timeout
+        for fut, _ in list(self._loads.values()):
+            try:
+                fut.result(max(0.0, deadline - time.monotonic()))
+            except TimeoutError:
+                return False
+            except Exception:  # a failed load is finished; get_finished reports it
+                pass
+        if self.committer is None:
+            return True
+        return self.committer.flush(max(0.0, deadline - time.monotonic()))
+
     def shutdown(self) -> None:
         if self.committer is not None:
             self.committer.flush(timeout=min(30.0, self.settings.commit_timeout_s))
             self.committer.close()
-
-
-class _null:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 class _NoStore:

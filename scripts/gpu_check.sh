@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# The GPU check: s3kv's own GPU code (pinned buffers, side-stream copy-out,
+# stream ordering, load stream, every GPU cache layout) on a real GPU, without
+# vLLM. Needs only Python with CUDA PyTorch, pytest, xxhash and typing_extensions;
+# wheels of missing pure-Python dependencies may lie in ./wheels (installed
+# from there, never from the network). Prints one table; exits non-zero if a
+# test failed. Without a GPU the tests skip with that reason and the CPU
+# variants of the copy and worker-side checks still run.
+#   scripts/gpu_check.sh [--quick]     results also under $OUT (or .tmp/gpu-check)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-}
+if [ -z "$PY" ]; then
+  if [ -x .venv/bin/python ]; then PY=.venv/bin/python; else PY=python3; fi
+fi
+out=${OUT:-.tmp/gpu-check}
+mkdir -p "$out"
+export TMPDIR=${TMPDIR:-$PWD/.tmp}
+mkdir -p "$TMPDIR"
+
+if [ -d wheels ]; then
+  "$PY" -m pip install -q --no-index --find-links wheels -r <(ls wheels) >/dev/null 2>&1 || true
+fi
+missing=$("$PY" - <<'PY'
+import importlib
+need = ["torch", "pytest", "xxhash", "typing_extensions"]
+print(" ".join(n for n in need if importlib.util.find_spec(n) is None))
+PY
+)
+if [ -n "$missing" ]; then
+  echo "gpu_check: missing Python packages: $missing (put their wheels in ./wheels)" >&2
+  exit 2
+fi
+
+# --confcutdir keeps the suite-wide tests/conftest.py (S3 servers, boto3) out:
+# these tests use the in-memory store.
+"$PY" -m pytest -q -p no:cacheprovider --confcutdir=tests/gpu tests/gpu \
+  --junitxml="$out/gpu-tests.xml" -rfEs >"$out/gpu-tests.log" 2>&1
+tests_rc=$?
+tail -n 25 "$out/gpu-tests.log"
+echo
+"$PY" bench/gpu_forward.py --junit "$out/gpu-tests.xml" --json "$out/gpu_forward.json" "$@"
+bench_rc=$?
+[ "$tests_rc" = 0 ] && [ "$bench_rc" = 0 ]

@@ -1,0 +1,66 @@
+"""The KV cache tensors vLLM hands ``register_kv_caches`` on GPU, built by hand.
+
+vLLM allocates each layer in the backend's physical (stride) order and
+passes the logical view (``get_kv_cache_shape``) permuted from it. Each
+layout here is written independently of ``s3kv.vllm.kv_layout``: a physical
+allocation, the permutation vLLM applies, and how canonical
+``[blocks, heads, block_size, 2, head_size]`` values are written into it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Layout:
+    name: str
+    physical: Callable[[int, int, int, int], tuple[int, ...]]  # (B, H, N, D) -> shape
+    to_logical: tuple[int, ...] | None  # permutation vLLM applies to the physical tensor
+    # canonical [B, H, N, 2, D] -> the logical tensor's index order
+    from_canonical: Callable[[torch.Tensor], torch.Tensor]
+    block_dim: int  # block axis of the logical tensor
+
+    def allocate(self, b: int, h: int, n: int, d: int, dtype: torch.dtype,
+                 device: str) -> torch.Tensor:
+        t = torch.zeros(self.physical(b, h, n, d), dtype=dtype, device=device)
+        return t if self.to_logical is None else t.permute(*self.to_logical)
+
+    def fill(self, logical: torch.Tensor, canonical: torch.Tensor) -> None:
+        logical.copy_(self.from_canonical(canonical))
+
+    def blocks(self, logical: torch.Tensor, ids: list[int]) -> torch.Tensor:
+        idx = torch.tensor(ids, device=logical.device)
+        return logical.index_select(self.block_dim, idx)
+
+
+LAYOUTS = [
+    # FlashAttention: [2, B, N, H, D], NHD and HND physical orders.
+    Layout("flash_attn NHD", lambda b, h, n, d: (2, b, n, h, d), None,
+           lambda c: c.permute(3, 0, 2, 1, 4), 1),
+    Layout("flash_attn HND", lambda b, h, n, d: (2, b, h, n, d), (0, 1, 3, 2, 4),
+           lambda c: c.permute(3, 0, 2, 1, 4), 1),
+    # FlashInfer (and Triton): [B, 2, N, H, D], NHD and HND physical orders.
+    Layout("flashinfer NHD", lambda b, h, n, d: (b, 2, n, h, d), None,
+           lambda c: c.permute(0, 3, 2, 1, 4), 0),
+    Layout("flashinfer HND", lambda b, h, n, d: (b, 2, h, n, d), (0, 1, 3, 2, 4),
+           lambda c: c.permute(0, 3, 2, 1, 4), 0),
+    # A backend exposing HND as its logical shape: [B, 2, H, N, D].
+    Layout("[B,2,H,N,D]", lambda b, h, n, d: (b, 2, h, n, d), None,
+           lambda c: c.permute(0, 3, 1, 2, 4), 0),
+    # vLLM's CPU backend: [B, H, N, 2*D] (keys then values inside a block).
+    Layout("cpu [B,H,N,2D]", lambda b, h, n, d: (b, h, n, 2 * d), None,
+           lambda c: c.reshape(c.shape[0], c.shape[1], c.shape[2], -1), 0),
+]
+
+# The layouts vLLM's GPU backends produce (the CPU one is tested on GPU too:
+# the code path is the same).
+GPU_LAYOUTS = [lay for lay in LAYOUTS if not lay.name.startswith("cpu")]
+
+
+def canonical_bytes(canonical: torch.Tensor, ids: list[int]) -> torch.Tensor:
+    """Expected payload bytes of one layer's blocks ``ids``: ``[H, k, N, 2, D]``."""
+    return canonical[ids].transpose(0, 1).contiguous()

@@ -1,0 +1,127 @@
+"""A worker side on real tensors, driven the way vLLM drives it, without vLLM.
+
+Used by the GPU tests and the forward-path benchmark: it registers per-layer
+KV tensors, builds the save and load plans the scheduler would send, and
+reads back what was stored, all through public methods.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+
+import torch
+
+from s3kv.aio import io_loop
+from s3kv.config import parse_settings
+from s3kv.keys import Fingerprint, KeyLayout
+from s3kv.manifest import Manifest, decode_manifest
+from s3kv.stats import Counters
+from s3kv.store.memory import MemoryStore
+from tests.gpu.layouts import Layout
+from tests.gpu.vllm_stub import install_if_missing
+
+install_if_missing()
+
+from s3kv.vllm.metadata import LoadChunk, LoadRequest, S3KVMetadata, SaveChunk  # noqa: E402
+from s3kv.vllm.worker_side import WorkerSide  # noqa: E402
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def chunk_id(i: int) -> str:
+    return hashlib.sha256(f"chunk-{i}".encode()).hexdigest()
+
+
+@dataclass
+class Rig:
+    layout: Layout
+    device: str
+    layers: int = 4
+    heads: int = 2
+    head_size: int = 64
+    block_size: int = 16
+    chunk_tokens: int = 64
+    num_blocks: int = 64
+    dtype: str = "bfloat16"
+    max_inflight_mib: int = 1024
+    store: MemoryStore = field(default_factory=MemoryStore)
+    caches: dict[str, torch.Tensor] = field(default_factory=dict)
+    worker: WorkerSide | None = None
+    _round: int = 0
+
+    def __post_init__(self) -> None:
+        settings = parse_settings({"bucket": "gpu-check", "chunk_tokens": self.chunk_tokens,
+                                   "load_timeout_s": 60.0,
+                                   "max_inflight_mib": self.max_inflight_mib})
+        self.fp = Fingerprint(
+            model="gpu-check", weights_id="random", dtype=self.dtype, kv_layout="canonical",
+            block_size=self.block_size, chunk_tokens=self.chunk_tokens, num_layers=self.layers,
+            num_kv_heads=self.heads, head_size=self.head_size, tp_size=1,
+        )
+        self.keys = KeyLayout(settings.store.prefix)
+        self.caches = {
+            f"model.layers.{i}.self_attn.attn": self.layout.allocate(
+                self.num_blocks, self.heads, self.block_size, self.head_size,
+                DTYPES[self.dtype], self.device)
+            for i in range(self.layers)
+        }
+        self.worker = WorkerSide(
+            settings, self.fp, self.num_blocks, self.block_size, tp_rank=0, tp_size=1,
+            tp_ranks=[0], can_load=True, can_save=True, counters=Counters(), store=self.store,
+        )
+        self.worker.register_kv_caches(self.caches)
+
+    @property
+    def blocks_per_chunk(self) -> int:
+        return self.chunk_tokens // self.block_size
+
+    @property
+    def chunk_payload_bytes(self) -> int:
+        return (self.layers * self.heads * self.chunk_tokens * 2 * self.head_size
+                * torch.tensor([], dtype=DTYPES[self.dtype]).element_size())
+
+    def canonical(self, seed: int) -> list[torch.Tensor]:
+        """Random per-layer KV ``[B, H, N, 2, D]`` written into every layer."""
+        g = torch.Generator(device=self.device).manual_seed(seed)
+        out = []
+        for t in self.caches.values():
+            c = torch.randn(self.num_blocks, self.heads, self.block_size, 2, self.head_size,
+                            generator=g, device=self.device).to(DTYPES[self.dtype])
+            self.layout.fill(t, c)
+            out.append(c)
+        return out
+
+    def save_meta(self, saves: list[tuple[str, list[int]]]) -> S3KVMetadata:
+        self._round += 1
+        return S3KVMetadata(saves=[
+            SaveChunk(cid, None, 0, self.chunk_tokens, tuple(ids)) for cid, ids in saves
+        ], round_id=self._round)
+
+    def manifest(self, cid: str) -> Manifest:
+        body = io_loop().run(self.store.get(self.keys.manifest(self.fp.namespace, cid)), 30)
+        return decode_manifest(body, layout=self.keys, expect_namespace=self.fp.namespace,
+                               expect_chunk_id=cid)
+
+    def shard_key(self, cid: str) -> str:
+        return self.manifest(cid).shard_for_rank(0).key
+
+    def get(self, key: str) -> bytes:
+        return bytes(io_loop().run(self.store.get(key), 30))
+
+    def put(self, key: str, data: bytes) -> None:
+        io_loop().run(self.store.put(key, data), 30)
+
+    def load_meta(self, req_id: str, cid: str, dest: list[int]) -> S3KVMetadata:
+        m = self.manifest(cid)
+        chunk = LoadChunk(m, tuple(enumerate(dest)))
+        return S3KVMetadata(loads=[LoadRequest(req_id, (chunk,))])
+
+    def flush(self) -> None:
+        if self.worker is None or not self.worker.flush(timeout=120):
+            raise RuntimeError("worker side did not settle within 120 s")
+
+    def close(self) -> None:
+        if self.worker is not None:
+            self.worker.shutdown()
+            self.worker = None
