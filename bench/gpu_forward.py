@@ -7,8 +7,9 @@ One Llama-3.1-8B-shaped chunk (32 layers, 8 KV heads, head size 128, bf16,
 loaded through s3kv's worker side (in-memory store, TP=1), all in one run:
 
 * step: the GPU time of a representative forward step, the bf16 matmuls of
-  a 256-token Llama-3.1-8B prefill (the smallest step that fills a chunk, so
-  the least time to hide a save behind);
+  a Llama-3.1-8B prefill of 256 tokens (the smallest step that fills a
+  chunk, so the least time to hide a save behind) and of 2,048 tokens
+  (a common prefill budget per step: 8 chunks);
 * forward path: host time inside ``wait_for_save`` + ``start_load_kv`` with
   that step still queued on the stream, as a fraction of the step, and
   whether the step was still running when they returned;
@@ -43,24 +44,21 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+# The rig first: on a GPU host without vLLM it stands in for vLLM's metadata base class.
+from tests.gpu.rig import Rig, chunk_id  # noqa: E402, I001
 from s3kv.vllm.kv_layout import KVBlocks  # noqa: E402
 from s3kv.vllm.metadata import S3KVMetadata  # noqa: E402
 from tests.gpu.layouts import GPU_LAYOUTS  # noqa: E402
-from tests.gpu.rig import Rig, chunk_id  # noqa: E402
 
 HIDDEN, INTER, Q_HEADS, KV_HEADS, HEAD, LAYERS, TOKENS = 4096, 14336, 32, 8, 128, 32, 256
 
 
-def _events() -> tuple[torch.cuda.Event, torch.cuda.Event]:
-    return torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-
-
 class Step:
-    """The matmuls of one Llama-3.1-8B prefill of ``TOKENS`` tokens (weights shared by layers)."""
+    """The matmuls of one Llama-3.1-8B prefill of ``tokens`` tokens (weights shared by layers)."""
 
-    def __init__(self) -> None:
+    def __init__(self, tokens: int) -> None:
         dev, dt = "cuda", torch.bfloat16
-        self.x = torch.randn(TOKENS, HIDDEN, device=dev, dtype=dt)
+        self.x = torch.randn(tokens, HIDDEN, device=dev, dtype=dt)
         self.w_qkv = torch.randn(HIDDEN, (Q_HEADS + 2 * KV_HEADS) * HEAD, device=dev, dtype=dt)
         self.w_o = torch.randn(HIDDEN, HIDDEN, device=dev, dtype=dt)
         self.w_up = torch.randn(HIDDEN, 2 * INTER, device=dev, dtype=dt)
@@ -74,6 +72,10 @@ class Step:
             up = h @ self.w_up
             h = (up[:, :INTER] * up[:, INTER:]) @ self.w_down
             h = h * 1e-3
+
+
+def _events() -> tuple[torch.cuda.Event, torch.cuda.Event]:
+    return torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
 
 
 def _gpu_ms(fn: Any, reps: int) -> list[float]:
@@ -102,137 +104,176 @@ def _rate(nbytes: int, ms: list[float]) -> float:
     return nbytes / (statistics.median(ms) / 1e3) / 1e9
 
 
-def measure(quick: bool) -> dict[str, Any]:
-    reps = 10 if quick else 30
-    rig = Rig(GPU_LAYOUTS[0], "cuda", layers=LAYERS, heads=KV_HEADS, head_size=HEAD,
-              block_size=16, chunk_tokens=TOKENS, num_blocks=512, max_inflight_mib=8192)
-    w = rig.worker
-    if w is None:
-        raise RuntimeError("worker side not built")
-    rig.canonical(seed=0)
-    chunk = list(range(rig.blocks_per_chunk))
-    nbytes = rig.chunk_payload_bytes
-    step = Step()
-    for _ in range(3):
-        step.run()
-    torch.cuda.synchronize()
-    res: dict[str, Any] = {"chunk_bytes": nbytes}
+class Bench:
+    def __init__(self, reps: int) -> None:
+        self.reps = reps
+        self.rig = Rig(GPU_LAYOUTS[0], "cuda", layers=LAYERS, heads=KV_HEADS, head_size=HEAD,
+                       block_size=16, chunk_tokens=TOKENS, num_blocks=512,
+                       max_inflight_mib=16384)
+        if self.rig.worker is None:
+            raise RuntimeError("worker side not built")
+        self.w = self.rig.worker
+        self.rig.canonical(seed=0)
+        self.n = 0
+        self.cycles_per_ms = _cycles_per_ms()
 
-    # Step alone.
-    step_ms = _gpu_ms(step.run, reps)
-    res["step_ms"] = statistics.median(step_ms)
-
-    # Forward path: host time in wait_for_save + start_load_kv with the step queued.
-    # Warm-up rounds first (first pinned allocations), then measured rounds.
-    host_ms: list[float] = []
-    still_busy = 0
-    n = 0
-    cycles_per_ms = _cycles_per_ms()
-    for i in range(reps + 5):
-        torch.cuda.synchronize()
-        # Keep the stream busy well past the host's calls, so "still running"
-        # means s3kv did not wait for it, not that the step was short.
-        torch.cuda._sleep(int(20 * cycles_per_ms))
-        step.run()
-        end = torch.cuda.Event()
-        end.record()
-        t0 = time.perf_counter()
-        w.wait_for_save(rig.save_meta([(chunk_id(10_000 + n), chunk)]))
-        w.start_load_kv(S3KVMetadata())
-        dt = (time.perf_counter() - t0) * 1e3
-        busy = not end.query()
-        n += 1
-        if i >= 5:
-            host_ms.append(dt)
-            still_busy += busy
-        if not w.flush(timeout=120):
-            raise RuntimeError("saves did not settle")
-    host_ms.sort()
-    res["forward_path_ms_median"] = statistics.median(host_ms)
-    res["forward_path_ms_max"] = host_ms[-1]
-    res["forward_path_fraction_of_step"] = statistics.median(host_ms) / res["step_ms"]
-    res["returned_while_step_running"] = f"{still_busy}/{len(host_ms)}"
-
-    # Interference: back-to-back steps, each followed by a save, against none.
-    def steps(save: bool) -> list[float]:
-        nonlocal n
-        ms = []
-        pairs = []
-        for _ in range(reps):
-            a, b = _events()
-            a.record()
-            step.run()
-            b.record()
-            pairs.append((a, b))
-            if save:
-                w.wait_for_save(rig.save_meta([(chunk_id(10_000 + n), chunk)]))
-                n += 1
-            w.start_load_kv(S3KVMetadata())
-        torch.cuda.synchronize()
-        ms = [a.elapsed_time(b) for a, b in pairs]
-        if not w.flush(timeout=120):
-            raise RuntimeError("saves did not settle")
-        return ms
-
-    plain, saving = steps(False), steps(True)
-    res["step_ms_saving_every_step"] = statistics.median(saving)
-    res["step_slowdown_saving"] = statistics.median(saving) / statistics.median(plain)
-
-    # Copy rates, idle GPU.
-    kv = KVBlocks(rig.caches, rig.num_blocks, rig.heads, rig.block_size)
-    side, load = torch.cuda.Stream(), torch.cuda.Stream()
-    pinned = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
-    pageable = torch.empty(nbytes, dtype=torch.uint8)
-    dev = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
-    dst = kv.payload_view(pinned, rig.heads, len(chunk))
-    dst_pageable = kv.payload_view(pageable, rig.heads, len(chunk))
-    other = list(range(100, 100 + len(chunk)))
-    offsets = list(range(len(chunk)))
-
-    def timed(fn: Any, stream: torch.cuda.Stream) -> list[float]:
-        out = []
-        for _ in range(reps):
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            with torch.cuda.stream(stream):
-                fn()
-            stream.synchronize()
-            out.append((time.perf_counter() - t0) * 1e3)
+    def chunks(self, count: int) -> list[tuple[str, list[int]]]:
+        k = self.rig.blocks_per_chunk
+        out = [(chunk_id(10_000 + self.n + c), list(range(c * k, (c + 1) * k)))
+               for c in range(count)]
+        self.n += count
         return out
 
-    res["copy_out_GBps"] = _rate(nbytes, timed(lambda: kv.copy_out(chunk, dst), side))
-    res["raw_d2h_pinned_GBps"] = _rate(
-        nbytes, timed(lambda: pinned.copy_(dev, non_blocking=True), side))
-    res["copy_in_pageable_GBps"] = _rate(
-        nbytes, timed(lambda: kv.copy_in(dst_pageable, offsets, other), load))
-    res["copy_in_pinned_GBps"] = _rate(
-        nbytes, timed(lambda: kv.copy_in(dst, offsets, other), load))
-    res["raw_h2d_pageable_GBps"] = _rate(nbytes, timed(lambda: dev.copy_(pageable), load))
-    res["raw_h2d_pinned_GBps"] = _rate(
-        nbytes, timed(lambda: dev.copy_(pinned, non_blocking=True), load))
-    res["copy_out_vs_raw"] = res["copy_out_GBps"] / res["raw_d2h_pinned_GBps"]
-    res["copy_in_vs_raw_pageable"] = res["copy_in_pageable_GBps"] / res["raw_h2d_pageable_GBps"]
-
-    # Ordering control: the overwrite race without start_load_kv's wait.
-    rounds, wrong = (10 if quick else 20), 0
-    idx = torch.tensor(chunk).pin_memory().to("cuda", non_blocking=True)
-    for i in range(rounds):
-        for t in rig.caches.values():
-            t.index_fill_(rig.layout.block_dim, idx, float(i + 1))
-        cid = chunk_id(20_000 + i)
-        w.wait_for_save(rig.save_meta([(cid, chunk)]))
-        for t in rig.caches.values():  # the next step overwrites, not ordered after the copy
-            t.index_fill_(rig.layout.block_dim, idx, -2.0)
-        if not w.flush(timeout=120):
+    def settle(self) -> None:
+        if not self.w.flush(timeout=300):
             raise RuntimeError("saves did not settle")
-        entry = rig.manifest(cid).shard_for_rank(0)
-        body = bytearray(rig.get(entry.key))
-        payload = torch.frombuffer(body, dtype=torch.uint8)[entry.payload_offset:]
-        wrong += not bool((payload.view(torch.bfloat16).float() == i + 1).all())
-        w.start_load_kv(S3KVMetadata())  # drop the pending wait before the next round
-    res["unordered_overwrite_wrong_rounds"] = f"{wrong}/{rounds}"
-    res["saves_dropped"] = w.counters.get("saves_dropped")
-    rig.close()
+
+    def forward_path(self, chunks: int) -> dict[str, Any]:
+        """One step of ``chunks`` x 256 tokens; host time in s3kv's two forward-path calls."""
+        step = Step(chunks * TOKENS)
+        for _ in range(3):
+            step.run()
+        step_ms = statistics.median(_gpu_ms(step.run, self.reps))
+        host_ms: list[float] = []
+        still_busy = 0
+        for i in range(self.reps + 5):  # 5 warm-up rounds: first pinned allocations
+            torch.cuda.synchronize()
+            # Keep the stream busy well past the host's calls, so "still running"
+            # means s3kv did not wait for it, not that the step was short.
+            torch.cuda._sleep(int(20 * self.cycles_per_ms))
+            step.run()
+            end = torch.cuda.Event()
+            end.record()
+            t0 = time.perf_counter()
+            self.w.wait_for_save(self.rig.save_meta(self.chunks(chunks)))
+            self.w.start_load_kv(S3KVMetadata())
+            dt = (time.perf_counter() - t0) * 1e3
+            busy = not end.query()
+            if i >= 5:
+                host_ms.append(dt)
+                still_busy += busy
+            self.settle()
+        host_ms.sort()
+
+        def steps(save: bool) -> list[float]:
+            pairs = []
+            for _ in range(self.reps):
+                a, b = _events()
+                a.record()
+                step.run()
+                b.record()
+                pairs.append((a, b))
+                if save:
+                    self.w.wait_for_save(self.rig.save_meta(self.chunks(chunks)))
+                self.w.start_load_kv(S3KVMetadata())
+            torch.cuda.synchronize()
+            ms = [a.elapsed_time(b) for a, b in pairs]
+            self.settle()
+            return ms
+
+        plain, saving = steps(False), steps(True)
+        return {
+            "chunks_per_step": chunks,
+            "step_ms": step_ms,
+            "host_ms_median": statistics.median(host_ms),
+            "host_ms_max": host_ms[-1],
+            "fraction_of_step": statistics.median(host_ms) / step_ms,
+            "returned_while_step_running": f"{still_busy}/{len(host_ms)}",
+            "step_slowdown_saving": statistics.median(saving) / statistics.median(plain),
+        }
+
+    def copy_rates(self) -> dict[str, Any]:
+        rig = self.rig
+        kv = KVBlocks(rig.caches, rig.num_blocks, rig.heads, rig.block_size)
+        nbytes = rig.chunk_payload_bytes
+        k = rig.blocks_per_chunk
+        chunk, other, offsets = list(range(k)), list(range(100, 100 + k)), list(range(k))
+        side, load = torch.cuda.Stream(), torch.cuda.Stream()
+        pinned = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+        pageable = torch.empty(nbytes, dtype=torch.uint8)
+        dev = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+        dst = kv.payload_view(pinned, rig.heads, k)
+        dst_pageable = kv.payload_view(pageable, rig.heads, k)
+
+        def timed(fn: Any, stream: torch.cuda.Stream) -> list[float]:
+            out = []
+            for _ in range(self.reps):
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                with torch.cuda.stream(stream):
+                    fn()
+                stream.synchronize()
+                out.append((time.perf_counter() - t0) * 1e3)
+            return out
+
+        r = {
+            "copy_out_GBps": _rate(nbytes, timed(lambda: kv.copy_out([chunk], [dst]), side)),
+            "raw_d2h_pinned_GBps": _rate(
+                nbytes, timed(lambda: pinned.copy_(dev, non_blocking=True), side)),
+            "copy_in_pageable_GBps": _rate(
+                nbytes, timed(lambda: kv.copy_in(dst_pageable, offsets, other), load)),
+            "copy_in_pinned_GBps": _rate(
+                nbytes, timed(lambda: kv.copy_in(dst, offsets, other), load)),
+            "raw_h2d_pageable_GBps": _rate(nbytes, timed(lambda: dev.copy_(pageable), load)),
+            "raw_h2d_pinned_GBps": _rate(
+                nbytes, timed(lambda: dev.copy_(pinned, non_blocking=True), load)),
+        }
+        r["copy_out_vs_raw"] = r["copy_out_GBps"] / r["raw_d2h_pinned_GBps"]
+        r["copy_in_vs_raw_pageable"] = r["copy_in_pageable_GBps"] / r["raw_h2d_pageable_GBps"]
+        return r
+
+    def unordered_control(self, rounds: int) -> str:
+        """The overwrite race of tests/gpu without start_load_kv's wait: the next
+        step's overwrite becomes runnable together with the side-stream copy."""
+        rig, wrong = self.rig, 0
+        ((_, chunk),) = self.chunks(1)
+        idx = torch.tensor(chunk).pin_memory().to("cuda", non_blocking=True)
+        for i in range(rounds):
+            torch.cuda._sleep(int(2 * self.cycles_per_ms))
+            for t in rig.caches.values():
+                t.index_fill_(rig.layout.block_dim, idx, float(i + 1))
+            cid = chunk_id(90_000 + i)
+            self.w.wait_for_save(rig.save_meta([(cid, chunk)]))
+            for t in rig.caches.values():  # not ordered after the copy-out
+                t.index_fill_(rig.layout.block_dim, idx, -2.0)
+            self.settle()
+            entry = rig.manifest(cid).shard_for_rank(0)
+            body = bytearray(rig.get(entry.key))
+            payload = torch.frombuffer(body, dtype=torch.uint8)[entry.payload_offset:]
+            wrong += not bool((payload.view(torch.bfloat16).float() == i + 1).all())
+            self.w.start_load_kv(S3KVMetadata())  # drop the pending wait before the next round
+        return f"{wrong}/{rounds}"
+
+    def profile(self, chunks: int, out: Path) -> None:
+        """Where the forward-path host time goes (cProfile, top functions)."""
+        import cProfile
+        import io
+        import pstats
+
+        prof = cProfile.Profile()
+        for _ in range(10):
+            meta = self.rig.save_meta(self.chunks(chunks))
+            prof.enable()
+            self.w.wait_for_save(meta)
+            self.w.start_load_kv(S3KVMetadata())
+            prof.disable()
+            self.settle()
+        buf = io.StringIO()
+        pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(20)
+        out.write_text(buf.getvalue())
+
+
+def measure(quick: bool, profile_to: Path | None) -> dict[str, Any]:
+    b = Bench(reps=10 if quick else 30)
+    res: dict[str, Any] = {"chunk_bytes": b.rig.chunk_payload_bytes}
+    res["step_1_chunk"] = b.forward_path(1)
+    res["step_8_chunks"] = b.forward_path(8)
+    res.update(b.copy_rates())
+    res["unordered_overwrite_wrong_rounds"] = b.unordered_control(10 if quick else 20)
+    if profile_to is not None:
+        b.profile(8, profile_to)
+    res["saves_dropped"] = b.w.counters.get("saves_dropped")
+    b.rig.close()
     return res
 
 
@@ -271,16 +312,21 @@ def main() -> int:
     info["gpu"] = torch.cuda.get_device_name(0)
     info["cuda"] = torch.version.cuda
     rows += [("GPU", f"{info['gpu']} (torch {torch.__version__}, CUDA {info['cuda']})")]
-    res = measure(args.quick)
+    res = measure(args.quick, args.json.with_suffix(".profile.txt"))
     info["results"] = res
+    rows.append(("chunk (Llama-3.1-8B, 256 tok, bf16)", f"{res['chunk_bytes'] / 2**20:.0f} MiB"))
+    for key in ("step_1_chunk", "step_8_chunks"):
+        f = res[key]
+        c = f["chunks_per_step"]
+        rows += [
+            (f"step: {c * TOKENS}-token prefill matmuls", f"{f['step_ms']:.2f} ms"),
+            (f"  forward path, {c} chunk(s) saved",
+             f"median {f['host_ms_median']:.3f} ms, max {f['host_ms_max']:.3f} ms"
+             f" = {f['fraction_of_step']:.3f} of the step"),
+            ("  returned while the step still ran", f["returned_while_step_running"]),
+            ("  step GPU time saving / not saving", f"{f['step_slowdown_saving']:.3f}"),
+        ]
     rows += [
-        ("chunk (Llama-3.1-8B, 256 tok, bf16)", f"{res['chunk_bytes'] / 2**20:.0f} MiB"),
-        ("step: 256-token prefill matmuls", f"{res['step_ms']:.2f} ms"),
-        ("forward path (wait_for_save+start_load_kv)",
-         f"median {res['forward_path_ms_median']:.3f} ms, max {res['forward_path_ms_max']:.3f} ms"),
-        ("  fraction of the step", f"{res['forward_path_fraction_of_step']:.4f}"),
-        ("  returned while the step still ran", res["returned_while_step_running"]),
-        ("step time saving every step / not saving", f"{res['step_slowdown_saving']:.3f}"),
         ("copy-out (side stream -> pinned)",
          f"{res['copy_out_GBps']:.1f} GB/s vs raw {res['raw_d2h_pinned_GBps']:.1f} GB/s "
          f"({res['copy_out_vs_raw']:.2f}x)"),

@@ -75,25 +75,33 @@ class KVBlocks:
             return idx
         return idx.pin_memory().to(self.device, non_blocking=True)
 
-    def copy_out(self, block_ids: Sequence[int], dst: torch.Tensor) -> None:
-        """Copy blocks into ``dst`` (``[heads, layers, blocks, *block_shape]``, host).
+    def copy_out(self, chunks: Sequence[Sequence[int]], dsts: Sequence[torch.Tensor]) -> None:
+        """Copy each chunk's blocks into its payload ``[heads, layers, blocks, *block_shape]``.
 
-        On GPU the blocks are first gathered into one contiguous device
-        buffer in payload order, then moved with a single asynchronous copy
-        into ``dst`` (pinned). Copying each layer straight into its strided
-        slice of host memory would make PyTorch stage it through pageable
-        memory, a copy that blocks the calling thread until the stream gets
-        there. On CPU the strided copies go straight into ``dst``.
+        The same code on CPU and GPU. Every chunk of the call is gathered with
+        one ``index_select`` per layer into a device buffer ``[layers, blocks,
+        heads, ...]`` (the per-layer launches are what costs host time on
+        GPU, so they are paid once per call), then each chunk moves with one
+        copy into its contiguous host payload: on GPU a single asynchronous
+        copy into pinned memory (PyTorch puts the permuted source in a
+        contiguous device temporary first). Copying each layer straight into
+        its strided slice of host memory would make PyTorch stage it through
+        pageable memory, which blocks the calling thread until the stream
+        gets there.
         """
-        idx = self._index(block_ids)
-        if self.device.type == "cpu":
-            for li, v in enumerate(self.views):
-                dst[:, li].copy_(v.index_select(0, idx).transpose(0, 1))
+        ids = [b for chunk in chunks for b in chunk]
+        if not ids:
             return
-        staging = torch.empty(dst.shape, dtype=self.dtype, device=self.device)
+        idx = self._index(ids)
+        gathered = torch.empty((len(self.views), len(ids), *self.views[0].shape[1:]),
+                               dtype=self.dtype, device=self.device)
         for li, v in enumerate(self.views):
-            staging[:, li].copy_(v.index_select(0, idx).transpose(0, 1))
-        dst.copy_(staging, non_blocking=True)
+            torch.index_select(v, 0, idx, out=gathered[li])
+        start = 0
+        for chunk, dst in zip(chunks, dsts, strict=True):
+            part = gathered[:, start : start + len(chunk)]  # [layers, k, heads, ...]
+            dst.copy_(part.transpose(0, 2).transpose(1, 2), non_blocking=True)
+            start += len(chunk)
 
     def copy_in(self, src: torch.Tensor, offsets: Sequence[int], block_ids: Sequence[int]) -> None:
         """Copy blocks ``offsets`` of ``src`` (host payload) into ``block_ids``.

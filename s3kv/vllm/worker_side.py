@@ -141,16 +141,20 @@ class WorkerSide:
                       else contextlib.nullcontext())
         if on_gpu:
             self._side_stream.wait_stream(torch.cuda.current_stream(kv.device))
+        dsts = []
         with stream_ctx:
             for s, spec, (total, off) in zip(meta.saves, specs, sizes, strict=True):
                 host = torch.empty(total, dtype=torch.uint8, pin_memory=on_gpu)
                 mv = host.numpy().data
                 write_header(mv, spec)
-                kv.copy_out(s.block_ids, kv.payload_view(host[off:], n_heads, len(s.block_ids)))
+                dsts.append(kv.payload_view(host[off:], n_heads, len(s.block_ids)))
                 saves.append(ChunkSave(
                     s.chunk_id, s.parent_id, s.chunk_index, s.num_tokens, mv, off,
                     self.heads[0], self.heads[1],
                 ))
+            # All of this step's chunks in one gather: the per-layer launches
+            # are paid once per step, not once per chunk.
+            kv.copy_out([s.block_ids for s in meta.saves], dsts)
             if on_gpu:
                 event = torch.cuda.Event()
                 event.record(self._side_stream)

@@ -63,7 +63,7 @@ def test_round_trip_on_the_side_and_load_streams(
     if side is not None:
         side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
-        kv.copy_out(SRC, dst)
+        kv.copy_out([SRC], [dst])
     if side is not None:
         side.synchronize()
     expected = torch.stack([canonical_bytes(c, SRC) for c in canon], dim=1)  # [H, L, k, N, 2, D]
@@ -103,15 +103,19 @@ def test_worker_side_saves_loads_and_rejects_a_corrupt_shard(
     make_rig: Callable[..., Rig], layout: Layout, device: str
 ) -> None:
     rig = make_rig(layout, device)
-    rig.canonical(seed=2)
+    canon = rig.canonical(seed=2)
     w = rig.worker
     assert w is not None
-    cid = chunk_id(1)
-    w.wait_for_save(rig.save_meta([(cid, SRC)]))
+    cid, cid2 = chunk_id(1), chunk_id(2)
+    second = [50, 2, 33, 9]
+    w.wait_for_save(rig.save_meta([(cid, SRC), (cid2, second)]))  # two chunks, one step
     rig.flush()
     m = rig.manifest(cid)
     assert [s.rank for s in m.shards] == [0]
     assert m.shards[0].size == m.shards[0].payload_offset + rig.chunk_payload_bytes
+    for c, blocks in ((cid, SRC), (cid2, second)):
+        expected = torch.stack([canonical_bytes(x, blocks) for x in canon], dim=1)
+        assert torch.equal(_bits(_payload(rig, c)), _bits(expected)), c[:8]
 
     w.start_load_kv(rig.load_meta("r1", cid, DST))
     rig.flush()
