@@ -13,7 +13,10 @@ forward path:
    sends every rank the same save plan; each report carries its round id and
    rank 0 refuses to commit a round whose ids disagree.
 3. Rank 0 writes one manifest per chunk whose shards every rank reported as
-   stored and checksummed, with ``If-None-Match: *``. A 412 means someone
+   stored and checksummed, with ``If-None-Match: *``. A rank whose KV heads
+   another (lower) rank already uploads (KV heads < TP, or MLA's one shared
+   latent) joins the round empty-handed: it reports "nothing to store", so
+   each head is stored once and the protocol is the same. A 412 means someone
    already committed that chunk: success. Any rank failing, or a gather that
    times out, means no manifest; the shards are orphans for the GC.
 
@@ -36,10 +39,10 @@ from typing import Any, Protocol
 from typing_extensions import Buffer
 
 from s3kv.aio import LoopThread
-from s3kv.errors import AlreadyExists, StoreError
+from s3kv.errors import AlreadyExists, ManifestError, StoreError
 from s3kv.keys import KeyLayout
 from s3kv.manifest import ShardEntry, new_manifest
-from s3kv.shard import compute_checksums
+from s3kv.shard import seal
 from s3kv.stats import Counters
 from s3kv.store.protocol import Put
 
@@ -81,16 +84,18 @@ class LocalGatherer:
 
 @dataclass
 class ChunkSave:
-    """One rank's shard of one chunk, already filled in a host buffer."""
+    """One rank's shard of one chunk, already filled in a host buffer.
+
+    The committer treats ``data`` as opaque: ``s3kv.shard.seal`` reads what it
+    needs from the shard's own header. ``data=None`` says this rank stores
+    nothing for the chunk (another rank uploads its heads) but takes part.
+    """
 
     chunk_id: str
     parent_id: str | None
     chunk_index: int
     num_tokens: int
-    data: Buffer  # the whole shard object: header + payload
-    payload_offset: int
-    head_start: int
-    head_end: int
+    data: Buffer | None  # the whole shard object: header + payload
     release: Callable[[], None] | None = None
     # Blocks until ``data`` is filled (a device-to-host copy on a side stream);
     # called on an executor thread, never on the forward path.
@@ -139,6 +144,7 @@ class Committer:
         gatherer: Gatherer,
         max_inflight_bytes: int,
         max_concurrency: int = 16,
+        num_heads: int | None = None,
         counters: Counters | None = None,
         on_event: EventHook | None = None,
     ) -> None:
@@ -155,6 +161,7 @@ class Committer:
         self._inflight_lock = threading.Lock()
         self._sem: asyncio.Semaphore | None = None
         self._max_concurrency = max_concurrency
+        self._num_heads = num_heads
         self.counters = counters or Counters()
         self._on_event = on_event
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
@@ -193,7 +200,7 @@ class Committer:
         empty-handed, so this rank joins the round's gather and ranks stay in step.
         """
         rnd = _Round(round_id)
-        total = sum(memoryview(s.data).nbytes for s in saves)
+        total = sum(memoryview(s.data).nbytes for s in saves if s.data is not None)
         accepted = reserved or self.try_reserve(total)
         if accepted and self._broken is not None:
             with self._inflight_lock:
@@ -201,7 +208,12 @@ class Committer:
             accepted = False
         if accepted:
             for s in saves:
-                rnd.uploads.append((s, self._io.submit(self._upload(s))))
+                if s.data is None:
+                    rnd.placeholders.append(
+                        ShardReport(s.chunk_id, s.parent_id, s.chunk_index, s.num_tokens, True)
+                    )
+                else:
+                    rnd.uploads.append((s, self._io.submit(self._upload(s, s.data))))
         else:
             for s in saves:
                 self._release(s)
@@ -236,29 +248,22 @@ class Committer:
 
     # --- uploads (I/O loop) ---------------------------------------------------
 
-    async def _upload(self, s: ChunkSave) -> ShardReport:
+    async def _upload(self, s: ChunkSave, data: Buffer) -> ShardReport:
         if self._sem is None:
             self._sem = asyncio.Semaphore(self._max_concurrency)
         key = self._layout.shard(self._ns, s.chunk_id, self._writer, self.rank)
-        size = memoryview(s.data).nbytes
+        size = memoryview(data).nbytes
         try:
             loop = asyncio.get_running_loop()
             if s.wait_ready is not None:
                 await loop.run_in_executor(None, s.wait_ready)
-            sums = await loop.run_in_executor(
-                None, compute_checksums, s.data, s.payload_offset, s.head_end - s.head_start
-            )
+            entry: ShardEntry = await loop.run_in_executor(None, seal, data, key)
             async with self._sem:
                 t0 = time.perf_counter()
-                await self._store.put(key, s.data, mode="overwrite")
+                await self._store.put(key, data, mode="overwrite")
                 self.counters.add("save_seconds", time.perf_counter() - t0)
             self.counters.add("bytes_saved", size)
             self.counters.add("put_requests")
-            entry = ShardEntry(
-                rank=self.rank, key=key, size=size, checksum=sums.shard,
-                head_start=s.head_start, head_end=s.head_end,
-                payload_offset=s.payload_offset, head_checksums=sums.heads,
-            )
             self._emit("uploaded", chunk_id=s.chunk_id, key=key)
             return ShardReport(s.chunk_id, s.parent_id, s.chunk_index, s.num_tokens, True, entry)
         except Exception as exc:  # every failure becomes "this rank not ok"
@@ -339,16 +344,25 @@ class Committer:
                 by_chunk.setdefault(s.chunk_id, []).append(s)
         for cid, shards in by_chunk.items():
             entries = [s.entry for s in shards if s.ok and s.entry is not None]
-            if len(shards) != self.world_size or len(entries) != self.world_size:
+            if len(shards) != self.world_size or not all(s.ok for s in shards):
                 self.counters.add("chunks_not_committed")
                 self._emit("not_committed", chunk_id=cid)
                 continue
             first = shards[0]
-            manifest = new_manifest(
-                namespace=self._ns, chunk_id=cid, parent_id=first.parent_id,
-                chunk_index=first.chunk_index, num_tokens=first.num_tokens,
-                writer=self._writer, shards=entries,
-            )
+            try:
+                manifest = new_manifest(
+                    namespace=self._ns, chunk_id=cid, parent_id=first.parent_id,
+                    chunk_index=first.chunk_index, num_tokens=first.num_tokens,
+                    writer=self._writer, shards=entries, tp_size=self.world_size,
+                )
+                if self._num_heads is not None and manifest.num_heads != self._num_heads:
+                    raise ManifestError(f"shards cover {manifest.num_heads} KV heads, "
+                                        f"the model has {self._num_heads}")
+            except ManifestError as exc:  # ranks disagree on who holds which heads
+                self.counters.add("chunks_not_committed")
+                self._emit("not_committed", chunk_id=cid, error=str(exc))
+                log.warning("s3kv: chunk %s not committed: %s", cid[:12], exc)
+                continue
             fut = self._io.submit(self._put_manifest(cid, manifest.encode()))
             with self._mf_lock:
                 self._manifest_futures = [f for f in self._manifest_futures if not f.done()]

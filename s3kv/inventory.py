@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from s3kv.keys import writer_tp
 from s3kv.manifest import Manifest
 from s3kv.store.protocol import ObjectInfo
 
@@ -44,6 +45,11 @@ class ChunkObjects:
     @property
     def writers(self) -> set[str]:
         return {s.writer for s in self.shards}
+
+    @property
+    def writer_tps(self) -> frozenset[int]:
+        """TP sizes of the engines that wrote these shards (from their writer ids)."""
+        return frozenset(tp for w in self.writers if (tp := writer_tp(w)) is not None)
 
     @property
     def objects(self) -> int:
@@ -80,6 +86,7 @@ class ChunkRecord:
     bytes: int
     objects: int
     modified: float
+    tp_size: int = 1  # the committing writer's
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,6 +119,7 @@ class ChunkUsage:
     orphan_bytes: int
     orphan_objects: int
     modified: float | None
+    writer_tps: frozenset[int] = frozenset()
 
 
 @dataclass
@@ -131,6 +139,7 @@ class NamespaceUsage:
     foreign_bytes: int = 0
     oldest: float | None = None
     newest: float | None = None
+    writer_tps: set[int] = field(default_factory=set)  # TP sizes that committed chunks here
 
     @property
     def objects(self) -> int:
@@ -149,6 +158,7 @@ class NamespaceUsage:
         if u.committed:
             self.chunks += 1
             self.invalid_manifests += u.invalid
+            self.writer_tps |= u.writer_tps
         else:
             self.uncommitted_chunks += 1
         if u.modified is not None:
@@ -159,6 +169,7 @@ class NamespaceUsage:
                      "committed_bytes", "orphan_bytes", "orphan_objects", "foreign_objects",
                      "foreign_bytes"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
+        self.writer_tps |= other.writer_tps
         if other.oldest is not None and other.newest is not None:
             self._see(other.oldest, other.newest)
 
@@ -184,12 +195,12 @@ def chunk_usage(item: ScannedChunk) -> ChunkUsage:
     modified = timestamp(group.manifest)
     if item.manifest is None:  # not read (single writer) or undecodable: all of it counts
         return ChunkUsage(True, item.error is not None, 1, len(group.shards), group.bytes, 0, 0,
-                          modified)
+                          modified, group.writer_tps)
     named = named_keys(item.manifest)
     orphans = [s for s in group.shards if s.key not in named]
     orphan_bytes = sum(s.size for s in orphans)
     return ChunkUsage(True, False, 1, len(group.shards), group.bytes - orphan_bytes,
-                      orphan_bytes, len(orphans), modified)
+                      orphan_bytes, len(orphans), modified, frozenset({item.manifest.tp_size}))
 
 
 def chunk_record(item: ScannedChunk) -> ChunkRecord | None:
@@ -205,6 +216,7 @@ def chunk_record(item: ScannedChunk) -> ChunkRecord | None:
         bytes=group.manifest.size + m.total_bytes,
         objects=1 + len(m.shards),
         modified=timestamp(group.manifest),
+        tp_size=m.tp_size,
     )
 
 

@@ -4,11 +4,17 @@ Layout (``<prefix>`` from the settings, ``<ns>`` a 32-hex fingerprint)::
 
     <prefix>/<ns>/namespace.json                    the fingerprint, readable
     <prefix>/<ns>/<cid[:2]>/<cid>/manifest.json     the commit record
-    <prefix>/<ns>/<cid[:2]>/<cid>/<writer>/r<rank>  one shard per TP rank
+    <prefix>/<ns>/<cid[:2]>/<cid>/<writer>/r<rank>  one shard per uploading TP rank
 
-The namespace hashes everything that makes KV bytes incompatible, so a reader
-with a different model, weights, dtype, block size, layout or parallelism
-computes a different namespace and simply misses. Chunk ids are content
+The namespace hashes everything that changes the stored bytes (model and
+weights identity, KV dtype, attention kind, layer and KV head counts, head
+size, chunk size, hash scheme, format version), so a reader of another model,
+weights or dtype computes a different namespace and simply misses. What does
+not change the bytes stays out of it: the TP size (each shard says which
+heads it holds, the manifest records the writer's TP size), the vLLM block
+size (the payload is token-major) and the attention backend's tensor layout
+(mapped to one canonical order), so engines differing only in those share
+one cache. Chunk ids are content
 addresses chained over token ids: a chunk id names the whole prefix up to and
 including its tokens, computed with our own canonical encoding (never vLLM's
 configurable, process-seeded block hash), so they agree across processes,
@@ -28,13 +34,15 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 #: Bumped whenever shard bytes or manifest semantics change incompatibly.
-FORMAT_VERSION = 1
+#: 2: token-major payload, TP size and block size out of the namespace.
+FORMAT_VERSION = 2
 #: Names the token-hash scheme below; part of the namespace.
 HASH_SCHEME = "sha256-u32le-chain-v1"
 
 _HEX32 = re.compile(r"^[0-9a-f]{32}$")
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 _WRITER = re.compile(r"^[0-9a-z\-]{1,64}$")
+_WRITER_TP = re.compile(r"^tp([1-9][0-9]{0,3})-")
 MANIFEST_NAME = "manifest.json"
 NAMESPACE_NAME = "namespace.json"
 
@@ -46,18 +54,19 @@ class Fingerprint:
     model: str
     weights_id: str
     dtype: str
-    kv_layout: str
-    block_size: int
     chunk_tokens: int
     num_layers: int
-    num_kv_heads: int
-    head_size: int
-    tp_size: int
-    pp_size: int = 1
-    pp_rank: int = 0
+    num_kv_heads: int  # total, all ranks together; 1 for MLA (one shared latent)
+    head_size: int  # per KV head; the latent width for MLA
+    attention: str = "mha"  # "mha" (separate K and V per head, GQA included) or "mla"
     tag: str = ""
     format_version: int = FORMAT_VERSION
     hash_scheme: str = HASH_SCHEME
+
+    @property
+    def token_elems(self) -> int:
+        """Elements one token occupies per head and layer in a shard."""
+        return self.head_size if self.attention == "mla" else 2 * self.head_size
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -136,6 +145,18 @@ def is_namespace(value: str) -> bool:
 
 def is_writer_id(value: str) -> bool:
     return bool(_WRITER.match(value))
+
+
+def new_writer_id(tp_size: int, unique: str) -> str:
+    """``tp<N>-<unique>``: names one engine's shards and, for listings that read
+    no manifest, the TP size it wrote them at."""
+    return f"tp{tp_size}-{unique}"
+
+
+def writer_tp(writer: str) -> int | None:
+    """The TP size a writer id records (None for ids without one)."""
+    m = _WRITER_TP.match(writer)
+    return int(m.group(1)) if m else None
 
 
 @dataclass(frozen=True)

@@ -24,9 +24,14 @@ log = logging.getLogger("s3kv.lookup")
 
 
 async def find_committed_prefix(
-    store: Get, layout: KeyLayout, namespace: str, chunk_ids: Sequence[str], *, window: int = 8
+    store: Get, layout: KeyLayout, namespace: str, chunk_ids: Sequence[str], *, window: int = 8,
+    num_heads: int | None = None,
 ) -> list[Manifest]:
-    """Manifests of the longest run of committed chunks at the start of ``chunk_ids``."""
+    """Manifests of the longest run of committed chunks at the start of ``chunk_ids``.
+
+    ``num_heads``: the model's KV heads; a manifest whose shards cover any
+    other number is a miss.
+    """
     found: list[Manifest] = []
     start, size = 0, 1
     while start < len(chunk_ids):
@@ -34,7 +39,8 @@ async def find_committed_prefix(
         batch = chunk_ids[start : start + size]
         start, size = start + len(batch), min(window, size * 2)
         results = await asyncio.gather(
-            *(_fetch(store, layout, namespace, cid) for cid in batch), return_exceptions=True
+            *(_fetch(store, layout, namespace, cid, num_heads) for cid in batch),
+            return_exceptions=True
         )
         for res in results:
             if isinstance(res, BaseException):
@@ -47,13 +53,15 @@ async def find_committed_prefix(
     return found
 
 
-async def _fetch(store: Get, layout: KeyLayout, ns: str, cid: str) -> Manifest | None:
+async def _fetch(store: Get, layout: KeyLayout, ns: str, cid: str,
+                 num_heads: int | None) -> Manifest | None:
     try:
         body = await store.get(layout.manifest(ns, cid))
     except NotFound:
         return None
     try:
-        return decode_manifest(body, layout=layout, expect_namespace=ns, expect_chunk_id=cid)
+        return decode_manifest(body, layout=layout, expect_namespace=ns, expect_chunk_id=cid,
+                               expect_heads=num_heads)
     except ManifestError as exc:
         log.warning("s3kv: ignoring invalid manifest for chunk %s: %s", cid[:12], exc)
         return None

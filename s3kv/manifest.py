@@ -2,16 +2,15 @@
 
 It is small JSON so operators can read it with any S3 tool, parsed strictly
 so a truncated, oversized, foreign or hand-edited document is rejected
-instead of half-trusted. It names every shard with its size and checksums;
-readers verify bytes against it before anything reaches the model.
+instead of half-trusted. It names every shard with its size and checksums
+(what they cover: ``s3kv.shard``); readers verify bytes against it before
+anything reaches the model.
 
-Checksum choice: XXH3-128 over each shard, plus one per head so a ranged
-read of a head range verifies too. 128 bits make an undetected random
-corruption vanishingly unlikely at fleet scale (CRC32C's 32 bits would let
-one in four billion corrupted shards through, and a wrong KV block is a
-silent wrong answer), and XXH3 runs at memory bandwidth, so verifying a load
-costs less than the GET it follows. It is not a defence against an attacker
-with write access to the bucket: IAM is.
+It also records the writer's parallel layout, which is not part of the
+namespace: ``tp_size`` and, per shard, the KV head range it holds. The
+shards' head ranges tile ``[0, num_heads)`` exactly (each head stored once,
+whatever the writer's TP size), so a reader at any TP size finds each head
+it needs in exactly one shard.
 """
 
 from __future__ import annotations
@@ -26,7 +25,7 @@ from s3kv.errors import ManifestError
 from s3kv.keys import KeyLayout, is_chunk_id, is_namespace, is_writer_id
 
 MANIFEST_FORMAT = "s3kv.manifest"
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2
 MAX_MANIFEST_BYTES = 256 * 1024
 MAX_SHARDS = 1024
 CHECKSUM_ALGORITHM = "xxh3-128"
@@ -57,8 +56,14 @@ class Manifest:
     num_tokens: int
     writer: str
     created_at: float
-    shards: tuple[ShardEntry, ...]
+    shards: tuple[ShardEntry, ...]  # ordered by head range
+    tp_size: int = 1  # the writer's tensor-parallel size
     version: int = MANIFEST_VERSION
+
+    @property
+    def num_heads(self) -> int:
+        """KV heads the shards cover (they tile ``[0, num_heads)``)."""
+        return self.shards[-1].head_end
 
     @property
     def total_bytes(self) -> int:
@@ -80,6 +85,7 @@ class Manifest:
             "chunk_index": self.chunk_index,
             "num_tokens": self.num_tokens,
             "writer": self.writer,
+            "tp_size": self.tp_size,
             "created_at": self.created_at,
             "checksum_algorithm": CHECKSUM_ALGORITHM,
             "shards": [
@@ -110,7 +116,14 @@ def new_manifest(
     num_tokens: int,
     writer: str,
     shards: list[ShardEntry],
+    tp_size: int,
 ) -> Manifest:
+    """A manifest over ``shards``; ManifestError unless their head ranges tile
+    ``[0, n)`` without gaps or overlaps and their ranks are distinct."""
+    ordered = tuple(sorted(shards, key=lambda s: s.head_start))
+    _check_tiling(ordered, "manifest")
+    if tp_size < 1 or any(s.rank >= tp_size for s in ordered):
+        raise ManifestError(f"manifest: shard ranks must lie in 0..{tp_size - 1}")
     return Manifest(
         namespace=namespace,
         chunk_id=chunk_id,
@@ -119,8 +132,24 @@ def new_manifest(
         num_tokens=num_tokens,
         writer=writer,
         created_at=round(time.time(), 3),
-        shards=tuple(sorted(shards, key=lambda s: s.rank)),
+        shards=ordered,
+        tp_size=tp_size,
     )
+
+
+def _check_tiling(shards: tuple[ShardEntry, ...], where: str) -> None:
+    if not shards:
+        raise ManifestError(f"{where}: no shards")
+    ranks = [s.rank for s in shards]
+    if len(set(ranks)) != len(ranks):
+        raise ManifestError(f"{where}: shard ranks repeat: {ranks}")
+    at = 0
+    for s in shards:
+        if s.head_start != at:
+            kind = "overlap" if s.head_start < at else "gap"
+            raise ManifestError(
+                f"{where}: head ranges have a {kind} at head {min(at, s.head_start)}")
+        at = s.head_end
 
 
 # --- strict decoding ----------------------------------------------------------
@@ -134,6 +163,7 @@ _TOP_FIELDS = {
     "chunk_index": int,
     "num_tokens": int,
     "writer": str,
+    "tp_size": int,
     "created_at": (int, float),
     "checksum_algorithm": str,
     "shards": list,
@@ -174,8 +204,13 @@ def decode_manifest(
     layout: KeyLayout,
     expect_namespace: str | None = None,
     expect_chunk_id: str | None = None,
+    expect_heads: int | None = None,
 ) -> Manifest:
-    """Parse and validate a manifest; every deviation is a :class:`ManifestError`."""
+    """Parse and validate a manifest; every deviation is a :class:`ManifestError`.
+
+    ``expect_heads``: the reader's model's KV head count; shards covering any
+    other number of heads make the manifest unusable for it.
+    """
     if len(data) > MAX_MANIFEST_BYTES:
         raise ManifestError(f"manifest is {len(data)} bytes, over the {MAX_MANIFEST_BYTES} cap")
     try:
@@ -212,10 +247,15 @@ def decode_manifest(
     if not raw_shards or len(raw_shards) > MAX_SHARDS:
         raise ManifestError(f"manifest: needs 1..{MAX_SHARDS} shards, has {len(raw_shards)}")
     chunk_prefix = layout.chunk_prefix(ns, cid)
-    shards = [_decode_shard(s, i, chunk_prefix) for i, s in enumerate(raw_shards)]
-    ranks = [s.rank for s in shards]
-    if sorted(ranks) != list(range(len(shards))):
-        raise ManifestError(f"manifest: shard ranks must be 0..{len(shards) - 1}, got {ranks}")
+    shards = tuple(sorted((_decode_shard(s, i, chunk_prefix) for i, s in enumerate(raw_shards)),
+                          key=lambda s: s.head_start))
+    _check_tiling(shards, "manifest")
+    tp = doc["tp_size"]
+    if not 1 <= tp <= MAX_SHARDS or any(s.rank >= tp for s in shards):
+        raise ManifestError(f"manifest: tp_size {tp} and shard ranks disagree")
+    if expect_heads is not None and shards[-1].head_end != expect_heads:
+        raise ManifestError(
+            f"manifest covers {shards[-1].head_end} KV heads, this engine has {expect_heads}")
     return Manifest(
         namespace=ns,
         chunk_id=cid,
@@ -224,7 +264,8 @@ def decode_manifest(
         num_tokens=doc["num_tokens"],
         writer=doc["writer"],
         created_at=float(doc["created_at"]),
-        shards=tuple(sorted(shards, key=lambda s: s.rank)),
+        shards=shards,
+        tp_size=tp,
     )
 
 

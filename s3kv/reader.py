@@ -1,78 +1,114 @@
-"""Fetch and verify shards named by a manifest.
+"""Fetch the KV heads a reader needs from the shards a manifest names.
 
-Every byte handed back has been checked against the manifest: size, shard
-checksum (whole reads) or per-head checksums (head-range reads), and the
-header's own claims (chunk, rank, heads). Any deviation is one exception
+The writer's TP size need not be the reader's: a reader computes the head
+range it holds and :func:`plan_reads` picks the fewest reads over the
+manifest's shards, a whole shard where the ranges match and one ranged GET
+per overlapping shard otherwise. Every byte handed back has been verified
+(``s3kv.shard``): whole shards against their size, header and checksums,
+head ranges against their per-head checksums, and both against the reader's
+own payload layout. Any deviation, or a missing shard, is one exception
 type, :class:`~s3kv.errors.IntegrityError`, which callers turn into a
-recompute; a missing shard is reported the same way.
+recompute.
 """
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 
 from s3kv.errors import IntegrityError, InvalidRange, NotFound
 from s3kv.manifest import Manifest, ShardEntry
-from s3kv.shard import ShardSpec, compute_checksums, parse_header, verify_heads
+from s3kv.shard import PayloadLayout, parse_header, range_bounds, verify_range, verify_whole
 from s3kv.store.protocol import Get
 
 
 @dataclass(frozen=True)
-class VerifiedShard:
-    spec: ShardSpec
-    payload: memoryview  # head-major bytes, zero-copy view of the fetched body
-    size: int
+class Read:
+    """Heads ``[head_start, head_end)`` taken from ``entry`` (all of it when ``whole``)."""
+
+    entry: ShardEntry
+    head_start: int
+    head_end: int
+
+    @property
+    def whole(self) -> bool:
+        return (self.head_start, self.head_end) == (self.entry.head_start, self.entry.head_end)
 
 
-def _check_spec(spec: ShardSpec, manifest: Manifest, entry: ShardEntry) -> None:
-    if spec.chunk_id != manifest.chunk_id or spec.rank != entry.rank:
-        raise IntegrityError(
-            f"shard {entry.key} header names chunk {spec.chunk_id[:12]} rank {spec.rank}"
-        )
-    if (spec.head_start, spec.head_end) != (entry.head_start, entry.head_end):
-        raise IntegrityError(f"shard {entry.key} header heads differ from the manifest")
+@dataclass(frozen=True)
+class HeadBytes:
+    """Verified payload bytes of heads ``[head_start, head_end)``, head-major."""
+
+    head_start: int
+    head_end: int
+    payload: memoryview
 
 
-async def read_shard(store: Get, manifest: Manifest, rank: int) -> VerifiedShard:
-    """Fetch one rank's whole shard and verify it; raises IntegrityError."""
-    entry = manifest.shard_for_rank(rank)
+def plan_reads(manifest: Manifest, head_start: int, head_end: int) -> list[Read]:
+    """The reads that assemble heads ``[head_start, head_end)``, in head order.
+
+    Raises IntegrityError if the manifest's shards do not cover the range
+    (a decoded manifest always covers all of its heads; this guards callers
+    that ask for heads the model does not have).
+    """
+    if not 0 <= head_start < head_end:
+        raise IntegrityError(f"bad head range [{head_start},{head_end})")
+    reads = []
+    at = head_start
+    for entry in manifest.shards:  # ordered by head range, tiling [0, num_heads)
+        lo, hi = max(at, entry.head_start), min(head_end, entry.head_end)
+        if lo >= hi:
+            continue
+        if lo != at:
+            break
+        reads.append(Read(entry, lo, hi))
+        at = hi
+        if at == head_end:
+            return reads
+    raise IntegrityError(f"manifest of chunk {manifest.chunk_id[:12]} does not cover heads "
+                         f"[{at},{head_end})")
+
+
+async def read_heads(store: Get, manifest: Manifest, head_start: int, head_end: int,
+                     expect: PayloadLayout) -> list[HeadBytes]:
+    """Fetch and verify heads ``[head_start, head_end)``; raises IntegrityError."""
+    reads = plan_reads(manifest, head_start, head_end)
+    return list(await asyncio.gather(*(_fetch(store, manifest, r, expect) for r in reads)))
+
+
+async def _fetch(store: Get, manifest: Manifest, r: Read, expect: PayloadLayout) -> HeadBytes:
+    entry = r.entry
+    if r.whole:
+        body = await _get(store, entry, None)
+        payload = verify_whole(body, entry, manifest.chunk_id, expect)
+        return HeadBytes(r.head_start, r.head_end, payload)
+    lo, hi = range_bounds(entry, r.head_start, r.head_end, expect)
+    body = await _get(store, entry, (lo, hi))
+    if len(body) != hi - lo:
+        raise IntegrityError(f"ranged read of {entry.key} returned {len(body)} of {hi - lo} bytes")
+    verify_range(body, entry, r.head_start, r.head_end)
+    return HeadBytes(r.head_start, r.head_end, memoryview(body).cast("B"))
+
+
+async def _get(store: Get, entry: ShardEntry, span: tuple[int, int] | None) -> memoryview:
     try:
-        body = await store.get(entry.key)
-    except NotFound:
-        raise IntegrityError(f"shard {entry.key} named by the manifest is missing") from None
-    if len(body) != entry.size:
-        raise IntegrityError(f"shard {entry.key} is {len(body)} bytes, manifest says {entry.size}")
-    spec, off = parse_header(body)
-    if off != entry.payload_offset:
-        raise IntegrityError(f"shard {entry.key} payload offset {off} != {entry.payload_offset}")
-    _check_spec(spec, manifest, entry)
-    sums = compute_checksums(body, off, spec.num_heads)
-    if sums.shard != entry.checksum or sums.heads != entry.head_checksums:
-        raise IntegrityError(f"shard {entry.key} fails its checksum")
-    return VerifiedShard(spec, body[off:], entry.size)
-
-
-async def read_head_range(
-    store: Get, manifest: Manifest, rank: int, head_start: int, head_end: int
-) -> memoryview:
-    """Fetch heads ``[head_start, head_end)`` of one shard with a single ranged GET."""
-    entry = manifest.shard_for_rank(rank)
-    if not entry.head_start <= head_start < head_end <= entry.head_end:
-        raise IntegrityError(
-            f"heads [{head_start},{head_end}) not inside shard heads "
-            f"[{entry.head_start},{entry.head_end})"
-        )
-    per = entry.head_bytes
-    lo = entry.payload_offset + (head_start - entry.head_start) * per
-    hi = lo + (head_end - head_start) * per
-    try:
-        body = await store.get_range(entry.key, lo, hi)
+        if span is None:
+            return memoryview(await store.get(entry.key))
+        return memoryview(await store.get_range(entry.key, *span))
     except NotFound:
         raise IntegrityError(f"shard {entry.key} named by the manifest is missing") from None
     except InvalidRange:
         raise IntegrityError(f"shard {entry.key} is shorter than the manifest says") from None
-    if len(body) != hi - lo:
-        raise IntegrityError(f"ranged read of {entry.key} returned {len(body)} of {hi - lo} bytes")
-    i0, i1 = head_start - entry.head_start, head_end - entry.head_start
-    verify_heads(body, entry.head_checksums[i0:i1])
-    return body
+
+
+async def read_shard(store: Get, manifest: Manifest, entry: ShardEntry,
+                     expect: PayloadLayout | None = None) -> memoryview:
+    """Fetch one whole shard and verify it (for ``s3kv verify`` and audits).
+
+    Without ``expect`` the shard is checked against its own header's layout:
+    every checksum still has to match the manifest.
+    """
+    body = await _get(store, entry, None)
+    if expect is None:
+        expect = parse_header(body)[0].layout
+    return verify_whole(body, entry, manifest.chunk_id, expect)

@@ -1,25 +1,41 @@
-"""Shard objects: one per (chunk, rank), a small header then raw KV bytes.
+"""Shard objects: the one owner of the stored KV byte format.
 
-Payload layout is head-major: ``[heads, layers, blocks, *block_shape]``, so
-the bytes of any contiguous head range are one contiguous byte range and a
-reader with a different head split fetches them with one ranged GET.
+A shard is one object holding a contiguous range of KV heads of one chunk:
+a small header, then the payload. Everything about those bytes lives here:
+the header, the payload layout, the checksums, the manifest entry that
+describes a sealed shard, and the checks a reader runs before any byte may
+reach the model.
 
-The header is padded to 64 bytes so the payload can be viewed as a tensor
-in place. The buffer is allocated by the caller (pinned host memory on GPU),
-the header is written into it, the device copies the KV blocks straight into
-the payload, and the same buffer is handed to the HTTP client: one copy from
-the device, none after.
+Payload layout: ``[heads, layers, tokens, token_elems]``, head-major and
+token-major. Head-major so the bytes of any contiguous head range are one
+contiguous byte range (a reader holding other heads than the writer fetches
+them with one ranged GET); token-major so the bytes do not depend on the
+engine's block size (a 256-token chunk is the same bytes in blocks of 16, 32
+or 128). ``token_elems`` is ``2 * head_size`` for attention with separate K
+and V (keys first, then values) and the latent width for MLA, where the one
+latent "head" is shared by every rank. The engine's tensor layout (NHD, HND,
+K/V or blocks first) is mapped to this order by ``s3kv.vllm.kv_layout``.
+
+The header is padded to 64 bytes so the payload can be viewed as a tensor in
+place. The caller allocates the buffer (pinned host memory on GPU), writes
+the header into it, and the device copies the KV blocks straight into the
+payload; the same buffer is then uploaded: one copy from the device, none
+after.
 
 Checksums: XXH3-128 per head over the payload, and a shard checksum that is
 XXH3-128 over the header bytes followed by the per-head digests. One pass
-over the data yields both, and either a whole-shard or a head-range read can
-be verified.
+over the data yields both, so either a whole-shard or a head-range read can
+be verified. 128 bits make an undetected random corruption vanishingly
+unlikely at fleet scale (CRC32C's 32 bits would let one in four billion
+corrupted shards through, and a wrong KV block is a silent wrong answer),
+and XXH3 runs at memory bandwidth, so verifying a load costs less than the
+GET it follows. It is not a defence against an attacker with write access
+to the bucket: IAM is.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import struct
 from dataclasses import dataclass
 
@@ -27,10 +43,12 @@ import xxhash
 from typing_extensions import Buffer
 
 from s3kv.errors import IntegrityError
+from s3kv.manifest import ShardEntry
 
 MAGIC = b"S3KVSHRD"
-SHARD_VERSION = 1
+SHARD_VERSION = 2
 ALIGN = 64
+ORDER = "head,layer,token"
 _PRELUDE = struct.Struct("<8sHI")  # magic, version, json length
 
 ITEMSIZE = {
@@ -45,15 +63,31 @@ ITEMSIZE = {
 
 
 @dataclass(frozen=True)
+class PayloadLayout:
+    """What one head of a chunk looks like: the same for every shard of a
+    namespace, whatever the writer's or the reader's TP size or block size."""
+
+    dtype: str
+    layer_names: tuple[str, ...]
+    tokens: int
+    token_elems: int
+
+    def __post_init__(self) -> None:
+        if self.dtype not in ITEMSIZE:
+            raise ValueError(f"unsupported dtype {self.dtype!r}; valid: {sorted(ITEMSIZE)}")
+
+    @property
+    def head_bytes(self) -> int:
+        return len(self.layer_names) * self.tokens * self.token_elems * ITEMSIZE[self.dtype]
+
+
+@dataclass(frozen=True)
 class ShardSpec:
     chunk_id: str
-    rank: int
-    dtype: str
+    rank: int  # the writer rank that uploaded it
     head_start: int
     head_end: int
-    layer_names: tuple[str, ...]
-    num_blocks: int
-    block_shape: tuple[int, ...]  # per head, per block (e.g. [block_size, 2*head_size])
+    layout: PayloadLayout
 
     @property
     def num_heads(self) -> int:
@@ -61,41 +95,35 @@ class ShardSpec:
 
     @property
     def head_bytes(self) -> int:
-        return (
-            len(self.layer_names) * self.num_blocks * math.prod(self.block_shape)
-            * ITEMSIZE[self.dtype]
-        )
+        return self.layout.head_bytes
 
     @property
     def payload_bytes(self) -> int:
         return self.num_heads * self.head_bytes
 
     def header_doc(self) -> dict[str, object]:
+        lay = self.layout
         return {
             "v": SHARD_VERSION,
             "chunk_id": self.chunk_id,
             "rank": self.rank,
-            "dtype": self.dtype,
+            "dtype": lay.dtype,
             "heads": [self.head_start, self.head_end],
-            "layers": list(self.layer_names),
-            "blocks": self.num_blocks,
-            "block_shape": list(self.block_shape),
-            "order": "head,layer,block",
+            "layers": list(lay.layer_names),
+            "tokens": lay.tokens,
+            "token_elems": lay.token_elems,
+            "order": ORDER,
         }
 
 
+# --- building -------------------------------------------------------------------
+
+
 def encode_header(spec: ShardSpec) -> bytes:
-    if spec.dtype not in ITEMSIZE:
-        raise ValueError(f"unsupported dtype {spec.dtype!r}; valid: {sorted(ITEMSIZE)}")
+    """The header bytes, padded so the payload that follows is 64-byte aligned."""
     body = json.dumps(spec.header_doc(), separators=(",", ":"), sort_keys=True).encode()
     raw = _PRELUDE.pack(MAGIC, SHARD_VERSION, len(body)) + body
     return raw + b"\x00" * (-len(raw) % ALIGN)
-
-
-def shard_size(spec: ShardSpec) -> tuple[int, int]:
-    """(total object size, payload offset) for ``spec``."""
-    off = len(encode_header(spec))
-    return off + spec.payload_bytes, off
 
 
 def allocate(spec: ShardSpec) -> tuple[bytearray, memoryview]:
@@ -106,17 +134,34 @@ def allocate(spec: ShardSpec) -> tuple[bytearray, memoryview]:
     return buf, memoryview(buf)[len(header) :]
 
 
-def write_header(target: memoryview, spec: ShardSpec) -> int:
-    """Write the header into a caller-owned buffer; returns the payload offset."""
-    header = encode_header(spec)
-    if len(target) != len(header) + spec.payload_bytes:
-        raise ValueError(f"buffer is {len(target)} bytes, shard needs "
-                         f"{len(header) + spec.payload_bytes}")
-    target[: len(header)] = header
-    return len(header)
+def seal(data: Buffer, key: str) -> ShardEntry:
+    """Checksum a filled shard and describe it for the manifest.
+
+    Reads everything it needs from the shard's own header, so whoever moves
+    shards around (the committer) needs to know nothing about heads.
+    """
+    spec, off = parse_header(data)
+    mv = memoryview(data).cast("B")
+    if len(mv) != off + spec.payload_bytes:
+        raise IntegrityError(f"shard {key} is {len(mv)} bytes, its header says "
+                             f"{off + spec.payload_bytes}")
+    heads = _head_digests(mv[off:], spec.num_heads)
+    h = xxhash.xxh3_128()
+    h.update(mv[:off])
+    for d in heads:
+        h.update(d)
+    return ShardEntry(
+        rank=spec.rank, key=key, size=len(mv), checksum=h.hexdigest(),
+        head_start=spec.head_start, head_end=spec.head_end, payload_offset=off,
+        head_checksums=tuple(d.hex() for d in heads),
+    )
+
+
+# --- parsing and verifying --------------------------------------------------------
 
 
 def parse_header(data: Buffer) -> tuple[ShardSpec, int]:
+    """The spec a shard's header claims and its payload offset; IntegrityError if unreadable."""
     mv = memoryview(data)
     if len(mv) < _PRELUDE.size:
         raise IntegrityError("shard shorter than its header prelude")
@@ -125,15 +170,19 @@ def parse_header(data: Buffer) -> tuple[ShardSpec, int]:
         raise IntegrityError(f"not an s3kv shard v{SHARD_VERSION} (magic={magic!r} v={version})")
     try:
         doc = json.loads(bytes(mv[_PRELUDE.size : _PRELUDE.size + n]))
+        if doc["order"] != ORDER:
+            raise ValueError(f"payload order {doc['order']!r}")
         spec = ShardSpec(
             chunk_id=doc["chunk_id"],
             rank=int(doc["rank"]),
-            dtype=doc["dtype"],
             head_start=int(doc["heads"][0]),
             head_end=int(doc["heads"][1]),
-            layer_names=tuple(doc["layers"]),
-            num_blocks=int(doc["blocks"]),
-            block_shape=tuple(int(x) for x in doc["block_shape"]),
+            layout=PayloadLayout(
+                dtype=doc["dtype"],
+                layer_names=tuple(doc["layers"]),
+                tokens=int(doc["tokens"]),
+                token_elems=int(doc["token_elems"]),
+            ),
         )
     except (ValueError, KeyError, TypeError, IndexError) as exc:
         raise IntegrityError(f"shard header unreadable: {exc}") from None
@@ -141,37 +190,67 @@ def parse_header(data: Buffer) -> tuple[ShardSpec, int]:
     return spec, off + (-off % ALIGN)
 
 
-def _digest(data: Buffer) -> bytes:
-    return xxhash.xxh3_128_digest(data)
+def verify_whole(body: Buffer, entry: ShardEntry, chunk_id: str,
+                 expect: PayloadLayout) -> memoryview:
+    """Check a whole fetched shard; returns its payload (zero-copy).
+
+    Against the manifest entry (size, offset, heads, every checksum) and
+    against the reader's engine (dtype, layers, tokens, elements per token).
+    """
+    mv = memoryview(body).cast("B")
+    if len(mv) != entry.size:
+        raise IntegrityError(f"shard {entry.key} is {len(mv)} bytes, manifest says {entry.size}")
+    spec, off = parse_header(mv)
+    if off != entry.payload_offset:
+        raise IntegrityError(f"shard {entry.key} payload offset {off} != {entry.payload_offset}")
+    if spec.chunk_id != chunk_id or spec.rank != entry.rank:
+        raise IntegrityError(
+            f"shard {entry.key} header names chunk {spec.chunk_id[:12]} rank {spec.rank}"
+        )
+    if (spec.head_start, spec.head_end) != (entry.head_start, entry.head_end):
+        raise IntegrityError(f"shard {entry.key} header heads differ from the manifest")
+    if spec.layout != expect:
+        raise IntegrityError(f"shard {entry.key} layout {spec.layout} does not match this "
+                             f"engine {expect}")
+    if seal(mv, entry.key) != entry:
+        raise IntegrityError(f"shard {entry.key} fails its checksum")
+    return mv[off:]
 
 
-@dataclass(frozen=True)
-class Checksums:
-    shard: str
-    heads: tuple[str, ...]
+def range_bounds(entry: ShardEntry, head_start: int, head_end: int,
+                 expect: PayloadLayout) -> tuple[int, int]:
+    """Byte range ``[lo, hi)`` of heads ``[head_start, head_end)`` inside a shard object.
+
+    The size a reader expects per head comes from its own engine, never from
+    the stored object, so a shard of another shape cannot be read as this one.
+    """
+    if not entry.head_start <= head_start < head_end <= entry.head_end:
+        raise IntegrityError(
+            f"heads [{head_start},{head_end}) not inside shard heads "
+            f"[{entry.head_start},{entry.head_end})"
+        )
+    per = expect.head_bytes
+    if entry.size - entry.payload_offset != per * (entry.head_end - entry.head_start):
+        raise IntegrityError(f"shard {entry.key} does not hold {per}-byte heads")
+    lo = entry.payload_offset + (head_start - entry.head_start) * per
+    return lo, lo + (head_end - head_start) * per
 
 
-def compute_checksums(data: Buffer, payload_offset: int, num_heads: int) -> Checksums:
-    mv = memoryview(data).cast("B")
-    payload = mv[payload_offset:]
-    if num_heads <= 0 or len(payload) % num_heads:
-        raise ValueError(f"payload of {len(payload)} bytes does not split into {num_heads} heads")
-    step = len(payload) // num_heads
-    heads = [_digest(payload[i * step : (i + 1) * step]) for i in range(num_heads)]
-    h = xxhash.xxh3_128()
-    h.update(mv[:payload_offset])
-    for d in heads:
-        h.update(d)
-    return Checksums(h.hexdigest(), tuple(d.hex() for d in heads))
-
-
-def verify_heads(payload: Buffer, expected: tuple[str, ...] | list[str]) -> None:
-    """Check a contiguous run of whole heads against their digests."""
-    mv = memoryview(payload).cast("B")
+def verify_range(body: Buffer, entry: ShardEntry, head_start: int, head_end: int) -> None:
+    """Check the bytes of heads ``[head_start, head_end)`` against their digests."""
+    expected = entry.head_checksums[head_start - entry.head_start : head_end - entry.head_start]
+    mv = memoryview(body).cast("B")
     n = len(expected)
     if n == 0 or len(mv) % n:
         raise IntegrityError(f"{len(mv)} payload bytes do not split into {n} heads")
-    step = len(mv) // n
-    for i, want in enumerate(expected):
-        if _digest(mv[i * step : (i + 1) * step]).hex() != want:
-            raise IntegrityError(f"head {i} of the range fails its checksum")
+    for i, got in enumerate(_head_digests(mv, n)):
+        if got.hex() != expected[i]:
+            raise IntegrityError(f"head {head_start + i} of {entry.key} fails its checksum")
+
+
+def _head_digests(payload: memoryview, num_heads: int) -> list[bytes]:
+    if num_heads <= 0 or len(payload) % num_heads:
+        raise IntegrityError(
+            f"payload of {len(payload)} bytes does not split into {num_heads} heads")
+    step = len(payload) // num_heads
+    return [xxhash.xxh3_128_digest(payload[i * step : (i + 1) * step]) for i in range(num_heads)]

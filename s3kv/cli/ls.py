@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import enum
 import time
+from collections.abc import Iterable
 from typing import Annotated, Any
 
 import typer
@@ -102,15 +103,19 @@ def ls(
         run(go)
 
 
-def _fingerprint_label(fp: dict[str, Any] | None) -> tuple[str, str]:
+def _model_label(fp: dict[str, Any] | None) -> str:
     if fp is None:
-        return "-", "-"
+        return "-"
     model = str(fp.get("model", "-"))
     tag = fp.get("tag")
     if tag:
         model += f" [{tag}]"
-    tp = fp.get("tp_size")
-    return model, str(tp) if tp is not None else "-"
+    return model
+
+
+def _tp_label(sizes: Iterable[int]) -> str:
+    """The writer TP sizes present (a namespace is shared by every TP size)."""
+    return ",".join(str(n) for n in sorted(set(sizes))) or "-"
 
 
 async def _list_namespaces(
@@ -136,6 +141,7 @@ async def _list_namespaces(
                 {
                     "namespace": u.namespace,
                     "fingerprint": fp,
+                    "writer_tp_sizes": sorted(u.writer_tps),
                     "chunks": u.chunks,
                     "bytes": u.committed_bytes,
                     "oldest": iso(u.oldest),
@@ -151,9 +157,9 @@ async def _list_namespaces(
     now = time.time()
     table = []
     for u, fp in rows:
-        model, tp = _fingerprint_label(fp)
         table.append([
-            u.namespace or "", model, tp, str(u.chunks), format_size(u.committed_bytes),
+            u.namespace or "", _model_label(fp), _tp_label(u.writer_tps), str(u.chunks),
+            format_size(u.committed_bytes),
             format_age(now - u.oldest if u.oldest else None),
             format_age(now - u.newest if u.newest else None),
         ])
@@ -175,6 +181,7 @@ async def _list_prefixes(
                 invalid += 1
     fp = await cat.fingerprint(ns)
     chunks, total = len(records), sum(r.bytes for r in records)
+    tps = {r.tp_size for r in records}
     prefixes = build_prefixes(records)
     del records
     keys = {
@@ -197,6 +204,7 @@ async def _list_prefixes(
             "prefix": prefix,
             "namespace": ns,
             "fingerprint": fp,
+            "writer_tp_sizes": sorted(tps),
             "chunks": chunks,
             "bytes": total,
             "invalid_manifests": invalid,
@@ -215,8 +223,8 @@ async def _list_prefixes(
             ],
         })
         return
-    model, tp = _fingerprint_label(fp)
-    note(f"namespace {ns}  model {model}  tp {tp}  {chunks} chunks  {format_size(total)}  "
+    note(f"namespace {ns}  model {_model_label(fp)}  writer tp {_tp_label(tps)}  "
+         f"{chunks} chunks  {format_size(total)}  "
          f"{count} prefixes")
     now = time.time()
     echo(render_table(

@@ -175,7 +175,7 @@ async def _verify(cat: Catalog, names: list[str], sample: int | None,
         shards = size = 0
         for entry in manifest.shards:
             try:
-                got = await read_shard(cat.store, manifest, entry.rank)
+                await read_shard(cat.store, manifest, entry)
             except IntegrityError as exc:
                 # Deleted by a GC between our manifest read and now? Then it
                 # is gone, not broken.
@@ -184,7 +184,7 @@ async def _verify(cat: Catalog, names: list[str], sample: int | None,
                         return ns, cid, None, shards, size, True
                 return ns, cid, str(exc), shards, size, False
             shards += 1
-            size += got.size
+            size += entry.size
         return ns, cid, None, shards, size, False
 
     async with contextlib.aclosing(

@@ -1,51 +1,71 @@
 """Per-layer block views of vLLM's KV cache and the copies in and out of it.
 
 Every supported layout is exposed as one view per layer shaped
-``[num_blocks, heads, *block_shape]``; shard payloads are
-``[heads, layers, blocks, *block_shape]``. One strided copy per layer moves a
-chunk either way, on CPU as on GPU (the same code; on GPU the copy-out runs
-on a side stream into pinned memory).
+``[num_blocks, heads, block_size, *token_shape]`` with keys before values
+inside a token (``token_shape`` is ``[2, D]`` or ``[2*D]``; for MLA ``[C]``
+with one "head", the latent shared by every rank). A chunk's payload is
+``[heads, layers, blocks, block_size, *token_shape]``, which is the shard
+format's token-major ``[heads, layers, tokens, token_elems]`` whatever the
+block size. One gather per layer moves a step's chunks out, one indexed copy
+per layer moves a chunk in, on CPU as on GPU (the same code; on GPU the
+copy-out runs on a side stream into pinned memory, loads on their own stream).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 
 import torch
 
 from s3kv.errors import ConfigError
 
+LAYOUTS = ("[B,H,N,C]", "[2,B,N,H,D]", "[B,2,N,H,D]", "[B,2,H,N,D]", "MLA [B,N,C]")
 
-def block_view(t: torch.Tensor, num_blocks: int, heads: int, block_size: int) -> torch.Tensor:
-    """``[num_blocks, heads, *block_shape]`` view of one layer's KV tensor, without copying."""
+
+def block_view(t: torch.Tensor, num_blocks: int, heads: int, block_size: int,
+               mla: bool = False) -> torch.Tensor:
+    """``[num_blocks, heads, block_size, *token_shape]`` view of one layer, without copying.
+
+    Shapes are vLLM's logical ones (``get_kv_cache_shape``); a backend's
+    physical stride order (NHD or HND) is already folded into the strides.
+    """
     shape = tuple(t.shape)
+    if mla:
+        # Every MLA backend (CPU, FlashMLA, CUTLASS, Triton, FlashInfer, FlashAttn
+        # MLA): [B, N, C], C = kv_lora_rank + qk_rope_head_dim.
+        if len(shape) == 3 and shape[0] == num_blocks and shape[1] == block_size and heads == 1:
+            return t.unsqueeze(1)
     # vLLM's logical per-layer layout [B, H, N, C] (CPU, and GPU backends that expose it).
-    if len(shape) == 4 and shape[0] == num_blocks and shape[1] == heads and shape[2] == block_size:
+    elif len(shape) == 4 and shape[0] == num_blocks and shape[1] == heads \
+            and shape[2] == block_size:
         return t
     # FlashAttention-style [2, B, N, H, D] -> [B, H, N, 2, D].
-    if len(shape) == 5 and shape[0] == 2 and shape[1] == num_blocks and shape[2] == block_size \
-            and shape[3] == heads:
+    elif len(shape) == 5 and shape[0] == 2 and shape[1] == num_blocks \
+            and shape[2] == block_size and shape[3] == heads:
         return t.permute(1, 3, 2, 0, 4)
     # [B, 2, N, H, D] (NHD) -> [B, H, N, 2, D]; [B, 2, H, N, D] (HND) -> [B, H, N, 2, D].
-    if len(shape) == 5 and shape[0] == num_blocks and shape[1] == 2:
+    elif len(shape) == 5 and shape[0] == num_blocks and shape[1] == 2:
         if shape[2] == block_size and shape[3] == heads:
             return t.permute(0, 3, 2, 1, 4)
         if shape[2] == heads and shape[3] == block_size:
             return t.permute(0, 2, 3, 1, 4)
     raise ConfigError(
         "kv_cache_layout",
-        f"unsupported KV cache tensor shape {shape} (blocks={num_blocks}, heads={heads}, "
-        f"block_size={block_size})",
-        choices="[B,H,N,C], [2,B,N,H,D], [B,2,N,H,D], [B,2,H,N,D]",
+        f"unsupported {'MLA ' if mla else ''}KV cache tensor shape {shape} "
+        f"(blocks={num_blocks}, heads={heads}, block_size={block_size})",
+        choices=", ".join(LAYOUTS),
     )
 
 
 class KVBlocks:
     def __init__(
-        self, kv_caches: Mapping[str, torch.Tensor], num_blocks: int, heads: int, block_size: int
+        self, kv_caches: Mapping[str, torch.Tensor], num_blocks: int, heads: int, block_size: int,
+        mla: bool = False,
     ) -> None:
         self.names = tuple(kv_caches)
-        self.views = [block_view(t, num_blocks, heads, block_size) for t in kv_caches.values()]
+        self.views = [block_view(t, num_blocks, heads, block_size, mla)
+                      for t in kv_caches.values()]
         first = self.views[0]
         self.block_shape = tuple(first.shape[2:])
         self.dtype = first.dtype
@@ -53,6 +73,11 @@ class KVBlocks:
         for name, v in zip(self.names, self.views, strict=True):
             if tuple(v.shape[2:]) != self.block_shape or v.dtype != self.dtype:
                 raise ConfigError("kv_cache_layout", f"layer {name} differs from the first layer")
+
+    @property
+    def token_elems(self) -> int:
+        """Elements of one token, per head and layer (``2 * head_size``, or the MLA latent)."""
+        return math.prod(self.block_shape[1:])
 
     @property
     def dtype_name(self) -> str:
@@ -103,8 +128,10 @@ class KVBlocks:
             dst.copy_(part.transpose(0, 2).transpose(1, 2), non_blocking=True)
             start += len(chunk)
 
-    def copy_in(self, src: torch.Tensor, offsets: Sequence[int], block_ids: Sequence[int]) -> None:
-        """Copy blocks ``offsets`` of ``src`` (host payload) into ``block_ids``.
+    def copy_in(self, src: torch.Tensor, offsets: Sequence[int], block_ids: Sequence[int],
+                head_offset: int = 0) -> None:
+        """Copy blocks ``offsets`` of ``src`` (host payload, ``[h, layers, blocks, ...]``)
+        into ``block_ids``, heads ``[head_offset, head_offset + h)`` of this rank's.
 
         On GPU the payload crosses to the device once, whole and contiguous;
         blocks are then picked out on the device.
@@ -115,6 +142,7 @@ class KVBlocks:
         else:
             src = src.to(self.device)
             sel = self._index(offsets)
+        h = src.shape[0]
         for li, v in enumerate(self.views):
-            part = src[:, li].index_select(1, sel).transpose(0, 1)  # [k, heads, *block_shape]
-            v.index_copy_(0, idx, part)
+            part = src[:, li].index_select(1, sel).transpose(0, 1)  # [k, h, *block_shape]
+            v[:, head_offset : head_offset + h].index_copy_(0, idx, part)

@@ -95,21 +95,17 @@ def build_fingerprint(vllm_config: Any, settings: Settings) -> Fingerprint:
             weights = f"unresolved:{mc.model}@{getattr(mc, 'revision', None)}"
             log.warning("s3kv: cannot read the weights of %s; set weights_id to pin identity",
                         mc.model)
-    from vllm.platforms import current_platform
-
-    backend = getattr(getattr(vllm_config, "attention_config", None), "backend", None)
+    mla = bool(getattr(mc, "use_mla", False))
     architectures = getattr(mc.hf_config, "architectures", None) or ["unknown"]
     return Fingerprint(
         model=f"{','.join(architectures)}:{os.path.basename(str(mc.model).rstrip('/'))}",
         weights_id=weights,
         dtype=kv_dtype(vllm_config),
-        kv_layout=f"{current_platform.device_type}:{backend or 'auto'}:BHNC",
-        block_size=block_size,
         chunk_tokens=settings.chunk_tokens,
         num_layers=int(mc.get_num_layers(pc)),
-        num_kv_heads=int(mc.get_total_num_kv_heads()),
+        # MLA keeps one latent per token, identical on every rank: one "head".
+        num_kv_heads=1 if mla else int(mc.get_total_num_kv_heads()),
         head_size=int(mc.get_head_size()),
-        tp_size=int(pc.tensor_parallel_size),
-        pp_size=int(pc.pipeline_parallel_size),
+        attention="mla" if mla else "mha",
         tag=settings.namespace_tag,
     )

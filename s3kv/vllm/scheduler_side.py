@@ -160,7 +160,8 @@ class SchedulerSide:
                 self.counters.add("lookups_skipped_store_down")
                 return self._miss(st)
             st.lookup = self.io.submit(
-                find_committed_prefix(self._store, self.layout, self.ns, candidates)
+                find_committed_prefix(self._store, self.layout, self.ns, candidates,
+                                      num_heads=self.fingerprint.num_kv_heads)
             )
             st.lookup_started = time.monotonic()
             st.hit_start_chunk = first

@@ -24,9 +24,10 @@ from s3kv.aio import io_loop
 from s3kv.commit import ChunkSave, Committer, Gatherer, LocalGatherer
 from s3kv.config import Settings
 from s3kv.errors import IntegrityError, Unavailable
-from s3kv.keys import Fingerprint, KeyLayout
-from s3kv.reader import read_shard
-from s3kv.shard import ShardSpec, shard_size, write_header
+from s3kv.heads import head_range, uploads_heads
+from s3kv.keys import Fingerprint, KeyLayout, new_writer_id
+from s3kv.reader import HeadBytes, read_heads
+from s3kv.shard import PayloadLayout, ShardSpec, encode_header
 from s3kv.stats import Counters
 from s3kv.store import ObjectStore, open_store
 from s3kv.vllm.kv_layout import KVBlocks
@@ -35,15 +36,6 @@ from s3kv.vllm.metadata import LoadChunk, LoadRequest, S3KVMetadata
 log = logging.getLogger("s3kv.vllm")
 # Fetched bodies are read-only buffers; we only read from the tensors we wrap them in.
 warnings.filterwarnings("ignore", message="The given buffer is not writable")
-
-
-def head_range(total_heads: int, tp_rank: int, tp_size: int) -> tuple[int, int]:
-    """The KV heads this rank holds (replicated when heads < TP, as vLLM does)."""
-    if total_heads >= tp_size:
-        per = total_heads // tp_size
-        return tp_rank * per, (tp_rank + 1) * per
-    h = tp_rank * total_heads // tp_size
-    return h, h + 1
 
 
 class WorkerSide:
@@ -61,10 +53,12 @@ class WorkerSide:
         self.blocks_per_chunk = settings.chunk_tokens // block_size
         self.tp_rank, self.tp_size, self.tp_ranks = tp_rank, tp_size, tp_ranks
         self.heads = head_range(fingerprint.num_kv_heads, tp_rank, tp_size)
+        self.uploads = uploads_heads(fingerprint.num_kv_heads, tp_rank, tp_size)
         self.can_load, self.can_save = can_load, can_save
         self.counters = counters
         self.io = io_loop()
         self.kv: KVBlocks | None = None
+        self.payload: PayloadLayout | None = None  # one head of one chunk, as stored
         # An already-open store (embedding, tests); otherwise the configured
         # one is opened when the caches are registered.
         self.store: ObjectStore | None = store
@@ -80,12 +74,16 @@ class WorkerSide:
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         n_heads = self.heads[1] - self.heads[0]
-        kv = KVBlocks(kv_caches, self.num_blocks, n_heads, self.block_size)
-        if kv.dtype_name != self.fp.dtype:
-            log.warning("s3kv: KV dtype %s differs from the configured %s; cache disabled",
-                        kv.dtype_name, self.fp.dtype)
+        kv = KVBlocks(kv_caches, self.num_blocks, n_heads, self.block_size,
+                      mla=self.fp.attention == "mla")
+        if kv.dtype_name != self.fp.dtype or kv.token_elems != self.fp.token_elems:
+            log.warning("s3kv: KV cache (%s, %d elements per token) differs from the model's "
+                        "(%s, %d); cache disabled", kv.dtype_name, kv.token_elems,
+                        self.fp.dtype, self.fp.token_elems)
             return
         self.kv = kv
+        self.payload = PayloadLayout(kv.dtype_name, kv.names, self.settings.chunk_tokens,
+                                     kv.token_elems)
         if kv.device.type == "cuda":
             self._side_stream = torch.cuda.Stream(device=kv.device)
             self._load_stream = torch.cuda.Stream(device=kv.device)
@@ -104,7 +102,7 @@ class WorkerSide:
             gatherer = GlooGatherer(self.tp_ranks, self.settings.commit_timeout_s)
         else:
             gatherer = LocalGatherer()
-        writer = gatherer.broadcast(uuid.uuid4().hex[:16])
+        writer = gatherer.broadcast(new_writer_id(self.tp_size, uuid.uuid4().hex[:12]))
         if self.store is None:
             # Ranks must agree on saving or their gathers would wait for each
             # other; a rank without a store still joins rounds, empty-handed.
@@ -113,23 +111,29 @@ class WorkerSide:
             io=self.io, store=self.store or _NoStore(), layout=self.layout, namespace=self.ns,
             writer_id=writer, gatherer=gatherer,
             max_inflight_bytes=self.settings.max_inflight_mib << 20,
-            max_concurrency=self.settings.store.max_concurrency, counters=self.counters,
+            max_concurrency=self.settings.store.max_concurrency,
+            num_heads=self.fp.num_kv_heads, counters=self.counters,
         )
 
     # --- save (forward path) ----------------------------------------------------
 
     def wait_for_save(self, meta: S3KVMetadata) -> None:
-        if not meta.saves or self.committer is None or self.kv is None:
+        if not meta.saves or self.committer is None or self.kv is None or self.payload is None:
+            return
+        if not self.uploads:
+            # A lower rank stores these heads; join the round empty-handed.
+            self.committer.submit(meta.round_id, [
+                ChunkSave(s.chunk_id, s.parent_id, s.chunk_index, s.num_tokens, None)
+                for s in meta.saves
+            ])
             return
         kv = self.kv
         n_heads = self.heads[1] - self.heads[0]
-        specs = [
-            ShardSpec(s.chunk_id, self.tp_rank, kv.dtype_name, self.heads[0], self.heads[1],
-                      kv.names, self.blocks_per_chunk, kv.block_shape)
-            for s in meta.saves
-        ]
-        sizes = [shard_size(sp) for sp in specs]
-        if not self.committer.try_reserve(sum(total for total, _ in sizes)):
+        specs = [ShardSpec(s.chunk_id, self.tp_rank, self.heads[0], self.heads[1], self.payload)
+                 for s in meta.saves]
+        headers = [encode_header(sp) for sp in specs]
+        sizes = [len(h) + sp.payload_bytes for h, sp in zip(headers, specs, strict=True)]
+        if not self.committer.try_reserve(sum(sizes)):
             self.committer.submit_dropped(meta.round_id, [
                 (s.chunk_id, s.parent_id, s.chunk_index, s.num_tokens) for s in meta.saves
             ])
@@ -143,15 +147,12 @@ class WorkerSide:
             self._side_stream.wait_stream(torch.cuda.current_stream(kv.device))
         dsts = []
         with stream_ctx:
-            for s, spec, (total, off) in zip(meta.saves, specs, sizes, strict=True):
+            for s, header, total in zip(meta.saves, headers, sizes, strict=True):
                 host = torch.empty(total, dtype=torch.uint8, pin_memory=on_gpu)
                 mv = host.numpy().data
-                write_header(mv, spec)
-                dsts.append(kv.payload_view(host[off:], n_heads, len(s.block_ids)))
-                saves.append(ChunkSave(
-                    s.chunk_id, s.parent_id, s.chunk_index, s.num_tokens, mv, off,
-                    self.heads[0], self.heads[1],
-                ))
+                mv[: len(header)] = header
+                dsts.append(kv.payload_view(host[len(header):], n_heads, len(s.block_ids)))
+                saves.append(ChunkSave(s.chunk_id, s.parent_id, s.chunk_index, s.num_tokens, mv))
             # All of this step's chunks in one gather: the per-layer launches
             # are paid once per step, not once per chunk.
             kv.copy_out([s.block_ids for s in meta.saves], dsts)
@@ -181,7 +182,7 @@ class WorkerSide:
             issued.record(torch.cuda.current_stream())
         for lr in meta.loads:
             blocks = {bid for ch in lr.chunks for _, bid in ch.blocks}
-            if self.kv is None or self.store is None or not self.can_load:
+            if self.kv is None or self.payload is None or self.store is None or not self.can_load:
                 fut: Future[set[int]] = Future()
                 fut.set_result(blocks)
             else:
@@ -199,15 +200,17 @@ class WorkerSide:
         failed = {bid for _, bid in ch.blocks}
         t0 = time.perf_counter()
         try:
+            if self.store is None or self.payload is None:
+                raise IntegrityError("KV cache or store not ready")
             async with self._load_sem:  # type: ignore[union-attr]
-                vs = await asyncio.wait_for(
-                    read_shard(self.store, ch.manifest, self.tp_rank),  # type: ignore[arg-type]
+                pieces = await asyncio.wait_for(
+                    read_heads(self.store, ch.manifest, self.heads[0], self.heads[1],
+                               self.payload),
                     self.settings.load_timeout_s,
                 )
-            self._check_spec(vs.spec)
             loop = asyncio.get_running_loop()
-            await loop.run_in_executor(None, self._copy_in, vs.payload, ch, issued)
-            self.counters.add("bytes_loaded", vs.size)
+            await loop.run_in_executor(None, self._copy_in, pieces, ch, issued)
+            self.counters.add("bytes_loaded", sum(len(p.payload) for p in pieces))
             self.counters.add("load_seconds", time.perf_counter() - t0)
             self.counters.add("loaded_chunks")
             return set()
@@ -217,33 +220,26 @@ class WorkerSide:
                         ch.manifest.chunk_id[:12], type(exc).__name__, exc)
             return failed
 
-    def _check_spec(self, spec: ShardSpec) -> None:
+    def _copy_in(self, pieces: list[HeadBytes], ch: LoadChunk, issued: Any = None) -> None:
         kv = self.kv
         if kv is None:
             raise IntegrityError("KV cache not registered")
-        expect = (kv.names, kv.dtype_name, kv.block_shape, self.blocks_per_chunk, self.heads)
-        got = (spec.layer_names, spec.dtype, spec.block_shape, spec.num_blocks,
-               (spec.head_start, spec.head_end))
-        if got != expect:
-            raise IntegrityError(f"shard layout {got} does not match this engine {expect}")
-
-    def _copy_in(self, payload: memoryview, ch: LoadChunk, issued: Any = None) -> None:
-        kv = self.kv
-        if kv is None:
-            raise IntegrityError("KV cache not registered")
-        n_heads = self.heads[1] - self.heads[0]
-        flat = torch.frombuffer(payload, dtype=torch.uint8)
-        src = kv.payload_view(flat, n_heads, self.blocks_per_chunk)
         offsets = [o for o, _ in ch.blocks]
         block_ids = [b for _, b in ch.blocks]
+        srcs = [(p.head_start - self.heads[0],
+                 kv.payload_view(torch.frombuffer(p.payload, dtype=torch.uint8),
+                                 p.head_end - p.head_start, self.blocks_per_chunk))
+                for p in pieces]
         if kv.device.type == "cuda":
             with torch.cuda.stream(self._load_stream):
                 if issued is not None:
                     self._load_stream.wait_event(issued)
-                kv.copy_in(src, offsets, block_ids)
+                for head_offset, src in srcs:
+                    kv.copy_in(src, offsets, block_ids, head_offset)
             self._load_stream.synchronize()  # this executor thread only
         else:
-            kv.copy_in(src, offsets, block_ids)
+            for head_offset, src in srcs:
+                kv.copy_in(src, offsets, block_ids, head_offset)
 
     def get_finished(self) -> set[str]:
         done = set()

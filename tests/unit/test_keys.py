@@ -23,7 +23,10 @@ from s3kv.keys import (
     chunk_id,
     is_chunk_id,
     is_namespace,
+    is_writer_id,
     iter_chunk_ids,
+    new_writer_id,
+    writer_tp,
 )
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -39,15 +42,12 @@ FP = Fingerprint(
     model="meta-llama/Llama-3.1-8B",
     weights_id="sha256:abc",
     dtype="bfloat16",
-    kv_layout="NHD",
-    block_size=16,
     chunk_tokens=256,
     num_layers=32,
     num_kv_heads=8,
     head_size=128,
-    tp_size=2,
 )
-KNOWN_NAMESPACE = "bfb4d7185194e4c6532a90d534c2804f"  # FP.namespace, computed once
+KNOWN_NAMESPACE = "bcd7ce8d6e34a7b7f054402a2813d78e"  # FP.namespace (format 2), computed once
 
 NS = "0123456789abcdef0123456789abcdef"
 CID = "ab" + "c" * 62
@@ -191,8 +191,8 @@ def _changed(value: Any) -> Any:
 
 def test_namespace_changes_when_any_field_changes() -> None:
     names = [f.name for f in dataclasses.fields(Fingerprint)]
-    assert {"model", "weights_id", "dtype", "kv_layout", "tp_size", "pp_rank", "tag",
-            "format_version", "hash_scheme"} <= set(names)
+    assert {"model", "weights_id", "dtype", "chunk_tokens", "num_layers", "num_kv_heads",
+            "head_size", "attention", "tag", "format_version", "hash_scheme"} == set(names)
     seen = {FP.namespace: "base"}
     for name in names:
         other = dataclasses.replace(FP, **{name: _changed(getattr(FP, name))})
@@ -201,6 +201,20 @@ def test_namespace_changes_when_any_field_changes() -> None:
         assert ns not in seen, (name, seen.get(ns))
         seen[ns] = name
     assert len(seen) == len(names) + 1
+
+
+def test_parallel_layout_is_not_part_of_the_namespace() -> None:
+    """TP size, block size and the backend's tensor layout do not change the bytes."""
+    names = {f.name for f in dataclasses.fields(Fingerprint)}
+    assert not names & {"tp_size", "pp_size", "pp_rank", "block_size", "kv_layout"}
+
+
+def test_writer_ids_record_the_writer_tp_size() -> None:
+    for tp in (1, 2, 8, 16, 1024):
+        w = new_writer_id(tp, "0123456789ab")
+        assert is_writer_id(w) and writer_tp(w) == tp
+    for w in ("0123456789abcdef", "tp0-x", "tpx-1", "writer-1", "tp2"):
+        assert writer_tp(w) is None
 
 
 def test_namespace_is_stable_and_hex() -> None:

@@ -30,7 +30,7 @@ async def _commit(store: MemoryStore, ids: list[str], upto: int) -> None:
         key = LAYOUT.shard(NS, cid, "w1", 0)
         entry = ShardEntry(0, key, 128, "0" * 32, 0, 1, 64, ("0" * 32,))
         m = new_manifest(namespace=NS, chunk_id=cid, parent_id=ids[i - 1] if i else None,
-                         chunk_index=i, num_tokens=16, writer="w1", shards=[entry])
+                         chunk_index=i, num_tokens=16, writer="w1", shards=[entry], tp_size=1)
         await store.put(LAYOUT.manifest(NS, cid), m.encode(), mode="create")
 
 

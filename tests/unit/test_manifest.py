@@ -13,7 +13,7 @@ from s3kv.manifest import (
     ShardEntry,
     decode_manifest,
 )
-from tests.unit.builders import CIDS, LAYOUT, NS, build_chunk
+from tests.unit.builders import CIDS, LAYOUT, NS, WRITER, build_chunk
 
 CHUNK = build_chunk(index=1, tp=4)
 MANIFEST = CHUNK.manifest
@@ -46,9 +46,11 @@ def test_round_trip() -> None:
 def test_manifest_fields_and_helpers() -> None:
     m = MANIFEST
     assert [s.rank for s in m.shards] == [0, 1, 2, 3]  # sorted although built reversed
+    assert [(s.head_start, s.head_end) for s in m.shards] == [(0, 4), (4, 8), (8, 12), (12, 16)]
+    assert m.tp_size == 4 and m.num_heads == 16
     assert m.parent_id == CIDS[0]
     assert m.total_bytes == sum(len(b) for b in CHUNK.shards.values())
-    assert m.shard_for_rank(2).key == LAYOUT.shard(NS, CIDS[1], "writer-1", 2)
+    assert m.shard_for_rank(2).key == LAYOUT.shard(NS, CIDS[1], WRITER, 2)
     with pytest.raises(ManifestError, match="no shard for rank 4"):
         m.shard_for_rank(4)
     e = m.shard_for_rank(0)
@@ -62,13 +64,13 @@ def test_first_chunk_round_trips_with_null_parent() -> None:
 
 
 def test_wrong_version_rejected() -> None:
-    for version in (0, 2, "1", None):
+    for version in (0, 1, 3, "2", None):  # 1: before TP-independent namespaces
         d = doc()
         d["version"] = version
         rejects(d, "unsupported manifest version")
     d = doc()
-    d["version"] = True  # == 1 in Python, still not an int
-    rejects(d, "'version' has type bool")
+    d["version"] = True  # an int in Python, still not a version
+    rejects(d, "unsupported manifest version")
 
 
 def test_wrong_format_rejected() -> None:
@@ -80,7 +82,7 @@ def test_wrong_format_rejected() -> None:
 @pytest.mark.parametrize(
     "field",
     ["namespace", "chunk_id", "parent_id", "chunk_index", "num_tokens", "writer",
-     "created_at", "checksum_algorithm", "shards"],
+     "tp_size", "created_at", "checksum_algorithm", "shards"],
 )
 def test_missing_top_field_rejected(field: str) -> None:
     d = doc()
@@ -168,14 +170,14 @@ def test_encode_refuses_oversize_manifest() -> None:
     n_heads = 64
     shards = tuple(
         ShardEntry(rank=r, key=LAYOUT.shard(NS, CIDS[1], "w", r), size=64 + n_heads,
-                   checksum="0" * 32, head_start=0, head_end=n_heads, payload_offset=64,
-                   head_checksums=("0" * 32,) * n_heads)
+                   checksum="0" * 32, head_start=r * n_heads, head_end=(r + 1) * n_heads,
+                   payload_offset=64, head_checksums=("0" * 32,) * n_heads)
         for r in range(200)
     )
-    big = Manifest(NS, CIDS[1], CIDS[0], 1, 256, "w", 0.0, shards)
+    big = Manifest(NS, CIDS[1], CIDS[0], 1, 256, "w", 0.0, shards, tp_size=200)
     with pytest.raises(ManifestError, match="over"):
         big.encode()
-    small = Manifest(NS, CIDS[1], CIDS[0], 1, 256, "w", 0.0, shards[:2])
+    small = Manifest(NS, CIDS[1], CIDS[0], 1, 256, "w", 0.0, shards[:2], tp_size=2)
     assert decode(small.encode()) == small
 
 
@@ -206,14 +208,28 @@ def test_shard_key_outside_chunk_prefix_rejected(key: str) -> None:
 
 @pytest.mark.parametrize(
     ("ranks", "match"),
-    [([0, 0, 2, 3], "ranks must be 0..3"), ([0, 1, 2, 4], "ranks must be 0..3"),
-     ([1, 2, 3, 4], "ranks must be 0..3"), ([-1, 1, 2, 3], "out of range")],
+    [([0, 0, 2, 3], "ranks repeat"), ([0, 1, 2, 4], "tp_size 4 and shard ranks disagree"),
+     ([1, 2, 3, 4], "tp_size 4 and shard ranks disagree"), ([-1, 1, 2, 3], "out of range")],
 )
 def test_duplicate_or_missing_ranks_rejected(ranks: list[int], match: str) -> None:
     d = doc()
     for shard, rank in zip(d["shards"], ranks, strict=True):
         shard["rank"] = rank
     rejects(d, match)
+
+
+def test_writer_tp_size_is_recorded_and_checked() -> None:
+    assert doc()["tp_size"] == 4
+    for bad in (0, -1, 2, "4", None, True):  # 2: ranks 2 and 3 would not exist
+        d = doc()
+        d["tp_size"] = bad
+        with pytest.raises(ManifestError):
+            decode(d)
+    # Replicated heads: TP 4 over 2 heads stores two shards, from ranks 0 and 2.
+    m = build_chunk(index=1, tp=4, num_heads=2).manifest
+    assert [(s.rank, s.head_start, s.head_end) for s in m.shards] == [(0, 0, 1), (2, 1, 2)]
+    assert decode(m.encode(), expect_heads=2) == m
+    rejects(m.encode(), "covers 2 KV heads, this engine has 4", expect_heads=4)
 
 
 def test_no_shards_rejected() -> None:
