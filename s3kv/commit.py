@@ -370,6 +370,7 @@ class Committer:
 
     async def _put_manifest(self, cid: str, doc: bytes) -> None:
         key = self._layout.manifest(self._ns, cid)
+        self._emit("committing", chunk_id=cid, key=key)
         try:
             await self._store.put(key, doc, mode="create")
             self.counters.add("chunks_committed")

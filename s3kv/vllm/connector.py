@@ -79,9 +79,14 @@ class S3KVConnector(KVConnectorBase_V1):
 
             tp = get_tp_group()
             num_blocks = int(kv_cache_config.num_blocks) if kv_cache_config is not None else 0
+            from vllm.platforms import current_platform
+
             self._worker = WorkerSide(
                 self.settings, self.fingerprint, num_blocks, block_size, tp.rank_in_group,
                 tp.world_size, list(tp.ranks), can_load, can_save, self.counters,
+                # vLLM's CPU attention keeps a block's keys, then its values; the
+                # GPU backends keep each token's key then value (s3kv.vllm.kv_layout).
+                kv_order="block" if current_platform.is_cpu() else "token",
             )
 
     @property

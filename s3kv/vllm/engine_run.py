@@ -40,6 +40,8 @@ def run(job: dict[str, Any]) -> dict[str, Any]:
         max_num_batched_tokens=job.get("max_num_batched_tokens", 8192),
         enable_prefix_caching=job.get("prefix_caching", True),
     )
+    if job.get("compilation_config"):
+        kwargs["compilation_config"] = job["compilation_config"]
     if job.get("connector"):
         kwargs["kv_transfer_config"] = {
             "kv_connector": "S3KVConnector", "kv_role": job.get("kv_role", "kv_both"),

@@ -15,16 +15,24 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from typing import Literal
 
 import torch
 
 from s3kv.errors import ConfigError
 
-LAYOUTS = ("[B,H,N,C]", "[2,B,N,H,D]", "[B,2,N,H,D]", "[B,2,H,N,D]", "MLA [B,N,C]")
+#: Where a ``[B, H, N, C]`` backend keeps K and V inside ``C``'s block: "token"
+#: (each token's row is K then V; vLLM's GPU backends split the last dim) or
+#: "block" (vLLM's CPU attention reads a block as [K of every token; V of every
+#: token], a view of [H, 2N, D] chunked in two along the token axis).
+KVOrder = Literal["token", "block"]
+
+LAYOUTS = ("[B,H,N,C]", "[2,B,N,H,D]", "[B,2,N,H,D]", "[B,2,H,N,D]", "MLA [B,N,C]",
+           "MLA [B,1,N,C]")
 
 
 def block_view(t: torch.Tensor, num_blocks: int, heads: int, block_size: int,
-               mla: bool = False) -> torch.Tensor:
+               mla: bool = False, kv_order: KVOrder = "token") -> torch.Tensor:
     """``[num_blocks, heads, block_size, *token_shape]`` view of one layer, without copying.
 
     Shapes are vLLM's logical ones (``get_kv_cache_shape``); a backend's
@@ -32,14 +40,25 @@ def block_view(t: torch.Tensor, num_blocks: int, heads: int, block_size: int,
     """
     shape = tuple(t.shape)
     if mla:
-        # Every MLA backend (CPU, FlashMLA, CUTLASS, Triton, FlashInfer, FlashAttn
-        # MLA): [B, N, C], C = kv_lora_rank + qk_rope_head_dim.
-        if len(shape) == 3 and shape[0] == num_blocks and shape[1] == block_size and heads == 1:
-            return t.unsqueeze(1)
-    # vLLM's logical per-layer layout [B, H, N, C] (CPU, and GPU backends that expose it).
+        # The GPU MLA backends: [B, N, C], C = kv_lora_rank + qk_rope_head_dim;
+        # vLLM's CPU MLA backend: [B, 1, N, C].
+        if heads == 1 and shape[0] == num_blocks:
+            if len(shape) == 3 and shape[1] == block_size:
+                return t.unsqueeze(1)
+            if len(shape) == 4 and shape[1] == 1 and shape[2] == block_size:
+                return t
+    # vLLM's logical per-layer layout [B, H, N, C] (every backend since 0.32; the
+    # KVCacheLayout's physical order is in the strides).
     elif len(shape) == 4 and shape[0] == num_blocks and shape[1] == heads \
             and shape[2] == block_size:
-        return t
+        if kv_order == "token":
+            return t
+        if shape[3] % 2 == 0 and t.stride(3) == 1 and t.stride(2) == shape[3]:
+            # [B, H, 2, N, D] in memory -> [B, H, N, 2, D], token-major like the rest.
+            d = shape[3] // 2
+            return t.as_strided((shape[0], shape[1], 2, block_size, d),
+                                (t.stride(0), t.stride(1), block_size * d, d, 1),
+                                t.storage_offset()).permute(0, 1, 3, 2, 4)
     # FlashAttention-style [2, B, N, H, D] -> [B, H, N, 2, D].
     elif len(shape) == 5 and shape[0] == 2 and shape[1] == num_blocks \
             and shape[2] == block_size and shape[3] == heads:
@@ -61,10 +80,10 @@ def block_view(t: torch.Tensor, num_blocks: int, heads: int, block_size: int,
 class KVBlocks:
     def __init__(
         self, kv_caches: Mapping[str, torch.Tensor], num_blocks: int, heads: int, block_size: int,
-        mla: bool = False,
+        mla: bool = False, kv_order: KVOrder = "token",
     ) -> None:
         self.names = tuple(kv_caches)
-        self.views = [block_view(t, num_blocks, heads, block_size, mla)
+        self.views = [block_view(t, num_blocks, heads, block_size, mla, kv_order)
                       for t in kv_caches.values()]
         first = self.views[0]
         self.block_shape = tuple(first.shape[2:])

@@ -24,6 +24,13 @@ PREFIX = "s3kv"
 HEADS_PER_RANK = 2
 
 
+def _payload() -> Any:
+    from s3kv.shard import PayloadLayout
+
+    # One head of one 16-token chunk: two layers, 8 elements per token, fp16.
+    return PayloadLayout("float16", ("l0", "l1"), 16, 8)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -61,7 +68,11 @@ class Scenario:
     salt: str = "a"
     timeout_s: float = 30.0
     rounds: int = 3
+    num_heads: int | None = None  # the model's KV heads; default HEADS_PER_RANK per rank
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def heads(self, world: int) -> int:
+        return self.num_heads if self.num_heads is not None else world * HEADS_PER_RANK
 
 
 class FaultyStore:
@@ -74,11 +85,13 @@ class FaultyStore:
         self._sc = sc
         self._gate = gate
         self._log = log
+        self.puts = 0
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._inner, name)
 
     async def put(self, key: str, data: Any, *, mode: str = "overwrite") -> Any:
+        self.puts += 1
         faulty = self._rank == self._sc.fault_rank and not key.endswith("manifest.json")
         if faulty:
             cid = key.split("/")[3]
@@ -110,7 +123,8 @@ def worker(
     from s3kv.aio import LoopThread
     from s3kv.commit import ChunkSave, Committer
     from s3kv.config import StoreSettings
-    from s3kv.keys import KeyLayout
+    from s3kv.heads import head_range, uploads_heads
+    from s3kv.keys import KeyLayout, new_writer_id
     from s3kv.shard import ShardSpec, allocate
     from s3kv.store import open_store
     from s3kv.vllm.gather import GlooGatherer
@@ -124,12 +138,15 @@ def worker(
     inner = io.run(open_store(StoreSettings(bucket=bucket, endpoint_url=endpoint)))
     log: list[tuple[Any, ...]] = []
     store = FaultyStore(inner, rank, sc, gate if sc.name == "slow" else None, log)
-    writer = gatherer.broadcast(uuid.uuid4().hex[:16] if rank == 0 else None)
+    writer = gatherer.broadcast(new_writer_id(world, uuid.uuid4().hex[:12]) if rank == 0 else None)
+    heads = sc.heads(world)
+    lo, hi = head_range(heads, rank, world)
+    uploads = uploads_heads(heads, rank, world)
     events: list[tuple[str, dict[str, Any]]] = []
     committer = Committer(
         io=io, store=store, layout=KeyLayout(PREFIX), namespace=NAMESPACE, writer_id=writer,
-        gatherer=gatherer, max_inflight_bytes=64 << 20,
-        on_event=lambda name, info: events.append((name, dict(info))),
+        gatherer=gatherer, max_inflight_bytes=64 << 20, num_heads=heads,
+        on_event=lambda name, info: events.append((name, dict(info, t=time.monotonic()))),
     )
     if sc.name == "absent" and rank == sc.fault_rank:
         # Alive and connected, but never joins a gather: hold until the test
@@ -139,12 +156,13 @@ def worker(
     for round_id, chunks in enumerate(plan(sc.rounds)):
         saves = []
         for cid, parent, idx in chunks:
-            spec = ShardSpec(cid, rank, "float16", rank * HEADS_PER_RANK,
-                             (rank + 1) * HEADS_PER_RANK, ("l0", "l1"), 2, (16, 8))
+            if not uploads:  # a lower rank stores these heads: join empty-handed
+                saves.append(ChunkSave(cid, parent, idx, 16, None))
+                continue
+            spec = ShardSpec(cid, rank, lo, hi, _payload())
             buf, payload = allocate(spec)
             payload[:] = random.Random(shard_bytes_seed(cid, rank, sc.salt)).randbytes(len(payload))
-            saves.append(ChunkSave(cid, parent, idx, 16, buf, len(buf) - len(payload),
-                                   spec.head_start, spec.head_end))
+            saves.append(ChunkSave(cid, parent, idx, 16, buf))
         committer.submit(round_id, saves)
         log.append(("submit_returned", round_id, time.monotonic()))
     if sc.name == "slow" and rank != sc.fault_rank:
@@ -152,6 +170,7 @@ def worker(
     flushed = committer.flush(sc.timeout_s * 3)
     results.put({
         "rank": rank, "salt": sc.salt, "writer": writer, "log": log, "events": events,
+        "puts": store.puts,
         "flushed": flushed, "broken": committer.broken,
         "counters": committer.counters.snapshot(),
     })

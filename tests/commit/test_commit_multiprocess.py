@@ -9,17 +9,27 @@ from __future__ import annotations
 import asyncio
 import multiprocessing as mp
 import queue
+import time
 from typing import Any
 
 import pytest
 
 from s3kv.config import StoreSettings
 from s3kv.errors import IntegrityError, NotFound
+from s3kv.heads import uploading_ranks
 from s3kv.keys import KeyLayout
 from s3kv.manifest import decode_manifest
 from s3kv.reader import read_shard
 from s3kv.store import open_store
-from tests.commit.harness import NAMESPACE, PREFIX, Scenario, free_port, plan, worker
+from tests.commit.harness import (
+    HEADS_PER_RANK,
+    NAMESPACE,
+    PREFIX,
+    Scenario,
+    free_port,
+    plan,
+    worker,
+)
 from tests.s3server import S3Endpoint
 
 pytest.importorskip("torch.distributed")
@@ -45,14 +55,25 @@ def run_group(endpoint: S3Endpoint, bucket: str, world: int, sc: Scenario,
     return collect(procs, results, world, sc)
 
 
-def collect(procs: list[Any], results: Any, expected: int, sc: Scenario) -> list[dict[str, Any]]:
-    out = []
-    deadline = sc.timeout_s * 6 + 60
-    for _ in range(expected):
+def collect(procs: list[Any], results: Any, expected: int, sc: Scenario,
+            may_die: frozenset[int] = frozenset()) -> list[dict[str, Any]]:
+    """Reports of ``expected`` ranks. A rank process that exits with an error
+    (other than the indices in ``may_die``) fails the test at once instead of
+    leaving it waiting for a report that will never come."""
+    out: list[dict[str, Any]] = []
+    deadline = time.monotonic() + sc.timeout_s * 6 + 60
+    while len(out) < expected and time.monotonic() < deadline:
         try:
-            out.append(results.get(timeout=deadline))
+            out.append(results.get(timeout=0.5))
+            continue
         except queue.Empty:
-            break
+            pass
+        crashed = [(i, p.exitcode) for i, p in enumerate(procs)
+                   if p.exitcode not in (None, 0) and i not in may_die]
+        if crashed:
+            for p in procs:
+                p.kill()
+            pytest.fail(f"rank processes exited with errors (index, exit code): {crashed}")
     for p in procs:
         p.join(timeout=30)
         if p.is_alive():
@@ -61,8 +82,12 @@ def collect(procs: list[Any], results: Any, expected: int, sc: Scenario) -> list
     return out
 
 
-async def _read_all(endpoint: S3Endpoint, bucket: str, world: int) -> dict[str, Any]:
-    """chunk_id -> manifest for every committed chunk, after verifying every shard."""
+async def _read_all(endpoint: S3Endpoint, bucket: str, world: int,
+                    heads: int | None = None) -> dict[str, Any]:
+    """chunk_id -> manifest for every committed chunk, after verifying every shard
+    and that each KV head is stored exactly once, by the lowest rank holding it."""
+    heads = heads if heads is not None else world * HEADS_PER_RANK
+    uploaders = uploading_ranks(heads, world)
     store = await open_store(StoreSettings(bucket=bucket, endpoint_url=endpoint.url))
     found: dict[str, Any] = {}
     for rnd in plan(6):
@@ -72,17 +97,19 @@ async def _read_all(endpoint: S3Endpoint, bucket: str, world: int) -> dict[str, 
             except NotFound:
                 continue
             m = decode_manifest(body, layout=LAYOUT, expect_namespace=NAMESPACE,
-                                expect_chunk_id=cid)
-            assert len(m.shards) == world
-            for rank in range(world):
-                await read_shard(store, m, rank)  # raises IntegrityError on any mismatch
+                                expect_chunk_id=cid, expect_heads=heads)
+            assert m.tp_size == world
+            assert {s.rank: (s.head_start, s.head_end) for s in m.shards} == uploaders
+            for entry in m.shards:
+                await read_shard(store, m, entry)  # raises IntegrityError on any mismatch
             found[cid] = m
     await store.close()
     return found
 
 
-def committed(endpoint: S3Endpoint, bucket: str, world: int) -> dict[str, Any]:
-    return asyncio.run(_read_all(endpoint, bucket, world))
+def committed(endpoint: S3Endpoint, bucket: str, world: int,
+              heads: int | None = None) -> dict[str, Any]:
+    return asyncio.run(_read_all(endpoint, bucket, world, heads))
 
 
 def all_chunks(rounds: int = 3) -> list[str]:
@@ -142,7 +169,7 @@ def test_d_rank_killed_mid_upload(s3_endpoint: S3Endpoint, bucket: str) -> None:
     sc = Scenario(name="die", die_on_chunk=chunks[2], timeout_s=5.0)
     results, gate = CTX.Queue(), CTX.Event()
     procs = run_group(s3_endpoint, bucket, 2, sc, results, gate, join=False)
-    res = collect(procs, results, 1, sc)  # only the survivor reports
+    res = collect(procs, results, 1, sc, may_die=frozenset({1}))  # only the survivor reports
     assert [r["rank"] for r in res] == [0]
     assert procs[1].exitcode == 3
     survivor = res[0]
@@ -151,6 +178,53 @@ def test_d_rank_killed_mid_upload(s3_endpoint: S3Endpoint, bucket: str) -> None:
     # round 0 may or may not have committed before the death; round 1 and 2 must not
     assert not set(found) & set(chunks[2:])
     assert set(found) <= set(chunks[:2])
+
+
+@pytest.mark.parametrize(("world", "heads"), [(2, 1), (4, 1), (4, 2)])
+def test_replicated_heads_are_stored_once(
+    s3_endpoint: S3Endpoint, bucket: str, world: int, heads: int
+) -> None:
+    """Fewer KV heads than ranks (or MLA's one latent): only the lowest rank holding
+    a head uploads it; the others join every round empty-handed and never PUT."""
+    res = run_group(s3_endpoint, bucket, world, Scenario(num_heads=heads))
+    assert len(res) == world and all(r["flushed"] and r["broken"] is None for r in res)
+    uploaders = uploading_ranks(heads, world)
+    assert len(uploaders) == heads
+    found = committed(s3_endpoint, bucket, world, heads)  # one shard per head range
+    assert sorted(found) == sorted(all_chunks())
+    n = len(all_chunks())
+    for r in res:
+        if r["rank"] in uploaders:
+            assert r["puts"] == n + (n if r["rank"] == 0 else 0)  # shards (+ manifests)
+        else:
+            assert r["puts"] == 0, r["rank"]
+            submits = [e for e in r["log"] if e[0] == "submit_returned"]
+            assert len(submits) == 3
+    per_head = 2 * 16 * 8 * 2  # the harness's payload: 2 layers x 16 tokens x 8 elements, fp16
+    for m in found.values():  # the model's KV bytes once, plus headers
+        assert sum(s.size - s.payload_offset for s in m.shards) == heads * per_head
+
+
+def test_no_manifest_until_the_uploading_ranks_shards_are_stored(
+    s3_endpoint: S3Endpoint, bucket: str
+) -> None:
+    """TP 4 over 2 heads: rank 2 uploads head 1, and its uploads wait until every
+    other rank's submits returned; no manifest exists before they are stored."""
+    sc = Scenario(name="slow", fault_rank=2, num_heads=2, slow_s=0.3)
+    res = run_group(s3_endpoint, bucket, 4, sc)
+    assert len(res) == 4
+    slow = next(r for r in res if r["rank"] == 2)
+    starts = [e for e in slow["log"] if e[0] == "slow_upload_start"]
+    assert len(starts) == len(all_chunks()) and all(e[2] for e in starts)
+    done = {e[1]: e[2] for e in slow["log"] if e[0] == "slow_upload_done"}
+    rank0 = next(r for r in res if r["rank"] == 0)
+    commits = [e for e in rank0["events"] if e[0] == "committed"]
+    assert len(commits) == len(all_chunks())
+    starts_put = [info for name, info in rank0["events"] if name == "committing"]
+    assert len(starts_put) == len(all_chunks())
+    for info in starts_put:  # the slow rank's shard was stored before its manifest PUT began
+        assert done[info["chunk_id"]] < info["t"]
+    assert sorted(committed(s3_endpoint, bucket, 4, 2)) == sorted(all_chunks())
 
 
 def test_gather_peer_that_never_arrives(s3_endpoint: S3Endpoint, bucket: str) -> None:
@@ -210,9 +284,9 @@ def test_reader_rejects_tampered_shard(s3_endpoint: S3Endpoint, bucket: str) -> 
     async def read() -> None:
         store = await open_store(StoreSettings(bucket=bucket, endpoint_url=s3_endpoint.url))
         try:
-            await read_shard(store, m, 0)  # rank 0 still fine
+            await read_shard(store, m, m.shard_for_rank(0))  # rank 0 still fine
             with pytest.raises(IntegrityError):
-                await read_shard(store, m, 1)
+                await read_shard(store, m, m.shard_for_rank(1))
         finally:
             await store.close()
 

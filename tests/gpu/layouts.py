@@ -23,6 +23,11 @@ class Layout:
     # canonical [B, H, N, 2, D] -> the logical tensor's index order
     from_canonical: Callable[[torch.Tensor], torch.Tensor]
     block_dim: int  # block axis of the logical tensor
+    kv_order: str = "token"  # "block": a block holds every token's K, then every V
+    mla: bool = False  # canonical [B, 1, N, C]: one latent per token, C = "head size"
+
+    def canonical_shape(self, b: int, h: int, n: int, d: int) -> tuple[int, ...]:
+        return (b, 1, n, d) if self.mla else (b, h, n, 2, d)
 
     def allocate(self, b: int, h: int, n: int, d: int, dtype: torch.dtype,
                  device: str) -> torch.Tensor:
@@ -51,16 +56,30 @@ LAYOUTS = [
     # A backend exposing HND as its logical shape: [B, 2, H, N, D].
     Layout("[B,2,H,N,D]", lambda b, h, n, d: (b, 2, h, n, d), None,
            lambda c: c.permute(0, 3, 1, 2, 4), 0),
-    # vLLM's CPU backend: [B, H, N, 2*D] (keys then values inside a block).
-    Layout("cpu [B,H,N,2D]", lambda b, h, n, d: (b, h, n, 2 * d), None,
+    # vLLM >= 0.32 hands every backend a logical [B, H, N, C] view, C = K then V of
+    # one token, with the strides of the resolved KVCacheLayout: LBNHC (the GPU
+    # default, physically [B, N, H, C]) ...
+    Layout("[B,H,N,C] LBNHC", lambda b, h, n, d: (b, n, h, 2 * d), (0, 2, 1, 3),
            lambda c: c.reshape(c.shape[0], c.shape[1], c.shape[2], -1), 0),
+    # ... and LBHNC, contiguous [B, H, N, 2*D], which vLLM's CPU attention reads as
+    # [B, H, 2N, D] split in two: a block's keys, then its values.
+    Layout("cpu [B,H,N,C] LBHNC", lambda b, h, n, d: (b, h, n, 2 * d), None,
+           lambda c: c.permute(0, 1, 3, 2, 4).reshape(c.shape[0], c.shape[1], c.shape[2], -1),
+           0, kv_order="block"),
+    # MLA, every GPU backend (FlashMLA, CUTLASS, Triton, FlashInfer, FlashAttention
+    # MLA): [B, N, C]; vLLM's CPU MLA backend: [B, 1, N, C].
+    Layout("MLA [B,N,C]", lambda b, h, n, d: (b, n, d), None, lambda c: c[:, 0], 0, mla=True),
+    Layout("cpu MLA [B,1,N,C]", lambda b, h, n, d: (b, 1, n, d), None, lambda c: c, 0,
+           mla=True),
 ]
 
 # The layouts vLLM's GPU backends produce (the CPU one is tested on GPU too:
 # the code path is the same).
 GPU_LAYOUTS = [lay for lay in LAYOUTS if not lay.name.startswith("cpu")]
+MHA_LAYOUTS = [lay for lay in LAYOUTS if not lay.mla]
+MLA_LAYOUTS = [lay for lay in LAYOUTS if lay.mla]
 
 
 def canonical_bytes(canonical: torch.Tensor, ids: list[int]) -> torch.Tensor:
-    """Expected payload bytes of one layer's blocks ``ids``: ``[H, k, N, 2, D]``."""
+    """Expected payload bytes of one layer's blocks ``ids``: ``[H, k, N, ...]``."""
     return canonical[ids].transpose(0, 1).contiguous()

@@ -54,10 +54,13 @@ class Rig:
         settings = parse_settings({"bucket": "gpu-check", "chunk_tokens": self.chunk_tokens,
                                    "load_timeout_s": 60.0,
                                    "max_inflight_mib": self.max_inflight_mib})
+        if self.layout.mla:
+            self.heads = 1  # one latent, shared by every rank
         self.fp = Fingerprint(
-            model="gpu-check", weights_id="random", dtype=self.dtype, kv_layout="canonical",
-            block_size=self.block_size, chunk_tokens=self.chunk_tokens, num_layers=self.layers,
-            num_kv_heads=self.heads, head_size=self.head_size, tp_size=1,
+            model="gpu-check", weights_id="random", dtype=self.dtype,
+            chunk_tokens=self.chunk_tokens, num_layers=self.layers,
+            num_kv_heads=self.heads, head_size=self.head_size,
+            attention="mla" if self.layout.mla else "mha",
         )
         self.keys = KeyLayout(settings.store.prefix)
         self.caches = {
@@ -69,6 +72,7 @@ class Rig:
         self.worker = WorkerSide(
             settings, self.fp, self.num_blocks, self.block_size, tp_rank=0, tp_size=1,
             tp_ranks=[0], can_load=True, can_save=True, counters=Counters(), store=self.store,
+            kv_order=self.layout.kv_order,  # type: ignore[arg-type]
         )
         self.worker.register_kv_caches(self.caches)
 
@@ -78,16 +82,17 @@ class Rig:
 
     @property
     def chunk_payload_bytes(self) -> int:
-        return (self.layers * self.heads * self.chunk_tokens * 2 * self.head_size
+        return (self.layers * self.heads * self.chunk_tokens * self.fp.token_elems
                 * torch.tensor([], dtype=DTYPES[self.dtype]).element_size())
 
     def canonical(self, seed: int) -> list[torch.Tensor]:
-        """Random per-layer KV ``[B, H, N, 2, D]`` written into every layer."""
+        """Random per-layer KV (``[B, H, N, 2, D]``, MLA ``[B, 1, N, C]``) in every layer."""
         g = torch.Generator(device=self.device).manual_seed(seed)
         out = []
+        shape = self.layout.canonical_shape(self.num_blocks, self.heads, self.block_size,
+                                            self.head_size)
         for t in self.caches.values():
-            c = torch.randn(self.num_blocks, self.heads, self.block_size, 2, self.head_size,
-                            generator=g, device=self.device).to(DTYPES[self.dtype])
+            c = torch.randn(shape, generator=g, device=self.device).to(DTYPES[self.dtype])
             self.layout.fill(t, c)
             out.append(c)
         return out

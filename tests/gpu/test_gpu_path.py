@@ -19,7 +19,14 @@ import torch
 from s3kv.vllm.kv_layout import KVBlocks
 from s3kv.vllm.metadata import S3KVMetadata
 from tests.gpu.conftest import DEVICES, cuda
-from tests.gpu.layouts import GPU_LAYOUTS, LAYOUTS, Layout, canonical_bytes
+from tests.gpu.layouts import (
+    GPU_LAYOUTS,
+    LAYOUTS,
+    MHA_LAYOUTS,
+    MLA_LAYOUTS,
+    Layout,
+    canonical_bytes,
+)
 from tests.gpu.rig import Rig, chunk_id
 
 SRC = [3, 7, 1, 12]  # a chunk's blocks, deliberately out of order
@@ -43,7 +50,7 @@ def _payload(rig: Rig, cid: str) -> torch.Tensor:
     body = bytearray(rig.get(entry.key))
     flat = torch.frombuffer(body, dtype=torch.uint8)[entry.payload_offset:]
     return flat.view(rig.caches[next(iter(rig.caches))].dtype).view(
-        rig.heads, rig.layers, rig.blocks_per_chunk, rig.block_size, 2, rig.head_size)
+        rig.heads, rig.layers, rig.blocks_per_chunk, rig.block_size, -1)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -54,7 +61,8 @@ def test_round_trip_on_the_side_and_load_streams(
     rig = make_rig(layout, device)
     canon = rig.canonical(seed=1)
     before = {n: t.clone() for n, t in rig.caches.items()}
-    kv = KVBlocks(rig.caches, rig.num_blocks, rig.heads, rig.block_size)
+    kv = KVBlocks(rig.caches, rig.num_blocks, rig.heads, rig.block_size, mla=layout.mla,
+                  kv_order=layout.kv_order)  # type: ignore[arg-type]
     on_gpu = device == "cuda"
     host = torch.empty(rig.chunk_payload_bytes, dtype=torch.uint8, pin_memory=on_gpu)
     dst = kv.payload_view(host, rig.heads, len(SRC))
@@ -66,7 +74,7 @@ def test_round_trip_on_the_side_and_load_streams(
         kv.copy_out([SRC], [dst])
     if side is not None:
         side.synchronize()
-    expected = torch.stack([canonical_bytes(c, SRC) for c in canon], dim=1)  # [H, L, k, N, 2, D]
+    expected = torch.stack([canonical_bytes(c, SRC) for c in canon], dim=1)  # [H, L, k, N, ...]
     assert torch.equal(_bits(dst), _bits(expected)), "payload is not in canonical order"
 
     load = torch.cuda.Stream() if on_gpu else None
@@ -84,8 +92,13 @@ def test_round_trip_on_the_side_and_load_streams(
 @pytest.mark.parametrize("device", DEVICES)
 def test_every_layout_stores_the_same_bytes(make_rig: Callable[..., Rig], device: str) -> None:
     """The backend's tensor layout is not part of the stored bytes."""
+    for family in (MHA_LAYOUTS, MLA_LAYOUTS):
+        _same_bytes(make_rig, family, device)
+
+
+def _same_bytes(make_rig: Callable[..., Rig], layouts: list[Layout], device: str) -> None:
     payloads = []
-    for layout in LAYOUTS:
+    for layout in layouts:
         rig = make_rig(layout, device)
         rig.canonical(seed=7)
         cid = chunk_id(0)
@@ -93,8 +106,8 @@ def test_every_layout_stores_the_same_bytes(make_rig: Callable[..., Rig], device
         rig.worker.wait_for_save(rig.save_meta([(cid, SRC)]))
         rig.flush()
         payloads.append(_bits(_payload(rig, cid)))
-    for layout, p in zip(LAYOUTS[1:], payloads[1:], strict=True):
-        assert torch.equal(p, payloads[0]), f"{layout.name} differs from {LAYOUTS[0].name}"
+    for layout, p in zip(layouts[1:], payloads[1:], strict=True):
+        assert torch.equal(p, payloads[0]), f"{layout.name} differs from {layouts[0].name}"
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -232,3 +245,41 @@ def test_loads_wait_for_kernels_queued_before_the_step(
     assert w.take_load_errors() == set()
     for t in rig.caches.values():
         assert bool((rig.layout.blocks(t, dst).float() == 3.0).all())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", LAYOUTS, ids=lambda lay: lay.name)
+def test_chunks_move_between_block_sizes(
+    make_rig: Callable[..., Rig], layout: Layout, device: str
+) -> None:
+    """A chunk saved by an engine with 16-token blocks loads into one with
+    32-token blocks: the stored payload is token-major in every layout."""
+    small = make_rig(layout, device, block_size=16, num_blocks=32)
+    canon = small.canonical(seed=5)
+    big = make_rig(layout, device, block_size=32, num_blocks=16, store=small.store)
+    assert big.fp.namespace == small.fp.namespace
+    assert small.worker is not None and big.worker is not None
+    cid = chunk_id(7)
+    src = [9, 3, 20, 4]  # 64 tokens in four 16-token blocks
+    small.worker.wait_for_save(small.save_meta([(cid, src)]))
+    small.flush()
+    dst = [11, 2]  # the same 64 tokens in two 32-token blocks
+    big.worker.start_load_kv(big.load_meta("r", cid, dst))
+    big.flush()
+    assert big.worker.get_finished() == {"r"} and big.worker.take_load_errors() == set()
+    shape = big.layout.canonical_shape(len(dst), big.heads, big.block_size, big.head_size)
+    for c, t in zip(canon, big.caches.values(), strict=True):
+        want = c[src].transpose(0, 1).flatten(1, 2)  # [heads, 64 tokens, ...]
+        got = _canonical_of(big.layout, t, dst, shape).transpose(0, 1).flatten(1, 2)
+        assert torch.equal(got.cpu(), want.to(torch.float64).cpu())
+
+def _canonical_of(layout: Layout, logical: torch.Tensor, ids: list[int],
+                  shape: tuple[int, ...]) -> torch.Tensor:
+    """Blocks ``ids`` of a logical cache tensor back in canonical order (the
+    inverse of ``layout.from_canonical``, found by filling a probe)."""
+    idx = torch.arange(torch.Size(shape).numel(), dtype=torch.float64).view(shape)
+    probe = layout.from_canonical(idx)
+    picked = layout.blocks(logical, ids).to(torch.float64)
+    out = torch.empty(shape, dtype=torch.float64, device=logical.device)
+    out.view(-1)[probe.reshape(-1).long().to(logical.device)] = picked.reshape(-1)
+    return out

@@ -35,6 +35,12 @@ def baseline_tp1(tiny_model: Path, prompts: list[list[int]]) -> list[list[int]]:
     return run_engine(job(tiny_model, prompts)).outputs
 
 
+@pytest.fixture(scope="session")
+def baseline_tp2(tiny_model: Path, prompts: list[list[int]]) -> list[list[int]]:
+    """Greedy outputs of a TP=2 engine with NO connector."""
+    return run_engine(job(tiny_model, prompts, tp=2)).outputs
+
+
 @pytest.fixture
 def conn(s3_endpoint: S3Endpoint, bucket: str) -> dict[str, Any]:
     return {"bucket": bucket, "endpoint_url": s3_endpoint.url}

@@ -51,8 +51,10 @@ class RunningEngine:
         self._jp, self._rp = TMP / f"job-{tag}.json", TMP / f"result-{tag}.json"
         self._err = TMP / f"stderr-{tag}.txt"
         self._jp.write_text(json.dumps(job))
+        # Models are local directories: never ask the Hugging Face hub (a lookup
+        # that cannot connect cost one model 48 s at start-up).
         env = dict(os.environ, TMPDIR=str(TMP), PYTHONPATH=str(ROOT),
-                   VLLM_ENABLE_V1_MULTIPROCESSING="0")
+                   VLLM_ENABLE_V1_MULTIPROCESSING="0", HF_HUB_OFFLINE="1")
         for k, v in (env_update or {}).items():
             if v is None:
                 env.pop(k, None)
@@ -166,7 +168,7 @@ def audit(endpoint_url: str, bucket: str, prefix: str = "s3kv") -> dict[str, str
                     m = decode_manifest(await store.get(key), layout=layout,
                                         expect_chunk_id=cid)
                     for s in m.shards:
-                        await read_shard(store, m, s.rank)
+                        await read_shard(store, m, s)
                     out[cid] = "ok"
                 except (ManifestError, IntegrityError) as exc:
                     out[cid] = f"{type(exc).__name__}: {exc}"

@@ -58,23 +58,66 @@ def test_a_tp1_second_engine_hits_and_matches(
     assert warm.counters.get("planned_chunks", 0) == 0  # committed chunks are not saved again
 
 
-def test_b_tp2_both_ranks_one_manifest(
-    tiny_model: Path, prompts: list[list[int]], conn: dict[str, Any], s3: Any, bucket: str,
+def test_b_tp2_both_ranks_one_manifest_read_at_tp2_and_tp1(
+    tiny_model: Path, prompts: list[list[int]], baseline_tp1: list[list[int]],
+    baseline_tp2: list[list[int]], conn: dict[str, Any], s3: Any, bucket: str,
 ) -> None:
-    base = run_engine(job(tiny_model, prompts, tp=2))
     cold = run_engine(job(tiny_model, prompts, conn, tp=2))
-    assert cold.outputs == base.outputs
+    assert cold.outputs == baseline_tp2
     found = manifests(s3, bucket)
     assert len(found) == unique_chunks(prompts)
     for m in found.values():
         assert [s.rank for s in m.shards] == [0, 1]
         assert [(s.head_start, s.head_end) for s in m.shards] == [(0, 1), (1, 2)]
+        assert m.tp_size == 2
     shard_keys = [k for k in bucket_keys(s3, bucket) if k.rsplit("/", 1)[-1] in ("r0", "r1")]
     assert len(shard_keys) == 2 * len(found)  # no orphans, no duplicates
     warm = run_engine(job(tiny_model, prompts, conn, tp=2, prefix_caching=False))
-    assert warm.outputs == base.outputs
+    assert warm.outputs == baseline_tp2
     assert warm.counters["hit_tokens"] == warm_expected(prompts)
     assert warm.counters["workers.loaded_chunks"] == 2 * sum(len(p) // CHUNK for p in prompts)
+    # A TP=1 engine reads the same chunks: its one rank assembles both heads
+    # from the two shards (two whole GETs per chunk).
+    tp1 = run_engine(job(tiny_model, prompts, conn, prefix_caching=False, kv_role="kv_consumer"))
+    assert tp1.namespace == cold.namespace
+    assert tp1.outputs == baseline_tp1
+    assert tp1.counters["hit_tokens"] == warm_expected(prompts)
+    assert tp1.counters["workers.loaded_chunks"] == sum(len(p) // CHUNK for p in prompts)
+    assert tp1.counters.get("workers.load_failures", 0) == 0
+
+
+def test_b2_tp1_writer_tp2_reader(
+    tiny_model: Path, prompts: list[list[int]], baseline_tp1: list[list[int]],
+    baseline_tp2: list[list[int]], conn: dict[str, Any], s3: Any, bucket: str,
+) -> None:
+    cold = run_engine(job(tiny_model, prompts, conn))
+    assert cold.outputs == baseline_tp1
+    found = manifests(s3, bucket)
+    assert all([(s.rank, s.head_start, s.head_end) for s in m.shards] == [(0, 0, 2)]
+               and m.tp_size == 1 for m in found.values())
+    # Each TP=2 rank takes its one head out of the TP=1 shard with a ranged GET.
+    warm = run_engine(job(tiny_model, prompts, conn, tp=2, prefix_caching=False,
+                          kv_role="kv_consumer"))
+    assert warm.namespace == cold.namespace
+    assert warm.outputs == baseline_tp2
+    assert warm.counters["hit_tokens"] == warm_expected(prompts)
+    assert warm.counters["workers.loaded_chunks"] == 2 * sum(len(p) // CHUNK for p in prompts)
+    assert warm.counters.get("workers.load_failures", 0) == 0
+
+
+def test_b3_block_size_128_writer_block_size_256_reader(
+    tiny_model: Path, prompts: list[list[int]], conn: dict[str, Any], s3: Any, bucket: str,
+) -> None:
+    """The payload is token-major: a chunk is the same bytes in any block size."""
+    base256 = run_engine(job(tiny_model, prompts, block_size=256))
+    cold = run_engine(job(tiny_model, prompts, conn))
+    warm = run_engine(job(tiny_model, prompts, conn, block_size=256, prefix_caching=False,
+                          kv_role="kv_consumer"))
+    assert warm.namespace == cold.namespace
+    assert warm.outputs == base256.outputs
+    assert warm.counters["hit_tokens"] == sum(
+        min(len(p) // CHUNK * CHUNK, (len(p) - 1) // 256 * 256) for p in prompts)
+    assert warm.counters.get("workers.load_failures", 0) == 0
 
 
 def test_c_corrupted_shard_recomputes(
@@ -125,7 +168,7 @@ def test_e_unreachable_endpoint_serves_without_cache(
     assert "object store unavailable" in res.stderr or "serving without the cache" in res.stderr
 
 
-@pytest.mark.parametrize("change", ["weights", "dtype", "block_size"])
+@pytest.mark.parametrize("change", ["weights", "dtype"])
 def test_f_other_config_never_hits(
     change: str, tiny_model: Path, other_model: Path, prompts: list[list[int]],
     conn: dict[str, Any], s3: Any, bucket: str,
@@ -135,10 +178,8 @@ def test_f_other_config_never_hits(
     model = tiny_model
     if change == "weights":
         model = other_model
-    elif change == "dtype":
-        extra["dtype"] = "bfloat16"
     else:
-        extra["block_size"] = 256
+        extra["dtype"] = "bfloat16"
     other = run_engine(job(model, prompts, conn, **extra))
     assert other.namespace != cold.namespace
     assert other.counters.get("hit_tokens", 0) == 0
@@ -168,9 +209,11 @@ def test_namespace_document_describes_fingerprint(
                                    Key=LAYOUT.namespace_doc(res.namespace))["Body"].read())
     fp = doc["fingerprint"]
     assert doc["namespace"] == res.namespace
-    assert fp["dtype"] == "float32" and fp["block_size"] == 128 and fp["tp_size"] == 1
+    assert fp["dtype"] == "float32" and fp["attention"] == "mha" and fp["chunk_tokens"] == CHUNK
     assert fp["weights_id"].startswith("sampled:")
     assert fp["num_layers"] == 2 and fp["num_kv_heads"] == 2 and fp["head_size"] == 64
+    # What does not change the stored bytes is not part of the namespace.
+    assert not {"tp_size", "block_size", "kv_layout"} & set(fp)
 
 
 def test_no_credentials_serves_without_cache_and_says_why(
