@@ -7,10 +7,10 @@ Part 1, counted: TP ranks (spawned processes in a GLOO group, world sizes
 1, 2 and 4) save one prompt of 8 chunks through ``Committer`` against a moto
 S3 server, with every store call counted by a wrapper. Then the scheduler's
 ``find_committed_prefix`` looks up four prompts (exact hit, hit followed by
-new chunks, partial hit, cold miss) and every rank reads its shard of each
-hit with ``read_shard``. The counts are checked against the design: per
-committed chunk TP shard PUTs + 1 manifest PUT; per hit chunk 1 manifest GET
-+ 1 shard GET per rank.
+new chunks, partial hit, cold miss) and every rank reads its KV heads of each
+hit with ``read_heads``. The counts are checked against the design: per
+committed chunk one shard PUT per uploading rank (each KV head is stored
+once) + 1 manifest PUT; per hit chunk 1 manifest GET + 1 shard GET per rank.
 
 Part 2, computed from the real encoders: bytes stored per token (shard
 headers and manifests included) for Llama-3.1-8B, Llama-3.1-70B and the tiny
@@ -43,9 +43,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import RESULTS, MotoProcess, free_port, machine_info
 from s3kv.config import DEFAULT_CHUNK_TOKENS
-from s3kv.keys import KeyLayout
+from s3kv.heads import head_range, uploading_ranks, uploads_heads
+from s3kv.keys import KeyLayout, new_writer_id
 from s3kv.manifest import ShardEntry, new_manifest
-from s3kv.shard import ITEMSIZE, ShardSpec, shard_size
+from s3kv.reader import plan_reads
+from s3kv.shard import ITEMSIZE, PayloadLayout, ShardSpec, encode_header
 from s3kv.vllm.tiny_model import TinyModelSpec
 
 PACKAGES = ("torch", "obstore", "moto")
@@ -68,7 +70,6 @@ PRICES: dict[str, dict[str, float]] = {
 }
 CHUNKS = (128, 256, 512, 1024, 2048)
 TPS = (1, 4, 8)
-BLOCK_SIZE = 16  # vLLM's default block size on GPU; chunks are whole blocks
 PREFIX_LENGTHS = (300, 1000, 2000, 4000, 8000)
 
 
@@ -94,16 +95,6 @@ def model_shapes() -> list[ModelShape]:
         ModelShape("tiny test model", tiny.num_layers, tiny.num_kv_heads, tiny.head_size,
                    tiny.dtype, tiny.num_heads),
     ]
-
-
-def head_range(total_heads: int, tp_rank: int, tp_size: int) -> tuple[int, int]:
-    """The KV heads one rank holds; the same rule as s3kv.vllm.worker_side.head_range
-    (which imports vLLM): split evenly, or replicate when heads < TP."""
-    if total_heads >= tp_size:
-        per = total_heads // tp_size
-        return tp_rank * per, (tp_rank + 1) * per
-    h = tp_rank * total_heads // tp_size
-    return h, h + 1
 
 
 # --- part 1: counted run ------------------------------------------------------------
@@ -168,6 +159,9 @@ class CountingStore:
 
 SAVED_CHUNKS = 8
 CHUNK_TOKENS = 16  # request counts do not depend on the chunk size
+HEADS = 8  # KV heads of the counted run's model: every rank at TP 1, 2, 4 uploads
+# One head of one chunk: 2 layers x 16 tokens x 256 elements, bf16.
+PAYLOAD = PayloadLayout("bfloat16", ("l0", "l1"), CHUNK_TOKENS, 256)
 
 
 def lookup_prompts() -> dict[str, list[int]]:
@@ -192,7 +186,7 @@ def worker(rank: int, world: int, port: int, endpoint: str, bucket: str, out: An
     from s3kv.config import StoreSettings
     from s3kv.keys import chain_chunk_ids
     from s3kv.lookup import find_committed_prefix
-    from s3kv.reader import read_shard
+    from s3kv.reader import read_heads
     from s3kv.shard import allocate
     from s3kv.store import open_store
     from s3kv.vllm.gather import GlooGatherer
@@ -203,21 +197,24 @@ def worker(rank: int, world: int, port: int, endpoint: str, bucket: str, out: An
     io = LoopThread()
     store = CountingStore(io.run(open_store(StoreSettings(bucket=bucket, endpoint_url=endpoint))))
     layout = KeyLayout(PREFIX)
-    ns = NAMESPACE[:-2] + f"{world:02x}"  # one namespace per TP size, as in production
-    writer = str(gatherer.broadcast(uuid.uuid4().hex[:16] if rank == 0 else None))
+    # Every TP size shares one namespace in production; here each counted run
+    # gets its own, so that every run saves into an empty one.
+    ns = NAMESPACE[:-2] + f"{world:02x}"
+    unique = uuid.uuid4().hex[:16] if rank == 0 else None
+    writer = str(gatherer.broadcast(new_writer_id(world, unique) if unique else None))
     committer = Committer(io=io, store=store, layout=layout, namespace=ns, writer_id=writer,
-                          gatherer=gatherer, max_inflight_bytes=64 << 20)
+                          gatherer=gatherer, max_inflight_bytes=64 << 20, num_heads=HEADS)
     ids = chain_chunk_ids(lookup_prompts()["exact_hit"], CHUNK_TOKENS)
-    heads = 8
-    lo, hi = head_range(heads, rank, world)
+    lo, hi = head_range(HEADS, rank, world)
+    uploads = uploads_heads(HEADS, rank, world)
     for rnd in range(SAVED_CHUNKS // 2):  # rounds of 2 chunks, as one step's plan
         saves = []
         for i in (2 * rnd, 2 * rnd + 1):
-            spec = ShardSpec(ids[i], rank, "bfloat16", lo, hi, ("l0", "l1"), 1, (16, 256))
-            buf, payload = allocate(spec)
-            payload[:] = os.urandom(len(payload))
-            saves.append(ChunkSave(ids[i], ids[i - 1] if i else None, i, CHUNK_TOKENS, buf,
-                                   len(buf) - len(payload), lo, hi))
+            buf = None
+            if uploads:  # else another rank stores these heads; this one joins empty-handed
+                buf, payload = allocate(ShardSpec(ids[i], rank, lo, hi, PAYLOAD))
+                payload[:] = os.urandom(len(payload))
+            saves.append(ChunkSave(ids[i], ids[i - 1] if i else None, i, CHUNK_TOKENS, buf))
         committer.submit(rnd, saves)
     flushed = committer.flush(120)
     counted: dict[str, Any] = {"save": store.take(), "flushed": flushed,
@@ -235,7 +232,9 @@ def worker(rank: int, world: int, port: int, endpoint: str, bucket: str, out: An
                 hits = found
     hits = gatherer.broadcast(hits)  # the scheduler ships manifests to every worker
     for m in hits:
-        io.run(read_shard(store, m, rank))
+        got = io.run(read_heads(store, m, lo, hi, PAYLOAD))
+        if sum(h.payload.nbytes for h in got) != (hi - lo) * PAYLOAD.head_bytes:
+            raise RuntimeError(f"rank {rank} read the wrong number of bytes")
     counted.update({"lookups": lookups, "load": store.take(), "loaded_chunks": len(hits)})
     out.put({"rank": rank, **counted})
     out.close()
@@ -289,9 +288,11 @@ def summarise_counts(world: int, per_rank: list[dict[str, Any]]) -> dict[str, An
         "GET manifest": hit_lookup.get("GET manifest", 0) / loaded,
         "GET shard": load.get("GET shard", 0) / loaded,
     }
+    uploaders = len(uploading_ranks(HEADS, world))
     design_ok = (
         committed == SAVED_CHUNKS
-        and save == Counter({"PUT shard": world * SAVED_CHUNKS, "PUT manifest": SAVED_CHUNKS})
+        and save == Counter({"PUT shard": uploaders * SAVED_CHUNKS,
+                             "PUT manifest": SAVED_CHUNKS})
         and load == Counter({"GET shard": world * loaded})
         and hit_lookup == {"GET manifest": loaded}
     )
@@ -304,7 +305,7 @@ def summarise_counts(world: int, per_rank: list[dict[str, Any]]) -> dict[str, An
         "requests_per_hit_chunk": per_hit,
         "lookups": {k: {"hit_chunks": v["hit_chunks"], "requests": v["requests"]}
                     for k, v in lookups.items()},
-        "design": {"per_committed_chunk": f"{world} shard PUTs + 1 manifest PUT",
+        "design": {"per_committed_chunk": f"{uploaders} shard PUTs + 1 manifest PUT",
                    "per_hit_chunk": f"1 manifest GET + {world} shard GETs"},
         "matches_design": design_ok,
     }
@@ -313,22 +314,35 @@ def summarise_counts(world: int, per_rank: list[dict[str, Any]]) -> dict[str, An
 # --- parts 2 and 3: bytes and dollars --------------------------------------------------
 
 def chunk_objects(model: ModelShape, tp: int, chunk: int) -> dict[str, Any]:
-    """Object sizes of one committed chunk, from the real shard and manifest encoders."""
+    """Object sizes of one committed chunk, from the real shard header and manifest
+    encoders (the checksums are placeholders of their real length: the sizes are
+    what matter, and hashing gigabytes to learn them would add nothing).
+
+    Each KV head is stored once, by the lowest rank holding it: with fewer KV
+    heads than ranks, fewer shards than ranks. Every rank still reads its heads.
+    """
     layers = tuple(f"model.layers.{i}.self_attn.attn" for i in range(model.layers))
+    payload = PayloadLayout(model.dtype, layers, chunk, 2 * model.head_size)
     cid = "ab" * 32
     layout = KeyLayout(PREFIX)
+    writer = new_writer_id(tp, "f" * 16)
     shards, entries = [], []
-    for rank in range(tp):
-        lo, hi = head_range(model.kv_heads, rank, tp)
-        spec = ShardSpec(cid, rank, model.dtype, lo, hi, layers, chunk // BLOCK_SIZE,
-                         (BLOCK_SIZE, 2, model.head_size))
-        size, off = shard_size(spec)
+    for rank, (lo, hi) in uploading_ranks(model.kv_heads, tp).items():
+        spec = ShardSpec(cid, rank, lo, hi, payload)
+        off = len(encode_header(spec))
+        size = off + spec.payload_bytes
         shards.append(size)
-        entries.append(ShardEntry(rank, layout.shard(NAMESPACE, cid, "f" * 16, rank), size,
+        entries.append(ShardEntry(rank, layout.shard(NAMESPACE, cid, writer, rank), size,
                                   "0" * 32, lo, hi, off, tuple("0" * 32 for _ in range(hi - lo))))
     manifest = new_manifest(namespace=NAMESPACE, chunk_id=cid, parent_id="cd" * 32,
-                            chunk_index=1, num_tokens=chunk, writer="f" * 16, shards=entries)
-    return {"shard_bytes": shards, "manifest_bytes": len(manifest.encode()),
+                            chunk_index=1, num_tokens=chunk, writer=writer, shards=entries,
+                            tp_size=tp)
+    # What the ranks of a reader at the same TP size GET: each its own head range.
+    reads = [r.entry.size if r.whole else (r.head_end - r.head_start) * payload.head_bytes
+             for rank in range(tp)
+             for r in plan_reads(manifest, *head_range(model.kv_heads, rank, tp))]
+    return {"shard_bytes": shards, "read_bytes": reads,
+            "manifest_bytes": len(manifest.encode()),
             "kv_bytes": model.kv_bytes_per_token * chunk}
 
 
@@ -337,12 +351,15 @@ def price_chunk(objs: dict[str, Any], tier: dict[str, float], chunk: int, retent
     """Dollars per million cached tokens, by component."""
     n = 1e6 / chunk
     sizes = [*objs["shard_bytes"], objs["manifest_bytes"]]
+    read_sizes = [*objs["read_bytes"], objs["manifest_bytes"]]
     billable = sum(max(0, s - EXPRESS_FREE_BYTES) for s in sizes) / GiB
+    billable_read = sum(max(0, s - EXPRESS_FREE_BYTES) for s in read_sizes) / GiB
     stored = sum(sizes) / GiB
-    reqs = len(sizes)
-    write = n * (reqs * tier["put_per_1k"] / 1000 + billable * tier["upload_per_gb_over_512k"])
+    write = n * (len(sizes) * tier["put_per_1k"] / 1000
+                 + billable * tier["upload_per_gb_over_512k"])
     storage = n * stored * tier["storage_gb_month"] * retention_days / 30
-    read = n * (reqs * tier["get_per_1k"] / 1000 + billable * tier["retrieval_per_gb_over_512k"])
+    read = n * (len(read_sizes) * tier["get_per_1k"] / 1000
+                + billable_read * tier["retrieval_per_gb_over_512k"])
     return {"write": write, "storage": storage, "read_once": read,
             "total": write + storage + reads * read,
             "per_million_served": (write + storage) / reads + read if reads else float("inf")}
@@ -364,8 +381,9 @@ def cost_table(retention_days: float, reads: float) -> list[dict[str, Any]]:
                     "overhead_vs_kv": stored / objs["kv_bytes"] - 1,
                     "shard_object_bytes": max(objs["shard_bytes"]),
                     "manifest_bytes": objs["manifest_bytes"],
-                    "requests_per_chunk_write": tp + 1,
-                    "requests_per_chunk_read": tp + 1,
+                    "shards_per_chunk": len(objs["shard_bytes"]),
+                    "requests_per_chunk_write": len(objs["shard_bytes"]) + 1,
+                    "requests_per_chunk_read": len(objs["read_bytes"]) + 1,
                     "usd_per_million_tokens": {
                         tier: price_chunk(objs, p, chunk, retention_days, reads)
                         for tier, p in PRICES.items()
@@ -394,7 +412,7 @@ def mib(n: int) -> str:
 
 def print_report(counts: list[dict[str, Any]], rows: list[dict[str, Any]],
                  reuse: list[dict[str, Any]], retention_days: float, reads: float) -> None:
-    print("\n1. requests, counted against the moto server (Committer + lookup + read_shard)")
+    print("\n1. requests, counted against the moto server (Committer + lookup + read_heads)")
     print(f"{'TP':>3} {'per committed chunk':<34} {'per hit chunk':<32} {'as designed':>11}")
     for c in counts:
         pc = ", ".join(f"{v:g} {k}" for k, v in sorted(c["requests_per_committed_chunk"].items()))
@@ -485,8 +503,9 @@ def main(argv: list[str] | None = None) -> int:
                    **PRICES},
         "assumptions": {"retention_days": args.retention_days,
                         "reads_per_chunk": args.reads_per_chunk,
-                        "block_size": BLOCK_SIZE,
-                        "block_shape": "[block_size, 2, head_size] per head (K and V)",
+                        "payload": "[heads, layers, tokens, 2 x head_size] per shard "
+                                   "(K and V), token-major: independent of the block size",
+                        "heads": "each KV head stored once, by the lowest rank holding it",
                         "layer_names": "model.layers.<i>.self_attn.attn",
                         "total": "write + storage + reads_per_chunk x read_once",
                         "per_million_served": "(write + storage) / reads_per_chunk + read_once"},

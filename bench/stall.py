@@ -59,8 +59,9 @@ NAMESPACE = "5a11" * 8
 PREFIX = "bench-stall"
 CHUNK_TOKENS = 16  # token ids only name the chunks; the shard size is set separately
 LAYERS = 8
-BLOCK_SHAPE = (16, 256)  # bf16: 8 KiB per head per block per layer
-BLOCK_BYTES = LAYERS * BLOCK_SHAPE[0] * BLOCK_SHAPE[1] * 2  # 64 KiB per block, one head
+BLOCK_TOKENS = 16  # shard payloads are whole 16-token blocks
+TOKEN_ELEMS = 256  # bf16: 512 B per token per head per layer (8 KiB per 16-token block)
+BLOCK_BYTES = LAYERS * BLOCK_TOKENS * TOKEN_ELEMS * 2  # 64 KiB per block, one head
 
 
 class DelayedStore:
@@ -175,12 +176,16 @@ class Ctx:
     def __init__(self, rank: int, world: int, opts: dict[str, Any], gatherer: Any,
                  cpu_group: Any, kv: Any, io: Any, compute: Any) -> None:
         from s3kv.keys import KeyLayout
+        from s3kv.shard import PayloadLayout
 
         self.rank, self.world, self.opts = rank, world, opts
         self.gatherer, self.cpu_group, self.kv, self.io = gatherer, cpu_group, kv, io
         self.compute = compute
         self.layout = KeyLayout(PREFIX)
         self.blocks = max(1, opts["shard_kib"] * 1024 // BLOCK_BYTES)
+        self.payload_layout = PayloadLayout(
+            "bfloat16", tuple(f"model.layers.{i}.self_attn.attn" for i in range(LAYERS)),
+            self.blocks * BLOCK_TOKENS, TOKEN_ELEMS)
         self.payload_src = os.urandom(self.blocks * BLOCK_BYTES)
 
     def chunk_ids(self, tag: str) -> list[str]:
@@ -194,16 +199,18 @@ class Ctx:
         from s3kv.commit import ChunkSave
         from s3kv.shard import ShardSpec, allocate
 
-        spec = ShardSpec(cid, self.rank, "bfloat16", self.rank, self.rank + 1,
-                         tuple(f"model.layers.{i}.self_attn.attn" for i in range(LAYERS)),
-                         self.blocks, BLOCK_SHAPE)
+        # One KV head per rank (heads = TP), as many tokens as fill --shard-kib.
+        spec = ShardSpec(cid, self.rank, self.rank, self.rank + 1, self.payload_layout)
         buf, payload = allocate(spec)
         payload[:] = self.payload_src
-        return ChunkSave(cid, parent, index, CHUNK_TOKENS, buf, len(buf) - len(payload),
-                         spec.head_start, spec.head_end)
+        return ChunkSave(cid, parent, index, CHUNK_TOKENS, buf)
 
     def writer(self) -> str:
-        return str(self.gatherer.broadcast(uuid.uuid4().hex[:16] if self.rank == 0 else None))
+        from s3kv.keys import new_writer_id
+
+        unique = uuid.uuid4().hex[:16] if self.rank == 0 else None
+        return str(self.gatherer.broadcast(
+            new_writer_id(self.world, unique) if unique is not None else None))
 
 
 def _step_loop(ctx: Ctx, tag: str, save: Any) -> dict[str, Any]:
@@ -239,7 +246,7 @@ def run_s3kv(ctx: Ctx, store: Any, tag: str) -> dict[str, Any]:
     committer = Committer(
         io=ctx.io, store=store, layout=ctx.layout, namespace=NAMESPACE,
         writer_id=ctx.writer(), gatherer=ctx.gatherer, max_inflight_bytes=1 << 30,
-        on_event=on_event,
+        num_heads=ctx.world, on_event=on_event,
     )
     res = _step_loop(ctx, tag, lambda step, cid, chunk: committer.submit(step, [chunk]))
     flushed = committer.flush(ctx.opts["timeout_s"])

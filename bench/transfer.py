@@ -15,9 +15,10 @@ For each backend (obstore, aioboto3) and shard size:
   manifest-sized object: the requests s3kv issues, without s3kv. It splits
   the gap between s3kv and raw into the cost of the extra request per chunk
   (s3kv/raw+manifest close to 1) and s3kv's own work;
-* load, s3kv: ``s3kv.reader.read_shard`` (GET + size, header and XXH3 checks)
-  of every shard of one committed save, manifests already in hand (they come
-  from the scheduler's lookup, measured in ``requests_cost.py``);
+* load, s3kv: ``s3kv.reader.read_shard`` (GET + size, header, payload
+  layout and XXH3 checks) of every shard of one committed save, manifests
+  already in hand (they come from the scheduler's lookup, measured in
+  ``requests_cost.py``);
 * load, raw: ``store.get`` of the very same shard objects.
 
 Each load measurement reads every object ``LOAD_PASSES`` times, so that it
@@ -52,10 +53,10 @@ from bench.common import RESULTS, MotoProcess, format_size, machine_info, median
 from s3kv.aio import LoopThread
 from s3kv.commit import ChunkSave, Committer, LocalGatherer
 from s3kv.config import StoreSettings
-from s3kv.keys import KeyLayout, chain_chunk_ids
+from s3kv.keys import KeyLayout, chain_chunk_ids, new_writer_id
 from s3kv.manifest import Manifest, decode_manifest
 from s3kv.reader import read_shard
-from s3kv.shard import ShardSpec, allocate, shard_size
+from s3kv.shard import PayloadLayout, ShardSpec, allocate, encode_header
 from s3kv.store import ObjectStore, open_store
 
 BACKENDS = ("obstore", "aioboto3")
@@ -65,21 +66,24 @@ PACKAGES = ("obstore", "aioboto3", "aiobotocore", "xxhash", "moto")
 NAMESPACE = "7a4f" * 8
 PREFIX = "bench-transfer"
 LAYOUT = KeyLayout(PREFIX)
+WRITER = new_writer_id(1, "bench")
 HEADS = 2
 LAYERS = 8
-BLOCK_SHAPE = (16, 256)  # bf16: 8 KiB per block per head per layer
+BLOCK_TOKENS = 16  # payloads are whole 16-token blocks
+TOKEN_ELEMS = 256  # bf16: 8 KiB per block per head per layer
 MIB = 1 << 20
 LOAD_PASSES = 3  # loads are fast: read every object this often per measurement
 
 
 def spec_for(cid: str, size: int) -> ShardSpec:
     """A shard with ``size`` payload bytes (size a multiple of 128 KiB)."""
-    per_block = HEADS * LAYERS * BLOCK_SHAPE[0] * BLOCK_SHAPE[1] * 2
+    per_block = HEADS * LAYERS * BLOCK_TOKENS * TOKEN_ELEMS * 2
     if size % per_block:
         raise ValueError(f"size must be a multiple of {format_size(per_block)}")
-    return ShardSpec(cid, 0, "bfloat16", 0, HEADS,
-                     tuple(f"model.layers.{i}.self_attn.attn" for i in range(LAYERS)),
-                     size // per_block, BLOCK_SHAPE)
+    layout = PayloadLayout("bfloat16",
+                           tuple(f"model.layers.{i}.self_attn.attn" for i in range(LAYERS)),
+                           size // per_block * BLOCK_TOKENS, TOKEN_ELEMS)
+    return ShardSpec(cid, 0, 0, HEADS, layout)
 
 
 class Bench:
@@ -88,7 +92,10 @@ class Bench:
         self.io, self.store = io, store
         self.size, self.count, self.concurrency = size, count, concurrency
         self.src = os.urandom(size)  # the "device" bytes copied into every shard
-        self.object_size, self.payload_offset = shard_size(spec_for("0" * 64, size))
+        spec = spec_for("0" * 64, size)
+        self.payload_layout = spec.layout  # what the reading engine expects
+        self.payload_offset = len(encode_header(spec))
+        self.object_size = self.payload_offset + spec.payload_bytes
         self.raw_data = os.urandom(self.object_size)
         self.manifest_data = b"{}"  # replaced by a real manifest's size after warm-up
         self.written: list[str] = []
@@ -99,17 +106,16 @@ class Bench:
         ids = chain_chunk_ids(list(range(self.count)), 1, {"run": uuid.uuid4().hex})
         committer = Committer(
             io=self.io, store=self.store, layout=LAYOUT, namespace=NAMESPACE,
-            writer_id="bench", gatherer=LocalGatherer(),
+            writer_id=WRITER, gatherer=LocalGatherer(),
             max_inflight_bytes=self.count * self.object_size + MIB,
-            max_concurrency=self.concurrency,
+            max_concurrency=self.concurrency, num_heads=HEADS,
         )
         t = time.perf_counter()
         for i, cid in enumerate(ids):
             spec = spec_for(cid, self.size)
             buf, payload = allocate(spec)
             payload[:] = self.src
-            committer.submit(i, [ChunkSave(cid, ids[i - 1] if i else None, i, 1, buf,
-                                           len(buf) - len(payload), 0, HEADS)])
+            committer.submit(i, [ChunkSave(cid, ids[i - 1] if i else None, i, 1, buf)])
         if not committer.flush(600):
             raise RuntimeError("committer did not flush")
         elapsed = time.perf_counter() - t
@@ -118,7 +124,7 @@ class Bench:
         if snap.get("chunks_committed") != self.count:
             raise RuntimeError(f"only {snap.get('chunks_committed')} of {self.count} committed")
         self.written += [LAYOUT.manifest(NAMESPACE, c) for c in ids]
-        self.written += [LAYOUT.shard(NAMESPACE, c, "bench", 0) for c in ids]
+        self.written += [LAYOUT.shard(NAMESPACE, c, WRITER, 0) for c in ids]
         return elapsed, ids
 
     def save_raw(self, with_manifest: bool = False) -> float:
@@ -145,13 +151,14 @@ class Bench:
             bodies = await asyncio.gather(
                 *(self.store.get(LAYOUT.manifest(NAMESPACE, c)) for c in ids))
             return [decode_manifest(b, layout=LAYOUT, expect_namespace=NAMESPACE,
-                                    expect_chunk_id=c) for b, c in zip(bodies, ids, strict=True)]
+                                    expect_chunk_id=c, expect_heads=HEADS)
+                    for b, c in zip(bodies, ids, strict=True)]
         return self.io.run(go())
 
     def load_s3kv(self, manifests: list[Manifest]) -> float:
         async def one(m: Manifest) -> None:
-            vs = await read_shard(self.store, m, 0)
-            if vs.payload.nbytes != self.size or bytes(vs.payload[:64]) != self.src[:64]:
+            payload = await read_shard(self.store, m, m.shard_for_rank(0), self.payload_layout)
+            if payload.nbytes != self.size or bytes(payload[:64]) != self.src[:64]:
                 raise RuntimeError("read back different bytes")
 
         async def go() -> float:
@@ -226,7 +233,7 @@ def run_case(io: LoopThread, store: ObjectStore, backend: str, size: int, count:
             print(f"  {backend:<9} save {format_size(size):>7} rep {rep + 1} {mode:<12} "
                   f"{kv_bytes / MIB / secs:8.1f} MiB/s", flush=True)
         keep_keys = {LAYOUT.manifest(NAMESPACE, c) for c in keep}
-        keep_keys |= {LAYOUT.shard(NAMESPACE, c, "bench", 0) for c in keep}
+        keep_keys |= {LAYOUT.shard(NAMESPACE, c, WRITER, 0) for c in keep}
         b.cleanup(keep_keys)
     manifests = b.manifests(keep)
     for rep in range(args.reps):

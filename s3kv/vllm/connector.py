@@ -45,6 +45,20 @@ def _shorten_gil_switch_interval() -> None:
         sys.setswitchinterval(_SWITCH_INTERVAL_S)
 
 
+def _backend_token_map(fp: Any, block_size: int) -> torch.Tensor | None:
+    """The CPU attention kernel packs each block its own way (s3kv.vllm.cpu_layout);
+    the GPU backends and MLA keep tokens in order, each token's K then V."""
+    from vllm.platforms import current_platform
+
+    if fp.attention == "mla" or not current_platform.is_cpu():
+        return None
+    import torch
+
+    from s3kv.vllm.cpu_layout import cpu_token_map
+
+    return cpu_token_map(getattr(torch, fp.dtype), block_size, fp.head_size)
+
+
 class S3KVConnector(KVConnectorBase_V1):
     def __init__(self, vllm_config: Any, role: KVConnectorRole, kv_cache_config: Any = None):
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
@@ -79,14 +93,10 @@ class S3KVConnector(KVConnectorBase_V1):
 
             tp = get_tp_group()
             num_blocks = int(kv_cache_config.num_blocks) if kv_cache_config is not None else 0
-            from vllm.platforms import current_platform
-
             self._worker = WorkerSide(
                 self.settings, self.fingerprint, num_blocks, block_size, tp.rank_in_group,
                 tp.world_size, list(tp.ranks), can_load, can_save, self.counters,
-                # vLLM's CPU attention keeps a block's keys, then its values; the
-                # GPU backends keep each token's key then value (s3kv.vllm.kv_layout).
-                kv_order="block" if current_platform.is_cpu() else "token",
+                token_map=_backend_token_map(self.fingerprint, block_size),
             )
 
     @property

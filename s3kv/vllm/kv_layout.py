@@ -15,24 +15,17 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import Literal
 
 import torch
 
 from s3kv.errors import ConfigError
-
-#: Where a ``[B, H, N, C]`` backend keeps K and V inside ``C``'s block: "token"
-#: (each token's row is K then V; vLLM's GPU backends split the last dim) or
-#: "block" (vLLM's CPU attention reads a block as [K of every token; V of every
-#: token], a view of [H, 2N, D] chunked in two along the token axis).
-KVOrder = Literal["token", "block"]
 
 LAYOUTS = ("[B,H,N,C]", "[2,B,N,H,D]", "[B,2,N,H,D]", "[B,2,H,N,D]", "MLA [B,N,C]",
            "MLA [B,1,N,C]")
 
 
 def block_view(t: torch.Tensor, num_blocks: int, heads: int, block_size: int,
-               mla: bool = False, kv_order: KVOrder = "token") -> torch.Tensor:
+               mla: bool = False) -> torch.Tensor:
     """``[num_blocks, heads, block_size, *token_shape]`` view of one layer, without copying.
 
     Shapes are vLLM's logical ones (``get_kv_cache_shape``); a backend's
@@ -51,14 +44,7 @@ def block_view(t: torch.Tensor, num_blocks: int, heads: int, block_size: int,
     # KVCacheLayout's physical order is in the strides).
     elif len(shape) == 4 and shape[0] == num_blocks and shape[1] == heads \
             and shape[2] == block_size:
-        if kv_order == "token":
-            return t
-        if shape[3] % 2 == 0 and t.stride(3) == 1 and t.stride(2) == shape[3]:
-            # [B, H, 2, N, D] in memory -> [B, H, N, 2, D], token-major like the rest.
-            d = shape[3] // 2
-            return t.as_strided((shape[0], shape[1], 2, block_size, d),
-                                (t.stride(0), t.stride(1), block_size * d, d, 1),
-                                t.storage_offset()).permute(0, 1, 3, 2, 4)
+        return t
     # FlashAttention-style [2, B, N, H, D] -> [B, H, N, 2, D].
     elif len(shape) == 5 and shape[0] == 2 and shape[1] == num_blocks \
             and shape[2] == block_size and shape[3] == heads:
@@ -78,19 +64,39 @@ def block_view(t: torch.Tensor, num_blocks: int, heads: int, block_size: int,
 
 
 class KVBlocks:
+    """A layer-by-layer view of the KV cache and the copies between it and payloads.
+
+    ``token_map``: for a backend whose kernel packs each (block, head) slab in
+    its own order (vLLM's CPU attention, ``s3kv.vllm.cpu_layout``), the slab
+    offset of each canonical position (token, K/V, element). Copies then
+    gather and scatter through it, so payloads stay token-major.
+    """
+
     def __init__(
         self, kv_caches: Mapping[str, torch.Tensor], num_blocks: int, heads: int, block_size: int,
-        mla: bool = False, kv_order: KVOrder = "token",
+        mla: bool = False, token_map: torch.Tensor | None = None,
     ) -> None:
         self.names = tuple(kv_caches)
-        self.views = [block_view(t, num_blocks, heads, block_size, mla, kv_order)
+        self.views = [block_view(t, num_blocks, heads, block_size, mla)
                       for t in kv_caches.values()]
         first = self.views[0]
         self.block_shape = tuple(first.shape[2:])
+        self.token_map: torch.Tensor | None = None
+        if token_map is not None:
+            slab = math.prod(self.block_shape)
+            if token_map.shape != (slab,) or any(
+                    v.dim() != 4 or v.stride(3) != 1 or v.stride(2) != v.shape[3]
+                    for v in self.views):
+                raise ConfigError("kv_cache_layout",
+                                  f"a token map of {tuple(token_map.shape)} does not fit blocks "
+                                  f"of {self.block_shape}")
+            # Whole slabs per (block, head): [B, H, N*C], gathered through the map.
+            self.views = [v.flatten(2) for v in self.views]
+            self.token_map = token_map.to(first.device)
         self.dtype = first.dtype
         self.device = first.device
         for name, v in zip(self.names, self.views, strict=True):
-            if tuple(v.shape[2:]) != self.block_shape or v.dtype != self.dtype:
+            if tuple(v.shape) != tuple(self.views[0].shape) or v.dtype != self.dtype:
                 raise ConfigError("kv_cache_layout", f"layer {name} differs from the first layer")
 
     @property
@@ -141,6 +147,9 @@ class KVBlocks:
                                dtype=self.dtype, device=self.device)
         for li, v in enumerate(self.views):
             torch.index_select(v, 0, idx, out=gathered[li])
+        if self.token_map is not None:  # slab order -> canonical, every layer at once
+            gathered = gathered.index_select(3, self.token_map).view(
+                *gathered.shape[:3], *self.block_shape)
         start = 0
         for chunk, dst in zip(chunks, dsts, strict=True):
             part = gathered[:, start : start + len(chunk)]  # [layers, k, heads, ...]
@@ -164,4 +173,7 @@ class KVBlocks:
         h = src.shape[0]
         for li, v in enumerate(self.views):
             part = src[:, li].index_select(1, sel).transpose(0, 1)  # [k, h, *block_shape]
+            if self.token_map is not None:  # canonical -> the kernel's slab order
+                flat = part.reshape(part.shape[0], h, -1)
+                part = torch.empty_like(flat).index_copy_(2, self.token_map, flat)
             v[:, head_offset : head_offset + h].index_copy_(0, idx, part)

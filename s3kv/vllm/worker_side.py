@@ -30,7 +30,7 @@ from s3kv.reader import HeadBytes, read_heads
 from s3kv.shard import PayloadLayout, ShardSpec, encode_header
 from s3kv.stats import Counters
 from s3kv.store import ObjectStore, open_store
-from s3kv.vllm.kv_layout import KVBlocks, KVOrder
+from s3kv.vllm.kv_layout import KVBlocks
 from s3kv.vllm.metadata import LoadChunk, LoadRequest, S3KVMetadata
 
 log = logging.getLogger("s3kv.vllm")
@@ -42,7 +42,8 @@ class WorkerSide:
     def __init__(
         self, settings: Settings, fingerprint: Fingerprint, num_blocks: int, block_size: int,
         tp_rank: int, tp_size: int, tp_ranks: list[int], can_load: bool, can_save: bool,
-        counters: Counters, store: ObjectStore | None = None, kv_order: KVOrder = "token",
+        counters: Counters, store: ObjectStore | None = None,
+        token_map: torch.Tensor | None = None,
     ) -> None:
         self.settings = settings
         self.fp = fingerprint
@@ -55,7 +56,7 @@ class WorkerSide:
         self.heads = head_range(fingerprint.num_kv_heads, tp_rank, tp_size)
         self.uploads = uploads_heads(fingerprint.num_kv_heads, tp_rank, tp_size)
         self.can_load, self.can_save = can_load, can_save
-        self.kv_order = kv_order
+        self.token_map = token_map  # the backend's packing of a block (kv_layout.KVBlocks)
         self.counters = counters
         self.io = io_loop()
         self.kv: KVBlocks | None = None
@@ -76,7 +77,7 @@ class WorkerSide:
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         n_heads = self.heads[1] - self.heads[0]
         kv = KVBlocks(kv_caches, self.num_blocks, n_heads, self.block_size,
-                      mla=self.fp.attention == "mla", kv_order=self.kv_order)
+                      mla=self.fp.attention == "mla", token_map=self.token_map)
         if kv.dtype_name != self.fp.dtype or kv.token_elems != self.fp.token_elems:
             log.warning("s3kv: KV cache (%s, %d elements per token) differs from the model's "
                         "(%s, %d); cache disabled", kv.dtype_name, kv.token_elems,

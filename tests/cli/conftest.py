@@ -10,7 +10,7 @@ import pytest
 from typer.testing import CliRunner, Result
 
 from s3kv.cli.app import app
-from s3kv.keys import KeyLayout
+from s3kv.keys import KeyLayout, new_writer_id
 from tests.cli.helpers import ChunkWriter, fingerprint, list_keys
 from tests.s3server import S3Endpoint
 
@@ -38,10 +38,13 @@ class Bucket:
         return {"S3KV_BUCKET": self.name, "S3KV_ENDPOINT_URL": self.endpoint.url,
                 "S3KV_BACKEND": self.backend}
 
-    def writer(self, model: str = "tiny-llama", *, tp: int = 1, writer: str = "w-test",
+    def writer(self, model: str = "tiny-llama", *, tp: int = 1, writer: str = "test",
                doc: bool = True, tag: str = "") -> ChunkWriter:
-        fp = fingerprint(model, tp, tag)
-        w = ChunkWriter(self.client, self.name, self.layout, fp.namespace, writer=writer, tp=tp)
+        """A writer at TP ``tp``; its id is ``new_writer_id(tp, writer)``. The
+        namespace depends on the model and tag only, never on ``tp``."""
+        fp = fingerprint(model, tag)
+        w = ChunkWriter(self.client, self.name, self.layout, fp.namespace,
+                        writer=new_writer_id(tp, writer), tp=tp)
         if doc:
             w.put_namespace_doc(fp)
         return w

@@ -1,8 +1,11 @@
 """Populate a bucket with real committed chunks, written by s3kv's own code.
 
-Shards are built with :func:`s3kv.shard.allocate`, checksummed with
-:func:`s3kv.shard.compute_checksums`, uploaded, and only then is the
-manifest written with ``If-None-Match: *``, exactly the order a commit uses.
+Shards are built with :func:`s3kv.shard.allocate`, sealed with
+:func:`s3kv.shard.seal`, uploaded, and only then is the manifest written with
+``If-None-Match: *``, exactly the order a commit uses. A writer at TP ``tp``
+splits the model's KV heads over its ranks as vLLM does
+(:mod:`s3kv.heads`); the namespace is the same at every TP size, and every
+head holds the same bytes whichever TP size wrote it.
 """
 
 from __future__ import annotations
@@ -14,50 +17,65 @@ from typing import Any
 
 from botocore.exceptions import ClientError
 
-from s3kv.keys import Fingerprint, KeyLayout, chain_chunk_ids
+from s3kv.heads import head_range, uploading_ranks
+from s3kv.keys import Fingerprint, KeyLayout, chain_chunk_ids, new_writer_id
 from s3kv.manifest import Manifest, ShardEntry, decode_manifest, new_manifest
-from s3kv.shard import ShardSpec, allocate, compute_checksums
+from s3kv.shard import PayloadLayout, ShardSpec, allocate, seal
 
-HEADS_PER_RANK = 2
+NUM_KV_HEADS = 12  # splits evenly over every TP size the tests use (1, 2, 3, 4)
 LAYERS = ("layers.0", "layers.1")
-BLOCK_SHAPE = (4, 8)  # per head, per block: 4 tokens x 8 values
+CHUNK_TOKENS = 4
+HEAD_SIZE = 4
+# One head of one chunk: 2 layers x 4 tokens x 8 values (K and V of head size 4), fp16.
+PAYLOAD = PayloadLayout("float16", LAYERS, CHUNK_TOKENS, 2 * HEAD_SIZE)
 
 
-def fingerprint(model: str = "tiny-llama", tp: int = 1, tag: str = "") -> Fingerprint:
+def fingerprint(model: str = "tiny-llama", tag: str = "") -> Fingerprint:
     return Fingerprint(
-        model=model, weights_id="w0", dtype="float16", kv_layout="NHD", block_size=4,
-        chunk_tokens=4, num_layers=len(LAYERS), num_kv_heads=HEADS_PER_RANK * tp,
-        head_size=4, tp_size=tp, tag=tag,
+        model=model, weights_id="w0", dtype="float16", chunk_tokens=CHUNK_TOKENS,
+        num_layers=len(LAYERS), num_kv_heads=NUM_KV_HEADS, head_size=HEAD_SIZE, tag=tag,
     )
 
 
-def shard_bytes(cid: str, rank: int, *, salt: bytes = b"") -> tuple[bytearray, ShardSpec, int]:
-    """A complete shard object (header + deterministic payload)."""
-    spec = ShardSpec(
-        chunk_id=cid, rank=rank, dtype="float16", head_start=rank * HEADS_PER_RANK,
-        head_end=(rank + 1) * HEADS_PER_RANK, layer_names=LAYERS, num_blocks=1,
-        block_shape=BLOCK_SHAPE,
-    )
+def head_bytes(cid: str, head: int, salt: bytes = b"") -> bytes:
+    """The deterministic bytes of one (global) KV head of chunk ``cid``."""
+    seed = hashlib.sha256(cid.encode() + head.to_bytes(4, "little") + salt).digest()
+    n = PAYLOAD.head_bytes
+    return (seed * (n // len(seed) + 1))[:n]
+
+
+def payload_bytes(cid: str, head_start: int, head_end: int, salt: bytes = b"") -> bytes:
+    """The payload of a shard holding heads ``[head_start, head_end)`` of ``cid``."""
+    return b"".join(head_bytes(cid, h, salt) for h in range(head_start, head_end))
+
+
+def shard_bytes(cid: str, rank: int, tp: int = 1, *,
+                salt: bytes = b"") -> tuple[bytearray, ShardSpec, int]:
+    """Rank ``rank``'s complete shard object at TP ``tp`` (header + deterministic
+    payload); returns (object, spec, payload offset)."""
+    lo, hi = head_range(NUM_KV_HEADS, rank, tp)
+    spec = ShardSpec(chunk_id=cid, rank=rank, head_start=lo, head_end=hi, layout=PAYLOAD)
     buf, payload = allocate(spec)
-    seed = hashlib.sha256(cid.encode() + bytes([rank]) + salt).digest()
-    for i in range(0, len(payload), len(seed)):
-        n = min(len(seed), len(payload) - i)
-        payload[i : i + n] = seed[:n]
+    payload[:] = payload_bytes(cid, lo, hi, salt)
     return buf, spec, len(buf) - len(payload)
 
 
 @dataclass
 class ChunkWriter:
-    """Writes chunks of one namespace as one writer (one vLLM instance)."""
+    """Writes chunks of one namespace as one writer (one vLLM instance at TP ``tp``)."""
 
     client: Any
     bucket: str
     layout: KeyLayout
     ns: str
-    writer: str = "w-test"
+    writer: str = ""  # default: new_writer_id(tp, "test")
     tp: int = 1
     salt: bytes = b""
     written: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.writer:
+            self.writer = new_writer_id(self.tp, "test")
 
     def put_namespace_doc(self, fp: Fingerprint) -> None:
         self.client.put_object(Bucket=self.bucket, Key=self.layout.namespace_doc(self.ns),
@@ -65,23 +83,18 @@ class ChunkWriter:
 
     def put_shards(self, cid: str) -> list[ShardEntry]:
         entries = []
-        for rank in range(self.tp):
-            buf, spec, off = shard_bytes(cid, rank, salt=self.salt)
-            sums = compute_checksums(buf, off, spec.num_heads)
+        for rank in uploading_ranks(NUM_KV_HEADS, self.tp):
+            buf, _, _ = shard_bytes(cid, rank, self.tp, salt=self.salt)
             key = self.layout.shard(self.ns, cid, self.writer, rank)
             self.client.put_object(Bucket=self.bucket, Key=key, Body=bytes(buf))
-            entries.append(ShardEntry(
-                rank=rank, key=key, size=len(buf), checksum=sums.shard,
-                head_start=spec.head_start, head_end=spec.head_end, payload_offset=off,
-                head_checksums=sums.heads,
-            ))
+            entries.append(seal(buf, key))
         return entries
 
     def manifest(self, cid: str, parent: str | None, index: int, num_tokens: int,
                  entries: list[ShardEntry]) -> Manifest:
         return new_manifest(
             namespace=self.ns, chunk_id=cid, parent_id=parent, chunk_index=index,
-            num_tokens=num_tokens, writer=self.writer, shards=entries,
+            num_tokens=num_tokens, writer=self.writer, shards=entries, tp_size=self.tp,
         )
 
     def put_manifest(self, m: Manifest) -> bool:
@@ -97,12 +110,14 @@ class ChunkWriter:
         self.written.append(m.chunk_id)
         return True
 
-    def commit(self, cid: str, parent: str | None, index: int, num_tokens: int = 4) -> Manifest:
+    def commit(self, cid: str, parent: str | None, index: int,
+               num_tokens: int = CHUNK_TOKENS) -> Manifest:
         m = self.manifest(cid, parent, index, num_tokens, self.put_shards(cid))
         self.put_manifest(m)
         return m
 
-    def commit_chain(self, tokens: Sequence[int], chunk_tokens: int = 4) -> list[Manifest]:
+    def commit_chain(self, tokens: Sequence[int],
+                     chunk_tokens: int = CHUNK_TOKENS) -> list[Manifest]:
         """Commit every chunk of ``tokens`` not yet committed, as the connector does
         (a lookup hit is never saved again); returns the chain's manifests."""
         out: list[Manifest] = []
@@ -121,11 +136,11 @@ class ChunkWriter:
             if exc.response["Error"]["Code"] in ("NoSuchKey", "404"):
                 return None
             raise
-        return decode_manifest(body, layout=self.layout)
+        return decode_manifest(body, layout=self.layout, expect_heads=NUM_KV_HEADS)
 
 
-def namespace_id(model: str = "tiny-llama", tp: int = 1, tag: str = "") -> str:
-    return fingerprint(model, tp, tag).namespace
+def namespace_id(model: str = "tiny-llama", tag: str = "") -> str:
+    return fingerprint(model, tag).namespace
 
 
 def list_keys(client: Any, bucket: str, prefix: str = "") -> list[str]:

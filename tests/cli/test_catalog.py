@@ -48,8 +48,8 @@ class ShuffledStore(MemoryStore):
 
 
 def fill(store: MemoryStore, chunks: int, tp: int = 3) -> ChunkWriter:
-    w = ChunkWriter(MemoryClient(store), "memory", LAYOUT, fingerprint(tp=tp).namespace, tp=tp)
-    w.put_namespace_doc(fingerprint(tp=tp))
+    w = ChunkWriter(MemoryClient(store), "memory", LAYOUT, fingerprint().namespace, tp=tp)
+    w.put_namespace_doc(fingerprint())
     parent = None
     for i in range(chunks):
         cid = hashlib.sha256(str(i).encode()).hexdigest()
@@ -81,6 +81,7 @@ def test_groups_are_complete_on_every_path(store_cls: type[MemoryStore], page_si
     for g in groups:
         assert len(g.shards) == 3
         assert sorted(s.rank for s in g.shards) == [0, 1, 2]
+        assert g.writer_tps == {3}  # from the writer id, tp3-test
     assert sum(g.manifest is not None for g in groups) == 48
     assert cat.foreign(w.ns) == (1, 2)  # the fingerprint is not foreign
     usage = asyncio.run(cat.usage(w.ns))
@@ -144,6 +145,6 @@ def test_resolve_namespace() -> None:
     w = fill(store, 2)
     cat = Catalog(store, LAYOUT)
     assert asyncio.run(cat.resolve_namespace(w.ns[:3].upper())) == w.ns
-    assert asyncio.run(cat.fingerprint(w.ns)) == fingerprint(tp=3).to_json()
+    assert asyncio.run(cat.fingerprint(w.ns)) == fingerprint().to_json()
     store._objects[LAYOUT.namespace_doc(w.ns)] = (b"not json", datetime.now(UTC), "e")
     assert asyncio.run(cat.fingerprint(w.ns)) is None

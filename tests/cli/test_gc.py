@@ -36,10 +36,11 @@ def setup_orphans(s3: Bucket) -> tuple[ChunkWriter, list[str]]:
     w = s3.writer(tp=2)
     committed = w.commit_chain(A[:8])
     w.put_shards("f" * 64)  # a commit that never wrote its manifest
-    loser = s3.writer(tp=2, writer="w-loser", doc=False)
+    loser = s3.writer(tp=2, writer="loser", doc=False)
     loser.put_shards(committed[0].chunk_id)  # lost the race for a committed chunk
-    orphans = [s3.layout.shard(w.ns, "f" * 64, "w-test", r) for r in range(2)]
-    orphans += [s3.layout.shard(w.ns, committed[0].chunk_id, "w-loser", r) for r in range(2)]
+    assert (w.writer, loser.writer) == ("tp2-test", "tp2-loser")
+    orphans = [s3.layout.shard(w.ns, "f" * 64, w.writer, r) for r in range(2)]
+    orphans += [s3.layout.shard(w.ns, committed[0].chunk_id, loser.writer, r) for r in range(2)]
     return w, orphans
 
 
@@ -214,7 +215,7 @@ def test_namespace_policy_respects_grace_for_unnamed_shards(s3: Bucket) -> None:
     assert result["deleted_namespace_docs"] == 0
     left = s3.object_keys(s3.layout.namespace_prefix(w.ns))
     assert sorted(left) == sorted([s3.layout.namespace_doc(w.ns),
-                                   s3.layout.shard(w.ns, "e" * 64, "w-test", 0)])
+                                   s3.layout.shard(w.ns, "e" * 64, w.writer, 0)])
     res = s3.cli("gc", "--namespace", w.ns, "--grace", "0s", "--yes")
     assert res.exit_code == 0, res.stderr
     assert s3.object_keys(s3.layout.namespace_prefix(w.ns)) == []

@@ -27,12 +27,12 @@ from s3kv.commit import ChunkSave, Committer, LocalGatherer
 from s3kv.config import parse_settings
 from s3kv.errors import IntegrityError, NotFound
 from s3kv.gc import Executor, GcResult, Planner, Policies
-from s3kv.keys import chain_chunk_ids
-from s3kv.manifest import Manifest, decode_manifest
+from s3kv.keys import chain_chunk_ids, new_writer_id
+from s3kv.manifest import Manifest, ShardEntry, decode_manifest
 from s3kv.reader import read_shard
 from s3kv.store import ObjectStore, open_store
 from tests.cli.conftest import Bucket
-from tests.cli.helpers import ChunkWriter, shard_bytes
+from tests.cli.helpers import NUM_KV_HEADS, PAYLOAD, ChunkWriter, payload_bytes, shard_bytes
 
 WAIT = 60.0  # generous bound on any handshake; never reached when things work
 
@@ -57,11 +57,11 @@ class SyncReader:
                 self._store.get(self._s3.layout.manifest(ns, cid)))
         except NotFound:
             return None
-        return decode_manifest(data, layout=self._s3.layout)
+        return decode_manifest(data, layout=self._s3.layout, expect_heads=NUM_KV_HEADS)
 
-    def shard(self, m: Manifest, rank: int) -> bytes:
-        got = self._loop.run_until_complete(read_shard(self._store, m, rank))
-        return bytes(got.payload)
+    def shard(self, m: Manifest, entry: ShardEntry) -> bytes:
+        got = self._loop.run_until_complete(read_shard(self._store, m, entry, PAYLOAD))
+        return bytes(got)
 
     def load(self, ns: str, cid: str,
              between: Callable[[str], None] = lambda step: None) -> tuple[str, Any]:
@@ -73,7 +73,7 @@ class SyncReader:
         payloads = []
         for s in m.shards:
             try:
-                payloads.append(self.shard(m, s.rank))
+                payloads.append(self.shard(m, s))
             except IntegrityError as exc:
                 return "miss", f"integrity: {exc}"
             between(f"rank{s.rank}")
@@ -137,7 +137,7 @@ def assert_no_live_manifest_lost_a_shard(s3: Bucket) -> int:
             m = reader.manifest(parts[1], parts[3])
             assert m is not None
             for s in m.shards:
-                reader.shard(m, s.rank)  # raises IntegrityError if missing or corrupt
+                reader.shard(m, s)  # raises IntegrityError if missing or corrupt
             n += 1
         return n
     finally:
@@ -188,7 +188,7 @@ def test_grace_protects_a_commit_that_lands_after_the_recheck(s3: Bucket) -> Non
     w = s3.writer(tp=2)
     in_flight = "c" * 64
     entries = w.put_shards(in_flight)
-    old = s3.writer(tp=2, writer="w-old", doc=False)
+    old = s3.writer(tp=2, writer="old", doc=False)
     old.put_shards("d" * 64)
     s3.age(7200, s3.layout.chunk_prefix(w.ns, "d" * 64))
 
@@ -292,6 +292,7 @@ def test_reader_gets_hit_or_clean_miss(s3: Bucket, reader_at: str) -> None:
     kind, detail = outcome[0]
     if reader_at == "before":
         assert kind == "hit" and detail == _payloads(m)
+        assert b"".join(detail) == payload_bytes(m.chunk_id, 0, NUM_KV_HEADS)  # every head
     elif reader_at in ("after", "after-manifest-delete"):
         assert (kind, detail) == ("miss", "no manifest")
     else:
@@ -300,11 +301,7 @@ def test_reader_gets_hit_or_clean_miss(s3: Bucket, reader_at: str) -> None:
 
 
 def _payloads(m: Manifest) -> list[bytes]:
-    out = []
-    for s in m.shards:
-        buf, _, off = shard_bytes(m.chunk_id, s.rank)
-        out.append(bytes(buf[off:]))
-    return out
+    return [payload_bytes(m.chunk_id, s.head_start, s.head_end) for s in m.shards]
 
 
 # --- free running -------------------------------------------------------------------
@@ -326,8 +323,9 @@ def test_free_running_writer_reader_and_gc(s3: Bucket) -> None:
                 committed.append(info["chunk_id"])
 
     committer = Committer(io=io, store=store, layout=s3.layout, namespace=ns,
-                          writer_id="w-live", gatherer=LocalGatherer(),
-                          max_inflight_bytes=64 << 20, on_event=on_event)
+                          writer_id=new_writer_id(1, "live"), gatherer=LocalGatherer(),
+                          max_inflight_bytes=64 << 20, num_heads=NUM_KV_HEADS,
+                          on_event=on_event)
     writer_done = threading.Event()
     outcomes: list[tuple[str, Any]] = []
     errors: list[BaseException] = []
@@ -338,9 +336,8 @@ def test_free_running_writer_reader_and_gc(s3: Bucket) -> None:
                 tokens = [10_000 * (rnd + 1) + i for i in range(12)]  # a new prefix per round
                 saves, parent = [], None
                 for i, cid in enumerate(chain_chunk_ids(tokens, 4)):
-                    buf, spec, off = shard_bytes(cid, 0)
-                    saves.append(ChunkSave(cid, parent, i, 4, buf, off, spec.head_start,
-                                           spec.head_end))
+                    buf, _, _ = shard_bytes(cid, 0)
+                    saves.append(ChunkSave(cid, parent, i, 4, buf))
                     parent = cid
                 assert committer.submit(rnd, saves)
                 assert committer.flush(WAIT)

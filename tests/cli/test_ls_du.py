@@ -30,6 +30,11 @@ def test_ls_namespaces_table_and_json(s3: Bucket) -> None:
     a.commit_chain(TOKENS_A)
     b = s3.writer("model-b", doc=False)  # no namespace.json: id only
     b.commit_chain(TOKENS_B)
+    # Another engine of model-b at TP 4 shares the namespace: it finds two of
+    # A's chunks committed by b and commits the third.
+    b4 = s3.writer("model-b", tp=4, writer="other", doc=False)
+    assert b4.ns == b.ns
+    b4.commit_chain(TOKENS_A)
 
     res = s3.cli("ls")
     assert res.exit_code == 0, res.stderr
@@ -38,7 +43,7 @@ def test_ls_namespaces_table_and_json(s3: Bucket) -> None:
     row_a = next(line for line in lines if line.startswith(a.ns)).split()
     assert row_a[1:4] == ["model-a", "2", "3"]
     row_b = next(line for line in lines if line.startswith(b.ns)).split()
-    assert row_b[1:4] == ["-", "-", "4"]
+    assert row_b[1:4] == ["-", "1,4", "5"]  # TP sizes from the writers, not the fingerprint
     assert "KiB" in res.stdout  # IEC units in tables
 
     doc = s3.json("ls")
@@ -46,7 +51,10 @@ def test_ls_namespaces_table_and_json(s3: Bucket) -> None:
     by_ns = {n["namespace"]: n for n in doc["namespaces"]}
     assert by_ns[a.ns]["fingerprint"]["model"] == "model-a"
     assert by_ns[b.ns]["fingerprint"] is None
+    assert by_ns[a.ns]["writer_tp_sizes"] == [2]
+    assert by_ns[b.ns]["writer_tp_sizes"] == [1, 4]
     assert by_ns[a.ns]["chunks"] == 3
+    assert by_ns[b.ns]["chunks"] == 5
     assert by_ns[a.ns]["bytes"] == committed_bytes(s3, a.ns)  # raw bytes in JSON
     assert by_ns[b.ns]["oldest"].endswith("Z")
 
@@ -79,6 +87,7 @@ def test_ls_namespace_rebuilds_chains(s3: Bucket) -> None:
 
     doc = s3.json("ls", w.ns[:6])  # a unique prefix of the id is enough
     assert doc["namespace"] == w.ns
+    assert doc["writer_tp_sizes"] == [1]
     assert doc["chunks"] == 5  # 3 + 4 - 2 shared
     prefixes = {p["leaf"]: p for p in doc["prefixes"]}
     assert set(prefixes) == {chain_a[-1].chunk_id, chain_b[-1].chunk_id}
@@ -106,6 +115,7 @@ def test_ls_namespace_rebuilds_chains(s3: Bucket) -> None:
     assert res.stdout.splitlines()[0].split()[:4] == ["LEAF", "CHUNKS", "TOKENS", "SIZE"]
     assert "no (hole)" in res.stdout
     assert w.ns in res.stderr  # the summary line is not data
+    assert "writer tp 1 " in res.stderr
 
 
 def test_ls_namespace_argument_errors(s3: Bucket) -> None:
@@ -139,7 +149,7 @@ def test_du_committed_and_orphans(s3: Bucket) -> None:
     w.put_shards("f" * 64)  # a commit that never finished: 2 orphan shards
     # A losing concurrent writer of an already committed chunk: its shards
     # are orphans even though the chunk has a manifest.
-    loser = s3.writer(tp=2, writer="w-loser", doc=False)
+    loser = s3.writer(tp=2, writer="loser", doc=False)
     loser.put_shards(committed[0].chunk_id)
     other = s3.writer("other")
     other.commit_chain(TOKENS_A[:4])

@@ -32,9 +32,9 @@ from s3kv.catalog import Catalog
 from s3kv.cli.app import app
 from s3kv.config import parse_settings
 from s3kv.inventory import ChunkRecord, build_prefixes
-from s3kv.keys import KeyLayout, chain_chunk_ids
-from s3kv.manifest import ShardEntry, new_manifest
-from s3kv.shard import compute_checksums
+from s3kv.keys import KeyLayout, chain_chunk_ids, new_writer_id
+from s3kv.manifest import new_manifest
+from s3kv.shard import seal
 from s3kv.store import open_store
 from tests.cli.helpers import fingerprint, shard_bytes
 
@@ -74,15 +74,14 @@ async def populate(url: str, bucket: str, ns: str) -> None:
     store = await open_store(parse_settings(
         {"bucket": bucket, "endpoint_url": url, "max_concurrency": 64}).store)
     sem = asyncio.Semaphore(48)
+    writer = new_writer_id(1, "scale")
 
     async def chunk(cid: str, parent: str | None, index: int) -> None:
-        buf, spec, off = shard_bytes(cid, 0)
-        sums = compute_checksums(buf, off, spec.num_heads)
-        key = layout.shard(ns, cid, "w-scale", 0)
-        entry = ShardEntry(0, key, len(buf), sums.shard, spec.head_start, spec.head_end, off,
-                           sums.heads)
+        buf, _, _ = shard_bytes(cid, 0)
+        key = layout.shard(ns, cid, writer, 0)
+        entry = seal(buf, key)
         m = new_manifest(namespace=ns, chunk_id=cid, parent_id=parent, chunk_index=index,
-                         num_tokens=4, writer="w-scale", shards=[entry])
+                         num_tokens=4, writer=writer, shards=[entry], tp_size=1)
         async with sem:
             await store.put(key, buf)
             await store.put(layout.manifest(ns, cid), m.encode(), mode="create")
@@ -159,6 +158,7 @@ def test_ls_du_over_10k_chunks() -> None:
         figures.append(fig)
         (row,) = json.loads(out)["namespaces"]
         assert row["chunks"] == CHAINS * CHAIN_LEN
+        assert row["writer_tp_sizes"] == [1]
 
         fig, out = measure(["du", "--format", "json"], env)
         figures.append(fig)
@@ -172,6 +172,7 @@ def test_ls_du_over_10k_chunks() -> None:
         figures.append(fig)
         doc = json.loads(out)
         assert doc["chunks"] == CHAINS * CHAIN_LEN
+        assert doc["writer_tp_sizes"] == [1]
         assert doc["prefix_count"] == CHAINS
         assert all(p["complete"] and p["tokens"] == 4 * CHAIN_LEN for p in doc["prefixes"])
 

@@ -14,11 +14,11 @@ import pytest
 from s3kv.aio import LoopThread
 from s3kv.commit import ChunkSave, Committer, LocalGatherer
 from s3kv.errors import IntegrityError, NotFound, StoreError
-from s3kv.keys import chain_chunk_ids
+from s3kv.keys import chain_chunk_ids, new_writer_id
 from s3kv.lookup import find_committed_prefix
 from s3kv.manifest import Manifest, decode_manifest
 from s3kv.reader import read_shard
-from s3kv.shard import ShardSpec, allocate
+from s3kv.shard import PayloadLayout, ShardSpec, allocate
 from s3kv.store import ObjectStore, open_store
 from tests.faults.conftest import Target
 from tests.faults.proxy import (
@@ -29,7 +29,10 @@ from tests.faults.proxy import (
     SlowDown,
     Truncate,
 )
-from tests.unit.builders import LAYOUT, NS, Chunk, build_chunk
+from tests.unit.builders import LAYERS, LAYOUT, NS, Chunk, build_chunk
+
+# One head of the big chunk: 3 layers x 128 tokens x 64 elements, fp16: 48 KiB.
+BIG = PayloadLayout("float16", LAYERS, 128, 64)
 
 
 def seed_chunk(target: Target, chunk: Chunk) -> None:
@@ -44,7 +47,15 @@ def seed_chunk(target: Target, chunk: Chunk) -> None:
 
 def big_chunk(index: int = 0) -> Chunk:
     """One rank, four heads of 48 KiB each: a ~190 KiB shard."""
-    return build_chunk(index, tp=1, heads_per_rank=4, num_blocks=2, block_shape=(64, 64))
+    chunk = build_chunk(index, tp=1, heads_per_rank=4, payload=BIG)
+    assert chunk.manifest.shard_for_rank(0).head_bytes == 48 << 10
+    return chunk
+
+
+async def read_rank0(store: ObjectStore, chunk: Chunk) -> memoryview:
+    """Rank 0's whole shard of a big chunk, verified against the big payload layout."""
+    m = chunk.manifest
+    return await read_shard(store, m, m.shard_for_rank(0), BIG)
 
 
 def shard_path(chunk: Chunk, rank: int = 0) -> str:
@@ -57,8 +68,8 @@ def shard_path(chunk: Chunk, rank: int = 0) -> str:
 def test_clean_read_through_the_proxy_verifies(target: Target) -> None:
     chunk = big_chunk()
     seed_chunk(target, chunk)
-    shard = target.run(lambda s: read_shard(s, chunk.manifest, 0))
-    assert bytes(shard.payload) == chunk.payload(0)
+    payload = target.run(lambda s: read_rank0(s, chunk))
+    assert bytes(payload) == chunk.payload(0)
 
 
 def test_truncated_shard_body_is_never_returned(target: Target) -> None:
@@ -68,7 +79,7 @@ def test_truncated_shard_body_is_never_returned(target: Target) -> None:
 
     async def body(store: ObjectStore) -> None:
         with pytest.raises((IntegrityError, StoreError)):
-            await read_shard(store, chunk.manifest, 0)
+            await read_rank0(store, chunk)
 
     target.run(body)
     assert rule.injected >= 1
@@ -82,7 +93,7 @@ def test_flipped_shard_bytes_raise_integrity_error(target: Target, offset: int) 
 
     async def body(store: ObjectStore) -> None:
         with pytest.raises(IntegrityError):
-            await read_shard(store, chunk.manifest, 0)
+            await read_rank0(store, chunk)
 
     target.run(body)
 
@@ -94,7 +105,7 @@ def test_flip_in_the_middle_of_the_payload_raises_integrity_error(target: Target
 
     async def body(store: ObjectStore) -> None:
         with pytest.raises(IntegrityError, match="checksum"):
-            await read_shard(store, chunk.manifest, 0)
+            await read_rank0(store, chunk)
 
     target.run(body)
 
@@ -102,9 +113,12 @@ def test_flip_in_the_middle_of_the_payload_raises_integrity_error(target: Target
 # --- prefix lookup -------------------------------------------------------------------
 
 
+LOOKUP_HEADS = 4
+
+
 @pytest.fixture
 def three_committed(target: Target) -> list[Manifest]:
-    chunks = [build_chunk(i, tp=1) for i in range(3)]
+    chunks = [build_chunk(i, tp=1, heads_per_rank=LOOKUP_HEADS) for i in range(3)]
     for c in chunks:
         seed_chunk(target, c)
     return [c.manifest for c in chunks]
@@ -116,7 +130,8 @@ def manifest_path(m: Manifest) -> str:
 
 def lookup(target: Target, manifests: list[Manifest], **settings: Any) -> list[Manifest]:
     ids = [m.chunk_id for m in manifests]
-    return target.run(lambda s: find_committed_prefix(s, LAYOUT, NS, ids), **settings)
+    return target.run(
+        lambda s: find_committed_prefix(s, LAYOUT, NS, ids, num_heads=LOOKUP_HEADS), **settings)
 
 
 def test_lookup_through_the_proxy_finds_the_whole_prefix(
@@ -171,8 +186,11 @@ def test_truncated_manifest_is_an_error_or_a_miss(
 
 # --- commit --------------------------------------------------------------------------
 
-WRITER = "fault-writer"
+WRITER = new_writer_id(1, "fault-writer")
 CHUNK_IDS = chain_chunk_ids(list(range(64)), 16)
+RIG_HEADS = 2
+# One head of one 16-token chunk: 2 layers x 16 tokens x 16 elements, fp16: 1 KiB.
+RIG_PAYLOAD = PayloadLayout("float16", ("l0", "l1"), 16, 16)
 
 
 @dataclass
@@ -186,11 +204,10 @@ class Rig:
         out = []
         for i in range(n):
             cid = CHUNK_IDS[i]
-            spec = ShardSpec(cid, 0, "float16", 0, 2, ("l0", "l1"), 2, (16, 8))
+            spec = ShardSpec(cid, 0, 0, RIG_HEADS, RIG_PAYLOAD)
             buf, payload = allocate(spec)
             payload[:] = random.Random(i).randbytes(len(payload))
-            out.append(ChunkSave(cid, CHUNK_IDS[i - 1] if i else None, i, 16, buf,
-                                 len(buf) - len(payload), spec.head_start, spec.head_end))
+            out.append(ChunkSave(cid, CHUNK_IDS[i - 1] if i else None, i, 16, buf))
         return out
 
     def commit(self, n: int) -> None:
@@ -216,7 +233,7 @@ def make_rig(target: Target) -> Iterator[MakeRig]:
         events: list[tuple[str, dict[str, Any]]] = []
         committer = Committer(
             io=io, store=store, layout=LAYOUT, namespace=NS, writer_id=WRITER,
-            gatherer=LocalGatherer(), max_inflight_bytes=64 << 20,
+            gatherer=LocalGatherer(), max_inflight_bytes=64 << 20, num_heads=RIG_HEADS,
             on_event=lambda name, info: events.append((name, dict(info))),
         )
         rigs.append(Rig(io, store, committer, events))
@@ -239,8 +256,10 @@ def committed(target: Target, n: int) -> dict[str, Manifest]:
                 doc = await store.get(LAYOUT.manifest(NS, cid))
             except NotFound:
                 continue
-            m = decode_manifest(doc, layout=LAYOUT, expect_namespace=NS, expect_chunk_id=cid)
-            await read_shard(store, m, 0)
+            m = decode_manifest(doc, layout=LAYOUT, expect_namespace=NS, expect_chunk_id=cid,
+                                expect_heads=RIG_HEADS)
+            assert (m.tp_size, m.writer) == (1, WRITER)
+            await read_shard(store, m, m.shard_for_rank(0), RIG_PAYLOAD)
             out[cid] = m
         return out
 

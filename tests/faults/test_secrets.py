@@ -15,11 +15,18 @@ from s3kv.commit import Committer, LocalGatherer
 from s3kv.config import Settings, parse_settings, settings_to_mapping
 from s3kv.errors import NotFound
 from s3kv.lookup import find_committed_prefix
-from s3kv.reader import read_shard
 from s3kv.store import ObjectStore, open_store
 from tests.faults.conftest import Target
 from tests.faults.proxy import Drop, FaultProxy, InternalError, SlowDown, Truncate
-from tests.faults.test_core_faults import CHUNK_IDS, WRITER, Rig, big_chunk, seed_chunk
+from tests.faults.test_core_faults import (
+    CHUNK_IDS,
+    RIG_HEADS,
+    WRITER,
+    Rig,
+    big_chunk,
+    read_rank0,
+    seed_chunk,
+)
 from tests.s3server import S3Endpoint
 from tests.unit.builders import LAYOUT, NS
 
@@ -79,7 +86,7 @@ def test_secret_absent_from_logs_errors_and_reprs(
             store.get("gone/k"),
             store.get("absent/k"),
             store.head("absent/k"),
-            read_shard(store, chunk.manifest, 0),
+            read_rank0(store, chunk),
             find_committed_prefix(store, LAYOUT, NS, [chunk.manifest.chunk_id]),
         ]
         for coro in attempts:
@@ -100,7 +107,7 @@ def test_secret_absent_from_logs_errors_and_reprs(
     events: list[tuple[str, dict[str, Any]]] = []
     committer = Committer(
         io=io, store=store, layout=LAYOUT, namespace=NS, writer_id=WRITER,
-        gatherer=LocalGatherer(), max_inflight_bytes=16 << 20,
+        gatherer=LocalGatherer(), max_inflight_bytes=16 << 20, num_heads=RIG_HEADS,
         on_event=lambda name, info: events.append((name, dict(info))),
     )
     try:

@@ -23,7 +23,7 @@ class Layout:
     # canonical [B, H, N, 2, D] -> the logical tensor's index order
     from_canonical: Callable[[torch.Tensor], torch.Tensor]
     block_dim: int  # block axis of the logical tensor
-    kv_order: str = "token"  # "block": a block holds every token's K, then every V
+    packed: bool = False  # a kernel-specific packing of each slab (see token_map)
     mla: bool = False  # canonical [B, 1, N, C]: one latent per token, C = "head size"
 
     def canonical_shape(self, b: int, h: int, n: int, d: int) -> tuple[int, ...]:
@@ -33,6 +33,15 @@ class Layout:
                  device: str) -> torch.Tensor:
         t = torch.zeros(self.physical(b, h, n, d), dtype=dtype, device=device)
         return t if self.to_logical is None else t.permute(*self.to_logical)
+
+    def token_map(self, n: int, d: int) -> torch.Tensor | None:
+        """Slab offset of each canonical (token, K/V, element) position, for packed
+        layouts: here a block's keys, then its values (vLLM's CPU kernels pack
+        differently per instruction set; s3kv asks the kernel, see cpu_layout)."""
+        if not self.packed:
+            return None
+        canonical = torch.arange(n * 2 * d).view(n, 2, d)
+        return canonical.permute(1, 0, 2).reshape(-1).argsort()
 
     def fill(self, logical: torch.Tensor, canonical: torch.Tensor) -> None:
         logical.copy_(self.from_canonical(canonical))
@@ -65,7 +74,7 @@ LAYOUTS = [
     # [B, H, 2N, D] split in two: a block's keys, then its values.
     Layout("cpu [B,H,N,C] LBHNC", lambda b, h, n, d: (b, h, n, 2 * d), None,
            lambda c: c.permute(0, 1, 3, 2, 4).reshape(c.shape[0], c.shape[1], c.shape[2], -1),
-           0, kv_order="block"),
+           0, packed=True),
     # MLA, every GPU backend (FlashMLA, CUTLASS, Triton, FlashInfer, FlashAttention
     # MLA): [B, N, C]; vLLM's CPU MLA backend: [B, 1, N, C].
     Layout("MLA [B,N,C]", lambda b, h, n, d: (b, n, d), None, lambda c: c[:, 0], 0, mla=True),

@@ -72,7 +72,7 @@ class Rig:
         self.worker = WorkerSide(
             settings, self.fp, self.num_blocks, self.block_size, tp_rank=0, tp_size=1,
             tp_ranks=[0], can_load=True, can_save=True, counters=Counters(), store=self.store,
-            kv_order=self.layout.kv_order,  # type: ignore[arg-type]
+            token_map=self.layout.token_map(self.block_size, self.head_size),
         )
         self.worker.register_kv_caches(self.caches)
 

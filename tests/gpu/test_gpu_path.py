@@ -62,7 +62,7 @@ def test_round_trip_on_the_side_and_load_streams(
     canon = rig.canonical(seed=1)
     before = {n: t.clone() for n, t in rig.caches.items()}
     kv = KVBlocks(rig.caches, rig.num_blocks, rig.heads, rig.block_size, mla=layout.mla,
-                  kv_order=layout.kv_order)  # type: ignore[arg-type]
+                  token_map=layout.token_map(rig.block_size, rig.head_size))
     on_gpu = device == "cuda"
     host = torch.empty(rig.chunk_payload_bytes, dtype=torch.uint8, pin_memory=on_gpu)
     dst = kv.payload_view(host, rig.heads, len(SRC))

@@ -5,14 +5,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from s3kv.heads import uploading_ranks
-from s3kv.keys import KeyLayout, chain_chunk_ids
+from s3kv.keys import KeyLayout, chain_chunk_ids, new_writer_id
 from s3kv.manifest import Manifest, ShardEntry, new_manifest
 from s3kv.shard import PayloadLayout, ShardSpec, allocate, seal
 
 LAYOUT = KeyLayout("s3kv")
 NS = "0f" * 16
 CIDS = chain_chunk_ids(list(range(1024)), 256)
-WRITER = "tp2-writer-1"
+WRITER = "writer-1"  # plus the writer TP size: tp<N>-writer-1
 LAYERS = ("model.layers.0.attn", "model.layers.1.attn", "model.layers.2.attn")
 # One head of one chunk: 3 layers x 8 tokens x 16 elements (2 x head size 8), fp16.
 PAYLOAD = PayloadLayout("float16", LAYERS, 8, 16)
@@ -68,6 +68,7 @@ def build_chunk(
     ``tp * heads_per_rank``) split as the worker side splits them, or as
     ``ranges`` (rank -> head range) says."""
     cid = CIDS[index]
+    writer = new_writer_id(tp, WRITER)
     heads = num_heads if num_heads is not None else tp * heads_per_rank
     if ranges is None:
         ranges = {r: (r * heads_per_rank, (r + 1) * heads_per_rank) for r in range(tp)} \
@@ -79,14 +80,14 @@ def build_chunk(
         spec = ShardSpec(chunk_id=cid, rank=rank, head_start=lo, head_end=hi, layout=payload)
         data = build_shard(spec, index)
         shards[rank], specs[rank] = data, spec
-        entries.append(seal(data, LAYOUT.shard(NS, cid, WRITER, rank)))
+        entries.append(seal(data, LAYOUT.shard(NS, cid, writer, rank)))
     manifest = new_manifest(
         namespace=NS,
         chunk_id=cid,
         parent_id=CIDS[index - 1] if index else None,
         chunk_index=index,
         num_tokens=256,
-        writer=WRITER,
+        writer=writer,
         shards=entries[::-1],  # new_manifest must order them by head range
         tp_size=tp,
     )

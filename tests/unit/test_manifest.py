@@ -13,7 +13,7 @@ from s3kv.manifest import (
     ShardEntry,
     decode_manifest,
 )
-from tests.unit.builders import CIDS, LAYOUT, NS, WRITER, build_chunk
+from tests.unit.builders import CIDS, LAYOUT, NS, build_chunk
 
 CHUNK = build_chunk(index=1, tp=4)
 MANIFEST = CHUNK.manifest
@@ -50,7 +50,8 @@ def test_manifest_fields_and_helpers() -> None:
     assert m.tp_size == 4 and m.num_heads == 16
     assert m.parent_id == CIDS[0]
     assert m.total_bytes == sum(len(b) for b in CHUNK.shards.values())
-    assert m.shard_for_rank(2).key == LAYOUT.shard(NS, CIDS[1], WRITER, 2)
+    assert m.writer == "tp4-writer-1"
+    assert m.shard_for_rank(2).key == LAYOUT.shard(NS, CIDS[1], m.writer, 2)
     with pytest.raises(ManifestError, match="no shard for rank 4"):
         m.shard_for_rank(4)
     e = m.shard_for_rank(0)
