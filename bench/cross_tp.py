@@ -106,7 +106,7 @@ async def run(args: argparse.Namespace, url: str) -> dict[str, Any]:
             ("1 KV head, TP 4", GQA, 1, 4), ("MLA latent, TP 4", MLA, 1, 4),
         ]:
             ms, stored = await write_chunks(store, payload, heads, tp, 2)
-            kv = heads * payload.head_bytes  # the model's KV bytes for one chunk
+            kv = heads * payload.head_bytes * len(ms)  # the model's KV bytes, per chunk x chunks
             payload_stored = sum(s.size - s.payload_offset for m in ms for s in m.shards)
             out["bytes_ratio"].append({
                 "case": label, "shards_per_chunk": len(ms[0].shards),

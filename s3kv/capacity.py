@@ -50,6 +50,11 @@ class Workload:
     storage_class: str = "standard"
 
     @property
+    def shards(self) -> int:
+        """Shards per chunk: each KV head is stored once, by the lowest rank holding it."""
+        return min(self.tp, self.num_kv_heads)
+
+    @property
     def kv_bytes_per_token(self) -> int:
         return 2 * self.num_layers * self.num_kv_heads * self.head_size * self.dtype_bytes
 
@@ -59,14 +64,14 @@ def estimate(w: Workload) -> dict[str, object]:
         raise ValueError(f"storage_class {w.storage_class!r}; valid: {sorted(PRICES)}")
     p = PRICES[w.storage_class]
     chunk_bytes = w.kv_bytes_per_token * w.chunk_tokens
-    shard_bytes = chunk_bytes / w.tp
+    shard_bytes = chunk_bytes / w.shards
     # Computed tokens become new chunks; reused tokens arrive as hits.
     hit_tokens_s = w.prefill_tokens_per_s * w.reuse / max(1e-9, 1 - w.reuse)
     commits_s = w.prefill_tokens_per_s / w.chunk_tokens * w.admitted
     hits_s = hit_tokens_s / w.chunk_tokens
     per_engine = {
-        "put_per_s": commits_s * (w.tp + 1),
-        "get_per_s": hits_s * (w.tp + 1),
+        "put_per_s": commits_s * (w.shards + 1),  # shards, then the manifest
+        "get_per_s": hits_s * (w.tp + 1),  # the manifest, then >= 1 read per rank
         "write_mib_s": commits_s * chunk_bytes / 2**20,
         "read_mib_s": hits_s * chunk_bytes / 2**20,
         "chunks_committed_per_s": commits_s,
@@ -79,8 +84,8 @@ def estimate(w: Workload) -> dict[str, object]:
         "put": fleet["put_per_s"] * 86400 / 1000 * p["put_per_1k"],
         "get": fleet["get_per_s"] * 86400 / 1000 * p["get_per_1k"],
         "storage": stored_bytes / 1e9 * p["storage_gb_month"] / 30,
-        "transfer": 86400 * w.tp * (commits_s * over * p["upload_per_gb_over_512k"]
-                                    + hits_s * over * p["retrieval_per_gb_over_512k"])
+        "transfer": 86400 * w.shards * (commits_s * over * p["upload_per_gb_over_512k"]
+                                        + hits_s * over * p["retrieval_per_gb_over_512k"])
         * w.engines,
     }
     day["total"] = sum(day.values())

@@ -49,3 +49,13 @@ def test_cli_reads_a_model_config(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert main(["--config", str(cfg), "--prefill-tokens-per-s", "1000", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["kv_bytes_per_token"] == 128 * 1024
+
+
+def test_replicated_heads_are_stored_once() -> None:
+    """8 KV heads at TP 16: eight ranks upload, each head once; the bytes do not grow."""
+    at8 = estimate(Workload(**LLAMA_70B, tp=8, prefill_tokens_per_s=6000, reuse=0.0))
+    at16 = estimate(Workload(**LLAMA_70B, tp=16, prefill_tokens_per_s=6000, reuse=0.0))
+    commits = 6000 / 256
+    for r in (at8, at16):
+        assert r["per_engine"]["put_per_s"] == pytest.approx(commits * (8 + 1))  # type: ignore[index]
+    assert at16["per_engine"]["write_mib_s"] == at8["per_engine"]["write_mib_s"]  # type: ignore[index]
