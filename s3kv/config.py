@@ -56,6 +56,11 @@ class Settings:
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS
     max_inflight_mib: int = 1024
     load_timeout_s: float = 30.0
+    lookup_wait_fraction: float = 0.1
+    load_wait_fraction: float = 1.0
+    min_wait_s: float = 0.1
+    latency_factor: float = 4.0
+    probe_interval_s: float = 1.0
     commit_timeout_s: float = 120.0
     lookup_ttl_s: float = 10.0
     weights_id: str | None = None
@@ -128,6 +133,16 @@ def _validate_semantics(values: dict[str, Any]) -> None:
     endpoint = values.get("endpoint_url")
     if isinstance(endpoint, str) and not re.match(r"^https?://[^/\s]+", endpoint):
         raise ConfigError("endpoint_url", f"{endpoint!r} must start with http:// or https://")
+    min_wait, ceiling = values.get("min_wait_s", 0.1), values.get("load_timeout_s", 30.0)
+    if (isinstance(min_wait, (int, float)) and isinstance(ceiling, (int, float))
+            and not isinstance(min_wait, bool) and min_wait > ceiling):
+        raise ConfigError("min_wait_s", f"{min_wait!r} exceeds load_timeout_s={ceiling!r}, "
+                          "the absolute bound on every wait")
+    for key in ("lookup_wait_fraction", "load_wait_fraction"):
+        frac = values.get(key)
+        if isinstance(frac, (int, float)) and not isinstance(frac, bool) and frac > 10:
+            raise ConfigError(key, f"{frac!r} is a fraction of the recompute time; "
+                              "use a value in (0, 10]")
     tag = values.get("namespace_tag", "")
     if isinstance(tag, str) and len(tag) > 128:
         raise ConfigError("namespace_tag", "must be at most 128 characters")

@@ -138,6 +138,10 @@ class S3KVConnector(KVConnectorBase_V1):
         return self._worker.take_load_errors() if self._worker is not None else set()
 
     def get_kv_connector_stats(self) -> KVConnectorStats | None:
+        if self._sched is not None:
+            # vLLM asks once per step, after the step's output is in: the
+            # scheduler side times the step from here (s3kv.deadlines).
+            self._sched.step_done()
         if self._worker is None:
             return None
         delta = self.counters.delta()
@@ -153,6 +157,12 @@ class S3KVConnector(KVConnectorBase_V1):
                            per_engine_labelvalues: dict[int, list[object]]
                            ) -> KVConnectorPromMetrics | None:
         return S3KVPromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
+
+    def flush(self, timeout: float) -> bool:
+        """Wait until every save submitted so far is committed (or failed) and every
+        load started has finished; True if all did in time. For shutdown, tools
+        and tests; never called on the forward path."""
+        return self._worker.flush(timeout) if self._worker is not None else True
 
     def shutdown(self) -> None:
         if self._worker is not None:
