@@ -1,4 +1,4 @@
-"""Finding the longest committed prefix, and staying out of the way when S3 is not.
+"""Finding the longest committed prefix, and the small sets that remember answers.
 
 A prefix is usable only up to its first chunk without a valid manifest, so
 manifests are fetched in concurrent windows that double from one (a cold
@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
-from s3kv.errors import AccessDenied, ManifestError, NotFound, StoreError
+from s3kv.errors import ManifestError, NotFound, StoreError
 from s3kv.keys import KeyLayout
 from s3kv.manifest import Manifest, decode_manifest
 from s3kv.store.protocol import Get
@@ -25,23 +24,31 @@ log = logging.getLogger("s3kv.lookup")
 
 async def find_committed_prefix(
     store: Get, layout: KeyLayout, namespace: str, chunk_ids: Sequence[str], *, window: int = 8,
-    num_heads: int | None = None,
+    num_heads: int | None = None, progress: list[Manifest] | None = None,
+    on_round: Callable[[float], None] | None = None,
 ) -> list[Manifest]:
     """Manifests of the longest run of committed chunks at the start of ``chunk_ids``.
 
     ``num_heads``: the model's KV heads; a manifest whose shards cover any
-    other number is a miss.
+    other number is a miss. ``progress``, if given, grows by each round's hits
+    as they arrive, so a caller whose deadline passes can use the prefix found
+    so far. ``on_round`` gets each round trip's duration (the store's latency,
+    as the deadlines see it).
     """
-    found: list[Manifest] = []
+    found: list[Manifest] = [] if progress is None else progress
     start, size = 0, 1
     while start < len(chunk_ids):
         # Windows of 1, 2, 4, ... so a cold prompt costs one GET, a hit a few round trips.
         batch = chunk_ids[start : start + size]
         start, size = start + len(batch), min(window, size * 2)
+        t0 = time.monotonic()
         results = await asyncio.gather(
             *(_fetch(store, layout, namespace, cid, num_heads) for cid in batch),
             return_exceptions=True
         )
+        if on_round is not None and not any(
+                isinstance(r, BaseException) and not isinstance(r, NotFound) for r in results):
+            on_round(time.monotonic() - t0)
         for res in results:
             if isinstance(res, BaseException):
                 if isinstance(res, StoreError) and not isinstance(res, NotFound):
@@ -108,45 +115,3 @@ class LRUSet:
 
     def __contains__(self, key: object) -> bool:
         return key in self._items
-
-
-class Breaker:
-    """Circuit breaker: after an availability failure, skip S3 for a cool-down.
-
-    Without it every new request would wait out connect timeouts while S3 is
-    down; with it requests are served as misses at once, and one probe per
-    cool-down finds out when S3 is back.
-    """
-
-    def __init__(self, cooldown_s: float = 30.0) -> None:
-        self._cooldown = cooldown_s
-        self._open_until = 0.0
-        self._lock = threading.Lock()
-        self._warned = False
-
-    def allow(self) -> bool:
-        with self._lock:
-            return time.monotonic() >= self._open_until
-
-    def failure(self, exc: BaseException) -> None:
-        with self._lock:
-            self._open_until = time.monotonic() + self._cooldown
-            if not self._warned:
-                if isinstance(exc, AccessDenied):
-                    # Wrong keys, an expired token or a missing IAM permission:
-                    # retrying will not help, the operator has to act.
-                    log.warning("s3kv: S3 refused this engine's credentials or permissions "
-                                "(%s); check the AWS credential chain and the IAM policy "
-                                "(s3:GetObject, s3:PutObject on the cache prefix); serving "
-                                "without the cache, retrying in %.0fs", exc, self._cooldown)
-                else:
-                    log.warning("s3kv: object store unavailable (%s); serving without the "
-                                "cache, retrying in %.0fs", exc, self._cooldown)
-                self._warned = True
-
-    def success(self) -> None:
-        with self._lock:
-            if self._warned:
-                log.warning("s3kv: object store reachable again; cache re-enabled")
-            self._open_until = 0.0
-            self._warned = False

@@ -20,6 +20,9 @@ class LoadChunk:
 class LoadRequest:
     req_id: str
     chunks: tuple[LoadChunk, ...]
+    # How long the loads may take, from when a worker starts them: past it a
+    # recompute would have been faster (s3kv.deadlines). Same on every rank.
+    deadline_s: float = 30.0
 
 
 @dataclass(frozen=True)

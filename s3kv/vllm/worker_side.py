@@ -194,23 +194,32 @@ class WorkerSide:
     async def _load(self, lr: LoadRequest, issued: Any = None) -> set[int]:
         if self._load_sem is None:
             self._load_sem = asyncio.Semaphore(self.settings.store.max_concurrency)
-        results = await asyncio.gather(*(self._load_chunk(ch, issued) for ch in lr.chunks))
+        # One deadline for all of the request's chunks, from now: past it a
+        # recompute would have been faster than waiting (s3kv.deadlines).
+        until = asyncio.get_running_loop().time() + min(lr.deadline_s,
+                                                        self.settings.load_timeout_s)
+        results = await asyncio.gather(*(self._load_chunk(ch, issued, until)
+                                         for ch in lr.chunks))
         return set().union(*results) if results else set()
 
-    async def _load_chunk(self, ch: LoadChunk, issued: Any = None) -> set[int]:
+    async def _fetch(self, ch: LoadChunk) -> list[HeadBytes]:
+        if self.store is None or self.payload is None:
+            raise IntegrityError("KV cache or store not ready")
+        async with self._load_sem:  # type: ignore[union-attr]
+            return await read_heads(self.store, ch.manifest, self.heads[0], self.heads[1],
+                                    self.payload)
+
+    async def _load_chunk(self, ch: LoadChunk, issued: Any, until: float) -> set[int]:
         """Returns the block ids that failed (empty on success)."""
         failed = {bid for _, bid in ch.blocks}
         t0 = time.perf_counter()
+        loop = asyncio.get_running_loop()
         try:
-            if self.store is None or self.payload is None:
-                raise IntegrityError("KV cache or store not ready")
-            async with self._load_sem:  # type: ignore[union-attr]
-                pieces = await asyncio.wait_for(
-                    read_heads(self.store, ch.manifest, self.heads[0], self.heads[1],
-                               self.payload),
-                    self.settings.load_timeout_s,
-                )
-            loop = asyncio.get_running_loop()
+            try:
+                pieces = await asyncio.wait_for(self._fetch(ch), max(0.0, until - loop.time()))
+            except TimeoutError:
+                self.counters.add("load_deadline_misses")
+                raise
             await loop.run_in_executor(None, self._copy_in, pieces, ch, issued)
             self.counters.add("bytes_loaded", sum(len(p.payload) for p in pieces))
             self.counters.add("load_seconds", time.perf_counter() - t0)
@@ -219,7 +228,8 @@ class WorkerSide:
         except Exception as exc:
             self.counters.add("load_failures")
             log.warning("s3kv: load of chunk %s failed (%s: %s); recomputing",
-                        ch.manifest.chunk_id[:12], type(exc).__name__, exc)
+                        ch.manifest.chunk_id[:12], type(exc).__name__,
+                        exc or "past its deadline")
             return failed
 
     def _copy_in(self, pieces: list[HeadBytes], ch: LoadChunk, issued: Any = None) -> None:

@@ -1,0 +1,148 @@
+"""How long waiting for the cache is worth it.
+
+A lookup or a load pays off only while it can still beat recomputing the same
+tokens, and the engine knows both sides of that comparison: its own prefill
+speed (seconds per token of the steps it runs) and the store's latency and
+transfer time (from the requests it makes). Every wait is therefore bounded
+by
+
+* a budget: a fraction of the estimated recompute time of the tokens at stake
+  (``lookup_wait_fraction``, ``load_wait_fraction``);
+* a ceiling: ``latency_factor`` times what the store normally takes (a high
+  percentile of recent lookup rounds; the usual seconds per byte of loads),
+  so a store that has stalled is noticed long before the budget runs out;
+* a floor, ``min_wait_s``, so that short prompts on fast engines still get a
+  chance at a hit, and an absolute bound, ``load_timeout_s``, for operators.
+
+Until there are measurements the wait is the floor: the conservative choice
+when nothing says a recompute would be slow.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections import deque
+
+from s3kv.config import Settings
+
+# Steps this small are dominated by fixed per-step costs: they say little
+# about what a prefill costs per token.
+_MIN_STEP_TOKENS = 32
+_EWMA_ALPHA = 0.2
+
+
+class _Ewma:
+    """Exponentially weighted mean: follows drift (clocks, load) without a window."""
+
+    def __init__(self, alpha: float = _EWMA_ALPHA) -> None:
+        self._alpha = alpha
+        self._value: float | None = None
+        self._lock = threading.Lock()
+
+    def observe(self, x: float) -> None:
+        with self._lock:
+            self._value = x if self._value is None else (
+                self._value + self._alpha * (x - self._value))
+
+    @property
+    def value(self) -> float | None:
+        with self._lock:
+            return self._value
+
+
+class LatencyWindow:
+    """Recent latency samples; a high percentile of them is "normal, at worst".
+
+    Samples arrive from the I/O thread and are read from the scheduler's: a
+    bounded deque is safe for that, and copying it out costs microseconds.
+    """
+
+    def __init__(self, size: int = 256, min_samples: int = 8) -> None:
+        self._samples: deque[float] = deque(maxlen=size)
+        self._min = min_samples
+
+    def observe(self, seconds: float) -> None:
+        self._samples.append(seconds)
+
+    def high(self, q: float = 0.95) -> float | None:
+        samples = sorted(self._samples)
+        if len(samples) < self._min:
+            return None
+        return samples[min(len(samples) - 1, math.ceil(q * len(samples)) - 1)]
+
+
+def lookup_rounds(n: int, window: int = 8) -> int:
+    """Round trips a lookup of ``n`` committed chunks takes (windows 1, 2, 4, ...)."""
+    rounds, done, size = 0, 0, 1
+    while done < n:
+        rounds += 1
+        done += size
+        size = min(window, size * 2)
+    return max(rounds, 1)
+
+
+class Deadlines:
+    """The engine's estimates of recompute and store time, and the waits they allow."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._s = settings
+        self._seconds_per_token = _Ewma()
+        self._seconds_per_byte = _Ewma()
+        self.rounds = LatencyWindow()
+
+    # --- measurements -----------------------------------------------------------
+
+    def observe_step(self, tokens: int, seconds: float) -> None:
+        """One engine step: ``tokens`` scheduled, ``seconds`` from schedule to output."""
+        if tokens >= _MIN_STEP_TOKENS and seconds > 0:
+            self._seconds_per_token.observe(seconds / tokens)
+
+    def observe_round(self, seconds: float) -> None:
+        """One lookup round trip (a window of manifest GETs, answered)."""
+        self.rounds.observe(seconds)
+
+    def observe_load(self, nbytes: int, seconds: float) -> None:
+        """One request's loads, from issue to reported done."""
+        if nbytes > 0 and seconds > 0:
+            self._seconds_per_byte.observe(seconds / nbytes)
+
+    # --- estimates ----------------------------------------------------------------
+
+    def recompute_s(self, tokens: int) -> float | None:
+        """Estimated prefill time of ``tokens`` on this engine (None until measured)."""
+        spt = self._seconds_per_token.value
+        return None if spt is None else spt * tokens
+
+    def _bounded(self, budget: float | None, ceiling: float | None) -> float:
+        wait = math.inf
+        if budget is not None:
+            wait = budget
+        if ceiling is not None:
+            wait = min(wait, ceiling)
+        if math.isinf(wait):
+            wait = self._s.min_wait_s  # nothing measured yet: the conservative default
+        return min(self._s.load_timeout_s, max(self._s.min_wait_s, wait))
+
+    def lookup_s(self, tokens: int, chunks: int) -> float:
+        """How long a lookup of ``chunks`` candidate chunks (``tokens`` tokens) may take."""
+        recompute = self.recompute_s(tokens)
+        budget = None if recompute is None else self._s.lookup_wait_fraction * recompute
+        high = self.rounds.high()
+        ceiling = (None if high is None
+                   else self._s.latency_factor * high * lookup_rounds(chunks))
+        return self._bounded(budget, ceiling)
+
+    def load_s(self, tokens: int, nbytes: int) -> float:
+        """How long a request's loads of ``tokens`` tokens (``nbytes`` bytes) may take."""
+        recompute = self.recompute_s(tokens)
+        budget = None if recompute is None else self._s.load_wait_fraction * recompute
+        spb = self._seconds_per_byte.value
+        ceiling = None if spb is None else self._s.latency_factor * spb * nbytes
+        return self._bounded(budget, ceiling)
+
+    def probe_s(self) -> float:
+        """How fast a probe must be answered for the store to count as healthy."""
+        high = self.rounds.high()
+        ceiling = None if high is None else self._s.latency_factor * high
+        return self._bounded(None, ceiling)

@@ -1,0 +1,314 @@
+"""The scheduler's view of the store: what is committed, what to save, how long to wait.
+
+This is the cache policy, kept apart from vLLM's bookkeeping (which lives in
+``s3kv.vllm.scheduler_side`` and only translates vLLM's objects). Its
+interface is small and never blocks:
+
+* :meth:`CacheIndex.lookup` answers a chain of chunk ids with the committed
+  prefix (a hit, or empty for a miss) or ``None``: ask again next step. Each
+  lookup has a deadline from :mod:`s3kv.deadlines`; when it passes, the
+  prefix found so far is the answer and the lookup finishes in the
+  background, warming the caches for the next request.
+* :meth:`CacheIndex.load_started` / :meth:`CacheIndex.load_finished` bracket
+  a request's loads: the first gives the loads' deadline, the second feeds
+  the transfer-time estimate and the breaker.
+* :meth:`CacheIndex.plan_store` decides whether a chunk is worth saving.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import OrderedDict, deque
+from collections.abc import Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+from s3kv.admission import AdmissionPolicy
+from s3kv.aio import LoopThread
+from s3kv.breaker import Breaker
+from s3kv.config import Settings
+from s3kv.deadlines import Deadlines
+from s3kv.errors import AlreadyExists, StoreError, Unavailable
+from s3kv.keys import Fingerprint, KeyLayout
+from s3kv.lookup import LRUSet, TTLSet, find_committed_prefix
+from s3kv.manifest import Manifest
+from s3kv.stats import Counters
+from s3kv.store import ObjectStore
+
+log = logging.getLogger("s3kv.index")
+
+# A committed manifest never changes (it is written with If-None-Match); it
+# can only disappear (GC), and then the load fails verification and the
+# tokens are recomputed. Remembering manifests for a few minutes lets a
+# repeated prefix skip its lookup round trips.
+_MANIFEST_TTL_S = 300.0
+_MANIFEST_CACHE_ITEMS = 20_000
+
+
+class _ManifestCache:
+    def __init__(self, ttl_s: float, max_items: int) -> None:
+        self._ttl, self._max = ttl_s, max_items
+        self._items: OrderedDict[str, tuple[float, Manifest]] = OrderedDict()
+
+    def add(self, m: Manifest) -> None:
+        self._items[m.chunk_id] = (time.monotonic() + self._ttl, m)
+        self._items.move_to_end(m.chunk_id)
+        while len(self._items) > self._max:
+            self._items.popitem(last=False)
+
+    def get(self, chunk_id: str) -> Manifest | None:
+        item = self._items.get(chunk_id)
+        if item is None:
+            return None
+        if item[0] < time.monotonic():
+            del self._items[chunk_id]
+            return None
+        return item[1]
+
+    def discard(self, chunk_id: str) -> None:
+        self._items.pop(chunk_id, None)
+
+
+@dataclass
+class _Pending:
+    future: Future[list[Manifest]]
+    fetching: list[str]  # the candidates asked of the store (after the cached prefix)
+    known: tuple[Manifest, ...]  # the cached prefix in front of them
+    started: float
+    deadline: float
+    progress: list[Manifest] = field(default_factory=list)
+
+
+@dataclass
+class _Load:
+    started: float
+    deadline_s: float
+    tokens: int
+    nbytes: int
+
+
+class CacheIndex:
+    def __init__(self, settings: Settings, fingerprint: Fingerprint, counters: Counters,
+                 store: ObjectStore | None, io: LoopThread) -> None:
+        self.settings = settings
+        self.fingerprint = fingerprint
+        self.ns = fingerprint.namespace
+        self.layout = KeyLayout(settings.store.prefix)
+        self.counters = counters
+        self.store = store
+        self.io = io
+        self.deadlines = Deadlines(settings)
+        self.breaker = Breaker(
+            probe=self._probe, io=io, probe_interval_s=settings.probe_interval_s,
+            probe_timeout_s=self.deadlines.probe_s, counters=counters,
+        )
+        self.admission = AdmissionPolicy(settings.admission, settings.admission_window)
+        self._absent = TTLSet(settings.lookup_ttl_s)
+        self._bad = TTLSet(max(60.0, settings.lookup_ttl_s))
+        self._committed = LRUSet()
+        self._planned = LRUSet()
+        self._manifests = _ManifestCache(_MANIFEST_TTL_S, _MANIFEST_CACHE_ITEMS)
+        self._pending: dict[str, _Pending] = {}
+        # Lookups that outlived their deadline, finished on the I/O thread;
+        # drained on the scheduler's thread, which owns every set above.
+        self._late: deque[tuple[list[str], Future[list[Manifest]]]] = deque()
+        self._running_late = 0
+        self._loads: dict[str, _Load] = {}
+        if store is not None:
+            # Never awaited: start-up requests must not delay serving.
+            io.submit(self._describe_namespace(store))
+
+    @property
+    def available(self) -> bool:
+        return self.store is not None
+
+    # --- the store's health -------------------------------------------------------
+
+    async def _describe_namespace(self, store: ObjectStore) -> None:
+        # Describe the namespace once (for `s3kv ls`); doubles as a start-up probe.
+        try:
+            await store.put(self.layout.namespace_doc(self.ns), self.fingerprint.document(),
+                            mode="create")
+            self.breaker.success()
+        except AlreadyExists:
+            self.breaker.success()
+        except StoreError as exc:
+            self.breaker.failure(exc)
+
+    async def _probe(self) -> object:
+        if self.store is None:
+            raise Unavailable("no object store")
+        return await self.store.get(self.layout.namespace_doc(self.ns))
+
+    # --- lookup ---------------------------------------------------------------------
+
+    def lookup(self, key: str, candidates: Sequence[str]) -> tuple[Manifest, ...] | None:
+        """The committed prefix of ``candidates`` (empty: a miss), or None: ask again.
+
+        ``key`` names the asker (a request) across calls.
+        """
+        self._drain_late()
+        known = self._cached_prefix(candidates)
+        pending = self._pending.get(key)
+        if pending is None:
+            if len(known) == len(candidates) or self._known_missing(candidates[len(known)]):
+                return known
+            if self.store is None:
+                return known
+            if not self.breaker.allow():
+                self.counters.add("lookups_skipped_store_down")
+                return known
+            self._start(key, list(candidates[len(known):]), known)
+            return None
+        now = time.monotonic()
+        if not pending.future.done():
+            if now < pending.deadline:
+                return None
+            return self._give_up(key, pending, now)
+        del self._pending[key]
+        self.counters.add("cache_wait_seconds", now - pending.started)
+        try:
+            found = pending.future.result()
+        except Exception as exc:
+            self.counters.add("lookup_errors")
+            self.breaker.failure(exc)
+            return pending.known
+        self.breaker.success()
+        self._learn(pending.fetching, found)
+        return pending.known + tuple(m for m in found if m.chunk_id not in self._bad)
+
+    def _start(self, key: str, fetching: list[str], known: tuple[Manifest, ...]) -> None:
+        store = self.store
+        if store is None:
+            return
+        tokens = len(fetching) * self.settings.chunk_tokens
+        wait = self.deadlines.lookup_s(tokens, len(fetching))
+        now = time.monotonic()
+        progress: list[Manifest] = []
+        future = self.io.submit(find_committed_prefix(
+            store, self.layout, self.ns, fetching, num_heads=self.fingerprint.num_kv_heads,
+            progress=progress, on_round=self.deadlines.observe_round,
+        ))
+        self._pending[key] = _Pending(future, fetching, known, now, now + wait, progress)
+        self.counters.add("lookups")
+
+    def _give_up(self, key: str, pending: _Pending, now: float) -> tuple[Manifest, ...]:
+        """The deadline passed: answer with what is known, let the lookup finish alone."""
+        del self._pending[key]
+        self.counters.add("cache_wait_seconds", now - pending.started)
+        found = list(pending.progress)  # whole rounds only: a committed prefix
+        fetching = pending.fetching
+        self._running_late += 1
+        pending.future.add_done_callback(lambda f: self._late.append((fetching, f)))
+        if found:
+            self.counters.add("lookups_truncated")
+        else:
+            # Not one round trip answered in the time a recompute can afford:
+            # stop asking until a probe says the store is back.
+            self.counters.add("lookup_deadline_misses")
+            self.breaker.failure(Unavailable(
+                f"no answer to a lookup within its {pending.deadline - pending.started:.3f}s "
+                "deadline"))
+        for m in found:
+            self._committed.add(m.chunk_id)
+            self._manifests.add(m)
+        return pending.known + tuple(m for m in found if m.chunk_id not in self._bad)
+
+    def _cached_prefix(self, candidates: Sequence[str]) -> tuple[Manifest, ...]:
+        out = []
+        for cid in candidates:
+            m = self._manifests.get(cid)
+            if m is None or cid in self._bad:
+                break
+            out.append(m)
+        return tuple(out)
+
+    def _known_missing(self, cid: str) -> bool:
+        # Recently missing; a chunk this engine has planned to save since is asked again.
+        return cid in self._bad or (cid in self._absent and cid not in self._planned)
+
+    def _learn(self, fetching: list[str], found: list[Manifest]) -> None:
+        for m in found:
+            self._committed.add(m.chunk_id)
+            self._manifests.add(m)
+        if len(found) < len(fetching):
+            self._absent.add(fetching[len(found)])
+
+    def _drain_late(self) -> None:
+        while self._late:
+            fetching, future = self._late.popleft()
+            self._running_late -= 1
+            if future.cancelled() or future.exception() is not None:
+                continue
+            self._learn(fetching, future.result())
+
+    @property
+    def background_lookups(self) -> int:
+        """Lookups past their deadline whose answers have not been taken in yet."""
+        self._drain_late()
+        return self._running_late
+
+    def forget(self, key: str) -> None:
+        """The asker is gone (request finished or aborted)."""
+        pending = self._pending.pop(key, None)
+        if pending is not None:
+            pending.future.cancel()
+        self._loads.pop(key, None)
+
+    # --- loads ------------------------------------------------------------------------
+
+    def load_started(self, key: str, tokens: int, manifests: Sequence[Manifest]) -> float:
+        """A request's loads are issued; returns how long they may take (seconds)."""
+        nbytes = sum(s.size for m in manifests for s in m.shards)
+        wait = self.deadlines.load_s(tokens, nbytes)
+        self._loads[key] = _Load(time.monotonic(), wait, tokens, nbytes)
+        return wait
+
+    def load_finished(self, key: str, ok: bool, *, now: float | None = None) -> None:
+        load = self._loads.pop(key, None)
+        if load is None:
+            return
+        elapsed = (time.monotonic() if now is None else now) - load.started
+        self.counters.add("cache_wait_seconds", elapsed)
+        if ok:
+            self.deadlines.observe_load(load.nbytes, elapsed)
+            saved = self.deadlines.recompute_s(load.tokens)
+            if saved is not None:
+                self.counters.add("recompute_seconds_saved_est", saved)
+        elif elapsed >= load.deadline_s:
+            # Loads abandoned at their deadline: the store stalled mid-transfer.
+            self.breaker.failure(Unavailable(
+                f"loads not done within their {load.deadline_s:.3f}s deadline"))
+
+    def mark_bad(self, chunk_id: str) -> None:
+        """A chunk failed to load: never offer it again for a while."""
+        self._bad.add(chunk_id)
+        self._manifests.discard(chunk_id)
+
+    # --- saves -------------------------------------------------------------------------
+
+    def plan_store(self, chunk_id: str, requested: bool) -> bool:
+        """Whether to save ``chunk_id`` now (and remember that it is being saved)."""
+        if chunk_id in self._committed or chunk_id in self._planned:
+            return False
+        if not self.breaker.allow():
+            # The store is not answering: uploads would only queue up in memory.
+            self.counters.add("saves_skipped_store_down")
+            return False
+        if not self.admission.admit(chunk_id, requested):
+            self.counters.add("admission_skipped")
+            return False
+        self._planned.add(chunk_id)
+        return True
+
+    def loaded(self, chunk_ids: Sequence[str]) -> None:
+        """Chunks about to be loaded are committed: never plan to save them."""
+        for cid in chunk_ids:
+            self._committed.add(cid)
+
+    # --- engine steps -------------------------------------------------------------------
+
+    def step_done(self, tokens: int, seconds: float) -> None:
+        self.deadlines.observe_step(tokens, seconds)
+        self._drain_late()

@@ -1,0 +1,62 @@
+"""The waits the engine allows itself: budget from recompute, ceiling from the store."""
+
+from __future__ import annotations
+
+import pytest
+
+from s3kv.config import parse_settings
+from s3kv.deadlines import Deadlines, LatencyWindow, lookup_rounds
+
+SETTINGS = parse_settings({"bucket": "bkt", "min_wait_s": 0.05, "load_timeout_s": 10.0,
+                           "lookup_wait_fraction": 0.1, "load_wait_fraction": 1.0,
+                           "latency_factor": 4.0})
+
+
+def test_lookup_rounds_follow_the_doubling_windows() -> None:
+    assert [lookup_rounds(n) for n in (0, 1, 2, 3, 4, 7, 8, 15, 16, 32)] == [
+        1, 1, 2, 2, 3, 3, 4, 4, 5, 7]
+
+
+def test_nothing_measured_waits_the_floor() -> None:
+    d = Deadlines(SETTINGS)
+    assert d.recompute_s(4096) is None
+    assert d.lookup_s(4096, 16) == pytest.approx(0.05)
+    assert d.load_s(4096, 1 << 30) == pytest.approx(0.05)
+    assert d.probe_s() == pytest.approx(0.05)
+
+
+def test_budget_is_a_fraction_of_the_recompute_time() -> None:
+    d = Deadlines(SETTINGS)
+    d.observe_step(10, 1.0)  # too small a step to say anything about prefill
+    assert d.recompute_s(100) is None
+    d.observe_step(2000, 2.0)  # 1 ms per token
+    assert d.recompute_s(4000) == pytest.approx(4.0)
+    assert d.lookup_s(4000, 16) == pytest.approx(0.4)  # 10% of 4 s
+    assert d.load_s(4000, 1 << 20) == pytest.approx(4.0)  # all of it
+    assert d.lookup_s(100, 1) == pytest.approx(0.05)  # never below the floor
+    assert d.load_s(100_000, 1 << 20) == pytest.approx(10.0)  # never above load_timeout_s
+
+
+def test_a_store_that_is_normally_fast_is_given_up_on_sooner() -> None:
+    d = Deadlines(SETTINGS)
+    d.observe_step(2000, 2.0)
+    for _ in range(20):
+        d.observe_round(0.02)
+    # 4 x 20 ms per round x 5 rounds for 16 chunks = 0.4 s < 10% of 8 s.
+    assert d.lookup_s(8000, 16) == pytest.approx(0.4)
+    assert d.lookup_s(8000, 1) == pytest.approx(0.08)
+    assert d.probe_s() == pytest.approx(0.08)
+    d.observe_load(1 << 20, 0.01)
+    assert d.load_s(8000, 1 << 20) == pytest.approx(0.05)  # 4 x 10 ms, floored
+    assert d.load_s(8000, 10 << 20) == pytest.approx(0.4)
+
+
+def test_latency_window_needs_samples_and_reports_a_high_percentile() -> None:
+    w = LatencyWindow(size=100, min_samples=8)
+    for x in range(7):
+        w.observe(x / 100)
+    assert w.high() is None
+    for x in range(7, 100):
+        w.observe(x / 100)
+    assert w.high(0.95) == pytest.approx(0.94)
+    assert w.high(0.5) == pytest.approx(0.49)

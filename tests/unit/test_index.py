@@ -1,0 +1,174 @@
+"""The cache index against a store that stalls: deadlines, the breaker, its probe."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from devtools.memory_store import MemoryStore
+from s3kv.aio import LoopThread
+from s3kv.config import parse_settings
+from s3kv.index import CacheIndex
+from s3kv.keys import Fingerprint, KeyLayout, chain_chunk_ids
+from s3kv.manifest import ShardEntry, new_manifest
+from s3kv.stats import Counters
+
+FP = Fingerprint(model="m", weights_id="w", dtype="float32", chunk_tokens=16, num_layers=2,
+                 num_kv_heads=1, head_size=8)
+LAYOUT = KeyLayout("s3kv")
+IDS = chain_chunk_ids(list(range(16 * 12)), 16)
+SETTINGS = parse_settings({"bucket": "bkt", "chunk_tokens": 16, "min_wait_s": 0.1,
+                           "probe_interval_s": 0.02})
+
+
+class StallingStore(MemoryStore):
+    """GETs of chunk ``i`` (by position in IDS) wait ``delay(i)`` seconds; -1: forever."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.delay: Callable[[str], float] = lambda key: 0.0
+        self.gets = 0
+
+    async def get(self, key: str) -> memoryview:
+        self.gets += 1
+        d = self.delay(key)
+        await asyncio.sleep(3600 if d < 0 else d)
+        return await super().get(key)
+
+
+def stall(*chunks: int, seconds: float = -1) -> Callable[[str], float]:
+    keys = {IDS[i] for i in chunks}
+    return lambda key: seconds if any(c in key for c in keys) else 0.0
+
+
+def stall_everything(key: str) -> float:
+    return -1
+
+
+@pytest.fixture
+def io() -> Iterator[LoopThread]:
+    loop = LoopThread("test-index")
+    yield loop
+    loop.stop()
+
+
+def commit(store: MemoryStore, n: int) -> None:
+    for i, cid in enumerate(IDS[:n]):
+        entry = ShardEntry(0, LAYOUT.shard(FP.namespace, cid, "tp1-w", 0), 128, "0" * 32,
+                           0, 1, 64, ("0" * 32,))
+        m = new_manifest(namespace=FP.namespace, chunk_id=cid, parent_id=IDS[i - 1] if i else None,
+                         chunk_index=i, num_tokens=16, writer="tp1-w", shards=[entry], tp_size=1)
+        store.put_nowait(LAYOUT.manifest(FP.namespace, cid), m.encode())
+
+
+def until_answer(index: CacheIndex, key: str, ids: list[str], limit_s: float = 10.0
+                 ) -> tuple[tuple[str, ...], float]:
+    """Ask as vLLM's scheduler does, every step, until the index answers."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < limit_s:
+        got = index.lookup(key, ids)
+        if got is not None:
+            return tuple(m.chunk_id for m in got), time.monotonic() - t0
+        time.sleep(0.002)  # one scheduler step
+    raise AssertionError("no answer")
+
+
+def wait_for(cond: Callable[[], bool], limit_s: float = 10.0) -> None:
+    t0 = time.monotonic()
+    while not cond():
+        if time.monotonic() - t0 > limit_s:
+            raise AssertionError("condition not reached")
+        time.sleep(0.005)
+
+
+def make(io: LoopThread, store: MemoryStore) -> tuple[CacheIndex, Counters]:
+    counters = Counters()
+    index = CacheIndex(SETTINGS, FP, counters, store, io)
+    wait_for(lambda: bool(store.keys(LAYOUT.namespace_doc(FP.namespace))))
+    return index, counters
+
+
+def test_healthy_store_hits_and_a_repeat_needs_no_round_trip(io: LoopThread) -> None:
+    store = StallingStore()
+    commit(store, 5)
+    index, counters = make(io, store)
+    hits, _ = until_answer(index, "r1", IDS)
+    assert hits == tuple(IDS[:5])
+    gets = store.gets
+    hits2, _ = until_answer(index, "r2", IDS[:5])
+    assert hits2 == tuple(IDS[:5]) and store.gets == gets  # all remembered
+    assert counters.get("lookup_deadline_misses") == 0 and not index.breaker.is_open
+
+
+def test_no_answer_by_the_deadline_is_a_miss_and_opens_the_breaker(io: LoopThread) -> None:
+    store = StallingStore()
+    commit(store, 5)
+    index, counters = make(io, store)
+    store.delay = stall_everything
+    hits, waited = until_answer(index, "r1", IDS)
+    assert hits == ()
+    assert 0.1 <= waited < 0.5  # min_wait_s, not load_timeout_s (30 s)
+    assert counters.get("lookup_deadline_misses") == 1 and index.breaker.is_open
+    # Every later request is a miss at once; no save is planned while it is open.
+    hits, waited = until_answer(index, "r2", IDS[3:])
+    assert hits == () and waited < 0.05
+    assert counters.get("lookups_skipped_store_down") == 1
+    assert not index.plan_store(IDS[7], requested=False)
+    assert counters.get("saves_skipped_store_down") == 1
+    # The store comes back: the background probe closes the breaker, no request pays.
+    store.delay = lambda key: 0.0
+    wait_for(lambda: not index.breaker.is_open)
+    assert counters.get("breaker_probes") >= 1 and counters.get("breaker_opens") == 1
+    hits, _ = until_answer(index, "r3", IDS[:3])
+    assert hits == tuple(IDS[:3])
+
+
+def test_deadline_with_a_partial_answer_uses_the_prefix_found(io: LoopThread) -> None:
+    store = StallingStore()
+    commit(store, 8)
+    index, counters = make(io, store)
+    store.delay = stall(3, 4, 5, 6, seconds=-1)  # rounds: [0], [1, 2], [3..6] stalls
+    hits, waited = until_answer(index, "r1", IDS)
+    assert hits == tuple(IDS[:3]) and waited < 0.5
+    assert counters.get("lookups_truncated") == 1
+    assert counters.get("lookup_deadline_misses") == 0 and not index.breaker.is_open
+
+
+def test_a_late_answer_warms_the_next_request(io: LoopThread) -> None:
+    store = StallingStore()
+    commit(store, 4)
+    index, _counters = make(io, store)
+    store.delay = stall(0, 1, 2, 3, 4, seconds=0.3)
+    assert until_answer(index, "r1", IDS)[0] == ()
+    store.delay = lambda key: 0.0
+    wait_for(lambda: not index.breaker.is_open)
+    # The first request's lookup finishes in the background after its deadline.
+    wait_for(lambda: index.background_lookups == 0)
+    gets = store.gets
+    hits, _waited = until_answer(index, "r2", IDS[:4])
+    assert hits == tuple(IDS[:4]) and store.gets == gets
+
+
+def test_loads_deadline_and_outcome(io: LoopThread) -> None:
+    store = StallingStore()
+    commit(store, 2)
+    index, counters = make(io, store)
+    hits = until_answer(index, "r1", IDS[:2])[0]
+    assert len(hits) == 2
+    got = index.lookup("r1b", IDS[:2])
+    assert got is not None
+    deadline = index.load_started("r1", 32, got)
+    assert deadline == pytest.approx(0.1)  # nothing measured: the floor
+    index.load_finished("r1", ok=True)
+    assert counters.get("cache_wait_seconds") > 0
+    assert not index.breaker.is_open
+    # Loads that failed after their deadline mean the store stalled mid-transfer.
+    index.load_started("r2", 32, got)
+    index.load_finished("r2", ok=False, now=time.monotonic() + 0.05)  # failed in time
+    assert not index.breaker.is_open  # a corrupt shard is not an outage
+    index.load_started("r3", 32, got)
+    index.load_finished("r3", ok=False, now=time.monotonic() + 1.0)
+    assert index.breaker.is_open
