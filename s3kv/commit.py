@@ -263,7 +263,6 @@ class Committer:
                 await self._store.put(key, data, mode="overwrite")
                 self.counters.add("save_seconds", time.perf_counter() - t0)
             self.counters.add("bytes_saved", size)
-            self.counters.add("put_requests")
             self._emit("uploaded", chunk_id=s.chunk_id, key=key)
             return ShardReport(s.chunk_id, s.parent_id, s.chunk_index, s.num_tokens, True, entry)
         except Exception as exc:  # every failure becomes "this rank not ok"
@@ -374,7 +373,6 @@ class Committer:
         try:
             await self._store.put(key, doc, mode="create")
             self.counters.add("chunks_committed")
-            self.counters.add("put_requests")
             self._emit("committed", chunk_id=cid, key=key)
         except AlreadyExists:
             self.counters.add("chunks_already_committed")

@@ -142,8 +142,10 @@ class S3KVConnector(KVConnectorBase_V1):
             # vLLM asks once per step, after the step's output is in: the
             # scheduler side times the step from here (s3kv.deadlines).
             self._sched.step_done()
-        if self._worker is None:
-            return None
+        # Both roles report: vLLM merges the scheduler's stats with the workers'
+        # (already summed across ranks) before logging and exporting them, so
+        # lookups, hits and scheduler-side S3 requests reach Prometheus too.
+        # Each role's counters are its own object, so nothing is counted twice.
         delta = self.counters.delta()
         return S3KVStats(data=delta) if delta else None
 

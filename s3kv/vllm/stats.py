@@ -1,9 +1,12 @@
 """s3kv's counters as vLLM KV connector stats, and so as Prometheus metrics.
 
-Workers report the change in their counters since the previous step; vLLM
-aggregates them across ranks and steps, logs them, and (when serving) exports
-them as ``vllm:s3kv_<name>`` counters. Lookup hits and misses are already
-exported by vLLM itself as external prefix-cache queries and hits.
+Workers and the scheduler each report the change in their counters since the
+previous step; vLLM aggregates them across ranks and steps, logs them, and
+(when serving) exports them as ``vllm:s3kv_<name>`` counters. The set of
+counters is :data:`s3kv.metrics.METRICS`, never a list kept here, so every
+declared counter is exported and nothing undeclared is. Lookup hits and
+misses are also exported by vLLM itself as external prefix-cache queries and
+hits.
 """
 
 from __future__ import annotations
@@ -15,25 +18,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.metrics import (
     KVConnectorStats,
 )
 
-# name -> help text; every counter the worker side keeps.
-METRICS: dict[str, str] = {
-    "bytes_saved": "Shard bytes uploaded",
-    "bytes_loaded": "Shard bytes loaded and verified",
-    "put_requests": "S3 PUT requests (shards and manifests)",
-    "chunks_committed": "Chunks committed (manifest written)",
-    "chunks_already_committed": "Chunks another writer committed first",
-    "chunks_not_committed": "Chunks not committed because a rank failed",
-    "loaded_chunks": "Chunks loaded from S3",
-    "load_failures": "Chunk loads that failed verification or timed out (recomputed)",
-    "upload_failures": "Shard uploads that failed after retries",
-    "saves_dropped": "Chunk saves dropped because upload memory was full",
-    "commit_failures": "Manifest writes that failed",
-    "commit_gather_failures": "Commit gathers that timed out or lost a peer",
-    "save_seconds": "Seconds spent in shard PUT requests",
-    "load_seconds": "Seconds spent fetching and verifying shards",
-    "forward_path_seconds": "Seconds the forward path spent in the connector (copy-out, hand-off)",
-    "forward_steps": "Steps seen by the worker connector",
-}
+from s3kv.metrics import METRICS
 
 
 class S3KVStats(KVConnectorStats):
@@ -57,8 +42,9 @@ class S3KVPromMetrics(KVConnectorPromMetrics):
                  per_engine_labelvalues: dict[int, list[object]]) -> None:
         super().__init__(vllm_config, metric_types, labelnames, per_engine_labelvalues)
         self._counters: dict[str, dict[int, Any]] = {}
-        for name, doc in METRICS.items():
-            metric = self._counter_cls(name=f"vllm:s3kv_{name}", documentation=doc,
+        for name, m in METRICS.items():
+            metric = self._counter_cls(name=m.prometheus_name,
+                                       documentation=f"{m.help} ({m.unit})",
                                        labelnames=labelnames)
             self._counters[name] = {
                 idx: metric.labels(*values) for idx, values in per_engine_labelvalues.items()
