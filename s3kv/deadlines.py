@@ -28,7 +28,7 @@ from s3kv.config import Settings
 
 # Steps this small are dominated by fixed per-step costs: they say little
 # about what a prefill costs per token.
-_MIN_STEP_TOKENS = 32
+_MIN_STEP_TOKENS = 256
 _EWMA_ALPHA = 0.2
 
 

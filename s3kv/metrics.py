@@ -72,8 +72,6 @@ _ALL: tuple[Metric, ...] = (
     _c("miss_requests", "requests", SCHEDULER,
        "Cache queries answered with no tokens (the request computes its prefill)"),
     _c("lookup_errors", "lookups", SCHEDULER, "Lookups that failed with an S3 error"),
-    _c("lookup_timeouts", "lookups", SCHEDULER,
-       "Lookups abandoned after load_timeout_s (served as a miss)"),
     _c("lookup_deadline_misses", "lookups", SCHEDULER,
        "Lookups with no answer by their deadline (the request is served as a miss)"),
     _c("lookups_truncated", "lookups", SCHEDULER,

@@ -28,6 +28,7 @@ from s3kv.keys import Fingerprint, chunk_id
 from s3kv.manifest import Manifest
 from s3kv.stats import Counters
 from s3kv.store import ObjectStore, open_store
+from s3kv.store.counting import CountingStore
 from s3kv.vllm.metadata import LoadChunk, LoadRequest, S3KVMetadata, SaveChunk
 
 if TYPE_CHECKING:
@@ -71,7 +72,7 @@ class SchedulerSide:
         # loop may not). The index's namespace write is the first request.
         store: ObjectStore | None = None
         try:
-            store = io.run(open_store(settings.store), timeout=60)
+            store = CountingStore(io.run(open_store(settings.store), timeout=60), counters)
         except Exception as exc:  # missing credentials, bad endpoint: serve without cache
             log.warning("s3kv: cannot open the object store (%s: %s); serving without the cache",
                         type(exc).__name__, exc)

@@ -30,6 +30,7 @@ from s3kv.reader import HeadBytes, read_heads
 from s3kv.shard import PayloadLayout, ShardSpec, encode_header
 from s3kv.stats import Counters
 from s3kv.store import ObjectStore, open_store
+from s3kv.store.counting import CountingStore
 from s3kv.vllm.kv_layout import KVBlocks
 from s3kv.vllm.metadata import LoadChunk, LoadRequest, S3KVMetadata
 
@@ -91,7 +92,8 @@ class WorkerSide:
             self._load_stream = torch.cuda.Stream(device=kv.device)
         try:
             if self.store is None:
-                self.store = self.io.run(open_store(self.settings.store), timeout=60)
+                self.store = CountingStore(
+                    self.io.run(open_store(self.settings.store), timeout=60), self.counters)
         except Exception as exc:
             log.warning("s3kv: cannot open the object store (%s: %s); serving without the cache",
                         type(exc).__name__, exc)

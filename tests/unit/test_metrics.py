@@ -21,19 +21,6 @@ from s3kv.stats import Counters
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGE = ROOT / "s3kv"
 
-# Declared for call sites that in-flight changes are adding (deadlines, the
-# circuit breaker, save skipping). Until they land these names may have no
-# counting call; once every one has, delete this set: the check below then
-# covers them like any other name.
-PENDING = frozenset({
-    "lookup_deadline_misses", "lookups_truncated", "cache_wait_seconds",
-    "recompute_seconds_saved_est", "breaker_opens", "breaker_probes",
-    "saves_skipped_store_down", "load_deadline_misses",
-})
-# Kept declared (and exported) while its call site is being replaced by the
-# deadline counters, so existing dashboards and alerts do not break at once.
-RETIRING = frozenset({"lookup_timeouts"})
-
 # Files whose counters belong to one side of the connector.
 SIDE_OF_FILE = {
     "vllm/scheduler_side.py": "scheduler",
@@ -89,12 +76,8 @@ def test_every_counted_name_is_declared() -> None:
 
 def test_every_declared_metric_is_counted_somewhere() -> None:
     counted = _counted()
-    unused = sorted(n for n in METRICS if n not in counted and n not in PENDING | RETIRING)
+    unused = sorted(n for n in METRICS if n not in counted)
     assert unused == [], "declared in s3kv/metrics.py but never counted in s3kv/"
-
-
-def test_pending_and_retiring_names_are_declared() -> None:
-    assert (PENDING | RETIRING) - set(METRICS) == set()
 
 
 def test_counters_land_on_the_side_they_are_declared_for() -> None:
