@@ -9,10 +9,11 @@ by
 * a budget: a fraction of the estimated recompute time of the tokens at stake
   (``lookup_wait_fraction``, ``load_wait_fraction``);
 * a ceiling: ``latency_factor`` times what the store normally takes (a high
-  percentile of recent lookup rounds; the usual seconds per byte of loads),
+  percentile of recent lookup round trips; the usual seconds per byte of loads),
   so a store that has stalled is noticed long before the budget runs out;
-* a floor, ``min_wait_s``, so that short prompts on fast engines still get a
-  chance at a hit, and an absolute bound, ``load_timeout_s``, for operators.
+* a floor, ``min_wait_s`` for lookups and ``min_load_wait_s`` for loads, so
+  that short prompts on fast engines still get a chance at a hit, and an
+  absolute bound, ``load_timeout_s``, for operators.
 
 Until there are measurements the wait is the floor: the conservative choice
 when nothing says a recompute would be slow.
@@ -72,16 +73,6 @@ class LatencyWindow:
         return samples[min(len(samples) - 1, math.ceil(q * len(samples)) - 1)]
 
 
-def lookup_rounds(n: int, window: int = 8) -> int:
-    """Round trips a lookup of ``n`` committed chunks takes (windows 1, 2, 4, ...)."""
-    rounds, done, size = 0, 0, 1
-    while done < n:
-        rounds += 1
-        done += size
-        size = min(window, size * 2)
-    return max(rounds, 1)
-
-
 class Deadlines:
     """The engine's estimates of recompute and store time, and the waits they allow."""
 
@@ -114,23 +105,28 @@ class Deadlines:
         spt = self._seconds_per_token.value
         return None if spt is None else spt * tokens
 
-    def _bounded(self, budget: float | None, ceiling: float | None) -> float:
+    def _bounded(self, budget: float | None, ceiling: float | None,
+                 floor: float | None = None) -> float:
+        floor = self._s.min_wait_s if floor is None else floor
         wait = math.inf
         if budget is not None:
             wait = budget
         if ceiling is not None:
             wait = min(wait, ceiling)
         if math.isinf(wait):
-            wait = self._s.min_wait_s  # nothing measured yet: the conservative default
-        return min(self._s.load_timeout_s, max(self._s.min_wait_s, wait))
+            wait = floor  # nothing measured yet: the conservative default
+        return min(self._s.load_timeout_s, max(floor, wait))
 
-    def lookup_s(self, tokens: int, chunks: int) -> float:
-        """How long a lookup of ``chunks`` candidate chunks (``tokens`` tokens) may take."""
+    def lookup_s(self, tokens: int) -> float:
+        """How long a lookup that could save ``tokens`` tokens may go without progress.
+
+        The clock restarts at every round that finds committed chunks: a round
+        that answers saves far more recompute than it took, so only a round
+        that does not answer is waiting that may be wasted."""
         recompute = self.recompute_s(tokens)
         budget = None if recompute is None else self._s.lookup_wait_fraction * recompute
         high = self.rounds.high()
-        ceiling = (None if high is None
-                   else self._s.latency_factor * high * lookup_rounds(chunks))
+        ceiling = None if high is None else self._s.latency_factor * high
         return self._bounded(budget, ceiling)
 
     def load_s(self, tokens: int, nbytes: int) -> float:
@@ -139,7 +135,10 @@ class Deadlines:
         budget = None if recompute is None else self._s.load_wait_fraction * recompute
         spb = self._seconds_per_byte.value
         ceiling = None if spb is None else self._s.latency_factor * spb * nbytes
-        return self._bounded(budget, ceiling)
+        # Loads follow a lookup the store just answered in time: a stall now is
+        # a second, rarer fault, and cutting a healthy transfer short wastes
+        # what it already fetched. Their floor is min_load_wait_s.
+        return self._bounded(budget, ceiling, self._s.min_load_wait_s)
 
     def probe_s(self) -> float:
         """How fast a probe must be answered for the store to count as healthy."""

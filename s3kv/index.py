@@ -6,9 +6,10 @@ interface is small and never blocks:
 
 * :meth:`CacheIndex.lookup` answers a chain of chunk ids with the committed
   prefix (a hit, or empty for a miss) or ``None``: ask again next step. Each
-  lookup has a deadline from :mod:`s3kv.deadlines`; when it passes, the
-  prefix found so far is the answer and the lookup finishes in the
-  background, warming the caches for the next request.
+  lookup has a deadline from :mod:`s3kv.deadlines`, restarted by every round
+  that finds committed chunks; when it passes, the prefix found so far is
+  the answer and the lookup finishes in the background, warming the caches
+  for the next request.
 * :meth:`CacheIndex.load_started` / :meth:`CacheIndex.load_finished` bracket
   a request's loads: the first gives the loads' deadline, the second feeds
   the transfer-time estimate and the breaker.
@@ -76,8 +77,10 @@ class _Pending:
     fetching: list[str]  # the candidates asked of the store (after the cached prefix)
     known: tuple[Manifest, ...]  # the cached prefix in front of them
     started: float
+    wait: float  # allowed without progress (s3kv.deadlines)
     deadline: float
     progress: list[Manifest] = field(default_factory=list)
+    seen: int = 0  # len(progress) at the last look
 
 
 @dataclass
@@ -163,6 +166,10 @@ class CacheIndex:
             return None
         now = time.monotonic()
         if not pending.future.done():
+            if len(pending.progress) > pending.seen:
+                # A round found committed chunks: the store is answering.
+                pending.seen = len(pending.progress)
+                pending.deadline = now + pending.wait
             if now < pending.deadline:
                 return None
             return self._give_up(key, pending, now)
@@ -182,15 +189,14 @@ class CacheIndex:
         store = self.store
         if store is None:
             return
-        tokens = len(fetching) * self.settings.chunk_tokens
-        wait = self.deadlines.lookup_s(tokens, len(fetching))
+        wait = self.deadlines.lookup_s(len(fetching) * self.settings.chunk_tokens)
         now = time.monotonic()
         progress: list[Manifest] = []
         future = self.io.submit(find_committed_prefix(
             store, self.layout, self.ns, fetching, num_heads=self.fingerprint.num_kv_heads,
             progress=progress, on_round=self.deadlines.observe_round,
         ))
-        self._pending[key] = _Pending(future, fetching, known, now, now + wait, progress)
+        self._pending[key] = _Pending(future, fetching, known, now, wait, now + wait, progress)
         self.counters.add("lookups")
 
     def _give_up(self, key: str, pending: _Pending, now: float) -> tuple[Manifest, ...]:
@@ -208,8 +214,7 @@ class CacheIndex:
             # stop asking until a probe says the store is back.
             self.counters.add("lookup_deadline_misses")
             self.breaker.failure(Unavailable(
-                f"no answer to a lookup within its {pending.deadline - pending.started:.3f}s "
-                "deadline"))
+                f"no answer to a lookup within its {pending.wait:.3f}s deadline"))
         for m in found:
             self._committed.add(m.chunk_id)
             self._manifests.add(m)

@@ -5,22 +5,18 @@ from __future__ import annotations
 import pytest
 
 from s3kv.config import parse_settings
-from s3kv.deadlines import Deadlines, LatencyWindow, lookup_rounds
+from s3kv.deadlines import Deadlines, LatencyWindow
 
-SETTINGS = parse_settings({"bucket": "bkt", "min_wait_s": 0.05, "load_timeout_s": 10.0,
+SETTINGS = parse_settings({"bucket": "bkt", "min_wait_s": 0.05, "min_load_wait_s": 0.05,
+                           "load_timeout_s": 10.0,
                            "lookup_wait_fraction": 0.1, "load_wait_fraction": 1.0,
                            "latency_factor": 4.0})
-
-
-def test_lookup_rounds_follow_the_doubling_windows() -> None:
-    assert [lookup_rounds(n) for n in (0, 1, 2, 3, 4, 7, 8, 15, 16, 32)] == [
-        1, 1, 2, 2, 3, 3, 4, 4, 5, 7]
 
 
 def test_nothing_measured_waits_the_floor() -> None:
     d = Deadlines(SETTINGS)
     assert d.recompute_s(4096) is None
-    assert d.lookup_s(4096, 16) == pytest.approx(0.05)
+    assert d.lookup_s(4096) == pytest.approx(0.05)
     assert d.load_s(4096, 1 << 30) == pytest.approx(0.05)
     assert d.probe_s() == pytest.approx(0.05)
 
@@ -31,9 +27,9 @@ def test_budget_is_a_fraction_of_the_recompute_time() -> None:
     assert d.recompute_s(100) is None
     d.observe_step(2000, 2.0)  # 1 ms per token
     assert d.recompute_s(4000) == pytest.approx(4.0)
-    assert d.lookup_s(4000, 16) == pytest.approx(0.4)  # 10% of 4 s
+    assert d.lookup_s(4000) == pytest.approx(0.4)  # 10% of 4 s
     assert d.load_s(4000, 1 << 20) == pytest.approx(4.0)  # all of it
-    assert d.lookup_s(100, 1) == pytest.approx(0.05)  # never below the floor
+    assert d.lookup_s(100) == pytest.approx(0.05)  # never below the floor
     assert d.load_s(100_000, 1 << 20) == pytest.approx(10.0)  # never above load_timeout_s
 
 
@@ -42,9 +38,8 @@ def test_a_store_that_is_normally_fast_is_given_up_on_sooner() -> None:
     d.observe_step(2000, 2.0)
     for _ in range(20):
         d.observe_round(0.02)
-    # 4 x 20 ms per round x 5 rounds for 16 chunks = 0.4 s < 10% of 8 s.
-    assert d.lookup_s(8000, 16) == pytest.approx(0.4)
-    assert d.lookup_s(8000, 1) == pytest.approx(0.08)
+    # 4 x 20 ms per round < 10% of 8 s.
+    assert d.lookup_s(8000) == pytest.approx(0.08)
     assert d.probe_s() == pytest.approx(0.08)
     d.observe_load(1 << 20, 0.01)
     assert d.load_s(8000, 1 << 20) == pytest.approx(0.05)  # 4 x 10 ms, floored
@@ -60,3 +55,10 @@ def test_latency_window_needs_samples_and_reports_a_high_percentile() -> None:
         w.observe(x / 100)
     assert w.high(0.95) == pytest.approx(0.94)
     assert w.high(0.5) == pytest.approx(0.49)
+
+
+def test_loads_have_their_own_floor() -> None:
+    d = Deadlines(parse_settings({"bucket": "bkt", "min_wait_s": 0.1, "min_load_wait_s": 1.5}))
+    d.observe_step(2000, 0.2)  # 0.1 ms per token: 1000 tokens recompute in 0.1 s
+    assert d.lookup_s(1000) == pytest.approx(0.1)
+    assert d.load_s(1000, 1 << 20) == pytest.approx(1.5)

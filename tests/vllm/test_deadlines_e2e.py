@@ -96,10 +96,7 @@ def test_stalled_s3_costs_no_more_than_recompute(
     for tp in (2, 1):
         arm(fault_proxy)
         base, res = run_pair(tiny_model, tp, conn)
-        assert res.outputs == base.outputs, f"TP={tp}: outputs differ from no connector"
-        assert "serving without the cache" in res.stderr
         c = res.counters
-        assert c.get("lookup_deadline_misses", 0) >= 1 and c.get("breaker_opens", 0) >= 1
         rows = []
         i = len(HEALTHY)
         for name, prompts in FAULTED:
@@ -115,6 +112,10 @@ def test_stalled_s3_costs_no_more_than_recompute(
                                      "lookups_skipped_store_down", "breaker_opens",
                                      "breaker_probes", "saves_skipped_store_down",
                                      "hit_tokens", "workers.load_deadline_misses")}}
+        (TMP / "deadlines-e2e.json").write_text(json.dumps(report, indent=1))
+        assert res.outputs == base.outputs, f"TP={tp}: outputs differ from no connector"
+        assert "serving without the cache" in res.stderr
+        assert c.get("lookup_deadline_misses", 0) >= 1 and c.get("breaker_opens", 0) >= 1
         if tp == 1:
             # The TP=2 engine wrote the healthy prompts: hits, at the default deadlines.
             first = res.raw["first_pass_counters"]
@@ -122,7 +123,9 @@ def test_stalled_s3_costs_no_more_than_recompute(
             report["tp1"]["healthy"] = {
                 "hit_tokens": first.get("hit_tokens", 0), "expected": want,
                 "ttft_s": res.raw["ttft_seconds"][: len(HEALTHY)],
-                "base_ttft_s": base.raw["ttft_seconds"][: len(HEALTHY)]}
+                "base_ttft_s": base.raw["ttft_seconds"][: len(HEALTHY)],
+                "first_pass_counters": first}
+            (TMP / "deadlines-e2e.json").write_text(json.dumps(report, indent=1))
             assert first.get("hit_tokens", 0) == want
             assert first.get("failed_loads", 0) == 0
     (TMP / "deadlines-e2e.json").write_text(json.dumps(report, indent=1))
