@@ -2,8 +2,9 @@
 
 Endpoint and region resolve exactly as boto3 resolves them (settings, then
 ``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL`` / shared config files), and
-credentials come from the standard boto3 chain through a refreshing provider,
-so both backends honour the same AWS configuration.
+credentials come from the standard boto3 chain through obstore's own boto3
+credential provider (which refreshes temporary credentials), so both backends
+honour the same AWS configuration.
 """
 
 from __future__ import annotations
@@ -11,12 +12,13 @@ from __future__ import annotations
 import builtins
 import re
 from collections.abc import AsyncIterator, Sequence
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from typing import Any
 
 import boto3
 import obstore
 from obstore import exceptions as oe
+from obstore.auth.boto3 import Boto3CredentialProvider
 from obstore.store import S3Store
 from typing_extensions import Buffer
 
@@ -34,27 +36,24 @@ from s3kv.store.protocol import Capabilities, ObjectInfo, ObjectPage, PutMode
 
 _CODE_RE = re.compile(r"<Code>([A-Za-z]+)</Code>")
 _STATUS_RE = re.compile(r"(?:status(?: code)?:?\s*|HTTP status server error \()(\d{3})")
+_CREDENTIAL_TTL = timedelta(minutes=5)
 
 
-class _ChainCredentials:
-    """Feeds obstore from botocore's credential chain, refreshing as it expires."""
+class _ChainCredentials(Boto3CredentialProvider):
+    """obstore's boto3 provider, with s3kv's error type and a repr that hides secrets.
+
+    The TTL is shorter than obstore's 30 min default: botocore refreshes
+    temporary credentials 10-15 min before they expire, so a frozen copy
+    cached for 30 min could outlive them; 5 min always stays inside that margin.
+    """
 
     def __init__(self, session: boto3.session.Session) -> None:
-        creds = session.get_credentials()
-        if creds is None:
-            raise AccessDenied("no usable AWS credentials in the standard chain")
-        self._creds = creds
+        try:
+            super().__init__(session, ttl=_CREDENTIAL_TTL)
+        except ValueError:  # obstore's way of saying the chain found nothing
+            raise AccessDenied("no usable AWS credentials in the standard chain") from None
 
-    def __call__(self) -> dict[str, Any]:
-        frozen = self._creds.get_frozen_credentials()
-        return {
-            "access_key_id": frozen.access_key,
-            "secret_access_key": frozen.secret_key,
-            "token": frozen.token,
-            "expires_at": datetime.now(UTC) + timedelta(minutes=5),
-        }
-
-    def __repr__(self) -> str:  # never show secrets
+    def __repr__(self) -> str:
         return "<aws credential chain>"
 
 
@@ -108,6 +107,7 @@ class ObstoreStore:
             kwargs["endpoint"] = endpoint
         self.bucket = settings.bucket
         self.capabilities = Capabilities()
+        self._where = f"bucket={settings.bucket!r}, region={region!r}, endpoint={endpoint!r}"
         self._store = S3Store(
             settings.bucket,
             client_options={
@@ -121,9 +121,13 @@ class ObstoreStore:
                 "backoff": {"init_backoff": timedelta(milliseconds=50),
                             "max_backoff": timedelta(seconds=2), "base": 2},
             },
-            credential_provider=_ChainCredentials(session),  # type: ignore[arg-type]
+            credential_provider=_ChainCredentials(session),
             **kwargs,
         )
+
+    def __repr__(self) -> str:
+        # Only where it points: the credentials stay inside the provider.
+        return f"ObstoreStore({self._where})"
 
     @classmethod
     async def open(cls, settings: StoreSettings) -> ObstoreStore:
