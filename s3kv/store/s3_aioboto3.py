@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import builtins
 import contextlib
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from typing import Any
 
 import aioboto3
@@ -147,42 +147,42 @@ class Aioboto3Store:
             raise _translate(exc, key) from None
         return ObjectInfo(key, int(resp["ContentLength"]), resp["LastModified"], resp.get("ETag"))
 
+    async def _pages(self, operation: str, key: str,
+                     **kwargs: Any) -> AsyncGenerator[dict[str, Any], None]:
+        """One aiobotocore paginator's pages, with its errors translated.
+
+        The paginator raises from inside iteration, so translation wraps each
+        step here rather than the caller's loop body (which must not be
+        reported as a store error).
+        """
+        pages = self._client.get_paginator(operation).paginate(Bucket=self.bucket, **kwargs)
+        async with contextlib.aclosing(aiter(pages)) as it:
+            while True:
+                try:
+                    resp: dict[str, Any] = await anext(it)
+                except StopAsyncIteration:
+                    return
+                except Exception as exc:
+                    raise _translate(exc, key) from None
+                yield resp
+
     async def list(self, prefix: str, *, page_size: int = 1000) -> AsyncIterator[ObjectPage]:
-        token: str | None = None
-        while True:
-            kwargs: dict[str, Any] = {"Bucket": self.bucket, "Prefix": prefix,
-                                      "MaxKeys": page_size}
-            if token:
-                kwargs["ContinuationToken"] = token
-            try:
-                resp = await self._client.list_objects_v2(**kwargs)
-            except Exception as exc:
-                raise _translate(exc, prefix) from None
-            page = [
-                ObjectInfo(o["Key"], int(o["Size"]), o["LastModified"], o.get("ETag"))
-                for o in resp.get("Contents", [])
-            ]
-            if page:
-                yield page
-            if not resp.get("IsTruncated"):
-                return
-            token = resp.get("NextContinuationToken")
+        pages = self._pages("list_objects_v2", prefix, Prefix=prefix,
+                            PaginationConfig={"PageSize": page_size})
+        async with contextlib.aclosing(pages):
+            async for resp in pages:
+                page = [
+                    ObjectInfo(o["Key"], int(o["Size"]), o["LastModified"], o.get("ETag"))
+                    for o in resp.get("Contents", [])
+                ]
+                if page:
+                    yield page
 
     async def list_dirs(self, prefix: str) -> builtins.list[str]:
-        out: builtins.list[str] = []
-        token: str | None = None
-        while True:
-            kwargs: dict[str, Any] = {"Bucket": self.bucket, "Prefix": prefix, "Delimiter": "/"}
-            if token:
-                kwargs["ContinuationToken"] = token
-            try:
-                resp = await self._client.list_objects_v2(**kwargs)
-            except Exception as exc:
-                raise _translate(exc, prefix) from None
-            out.extend(p["Prefix"] for p in resp.get("CommonPrefixes", []))
-            if not resp.get("IsTruncated"):
-                return out
-            token = resp.get("NextContinuationToken")
+        return [p["Prefix"]
+                async for resp in self._pages("list_objects_v2", prefix, Prefix=prefix,
+                                              Delimiter="/")
+                for p in resp.get("CommonPrefixes", [])]
 
     async def delete_many(self, keys: Sequence[str]) -> None:
         for i in range(0, len(keys), 1000):
@@ -201,20 +201,9 @@ class Aioboto3Store:
                                     key=first.get("Key"))
 
     async def list_multipart_uploads(self, prefix: str) -> builtins.list[UploadInfo]:
-        out: builtins.list[UploadInfo] = []
-        kwargs: dict[str, Any] = {"Bucket": self.bucket, "Prefix": prefix}
-        while True:
-            try:
-                resp = await self._client.list_multipart_uploads(**kwargs)
-            except Exception as exc:
-                raise _translate(exc, prefix) from None
-            out.extend(
-                UploadInfo(u["Key"], u["UploadId"], u["Initiated"]) for u in resp.get("Uploads", [])
-            )
-            if not resp.get("IsTruncated"):
-                return out
-            kwargs["KeyMarker"] = resp.get("NextKeyMarker")
-            kwargs["UploadIdMarker"] = resp.get("NextUploadIdMarker")
+        return [UploadInfo(u["Key"], u["UploadId"], u["Initiated"])
+                async for resp in self._pages("list_multipart_uploads", prefix, Prefix=prefix)
+                for u in resp.get("Uploads", [])]
 
     async def abort_multipart_upload(self, key: str, upload_id: str) -> None:
         try:
