@@ -14,10 +14,12 @@ metadata), resolved by the client libraries.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
+import types
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
-from typing import Any, Literal, get_args
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 from s3kv.errors import ConfigError
 
@@ -59,6 +61,7 @@ class Settings:
     lookup_wait_fraction: float = 0.1
     load_wait_fraction: float = 1.0
     min_wait_s: float = 0.1
+    min_load_wait_s: float = 1.0
     latency_factor: float = 4.0
     probe_interval_s: float = 1.0
     commit_timeout_s: float = 120.0
@@ -75,45 +78,74 @@ ALL_KEYS = frozenset(_STORE_KEYS | _TOP_KEYS)
 
 
 def _check_type(key: str, value: Any, annotation: Any, default: Any) -> Any:
-    """Coerce ``value`` to the field's type or raise a ConfigError naming ``key``."""
-    ann = str(annotation)
+    """Coerce ``value`` to the field's type or raise a ConfigError naming ``key``.
+
+    The type comes from the resolved hint, not the annotation's text, so a
+    field whose type name merely contains "int" or "str" is never mistaken
+    for one, and a new field of an unhandled type fails loudly here.
+    """
+    hint = _field_hint(key, annotation)
+    base, nullable = _split_optional(hint)
     if value is None:
-        if "None" in ann:
+        if nullable:
             return None
         raise ConfigError(key, "must not be null")
-    if key in _LITERALS:
-        choices = _literal_choices(key)
+    if get_origin(base) is Literal:
+        choices = _literal_choices(base)
         if value not in choices:
             raise ConfigError(key, f"got {value!r}", choices=sorted(choices))
         return value
-    if "float" in ann:
+    if base is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(key, f"must be a number, got {type(value).__name__} {value!r}")
         if value <= 0:
             raise ConfigError(key, f"must be > 0, got {value!r}")
         return float(value)
-    if "int" in ann:
+    if base is int:
+        # bool is an int subclass, but ``true`` for a count is always a mistake.
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(key, f"must be an integer, got {type(value).__name__} {value!r}")
         if value <= 0:
             raise ConfigError(key, f"must be > 0, got {value!r}")
         return value
-    if "str" in ann:
+    if base is str:
         if not isinstance(value, str):
             raise ConfigError(key, f"must be a string, got {type(value).__name__} {value!r}")
         return value
     raise ConfigError(key, f"unsupported annotation {annotation!r} (default {default!r})")
 
 
-_LITERALS: dict[str, Any] = {
-    "backend": Backend,
-    "addressing_style": AddressingStyle,
-    "admission": Admission,
-}
+@functools.cache
+def _field_hints() -> dict[str, Any]:
+    """Every field's resolved type: with postponed annotations ``fields()``
+    gives strings, which only ``get_type_hints`` turns back into types."""
+    hints: dict[str, Any] = {}
+    for cls in (StoreSettings, Settings):
+        hints.update(get_type_hints(cls))
+    return hints
 
 
-def _literal_choices(key: str) -> set[str]:
-    return set(get_args(_LITERALS[key]))
+def _field_hint(key: str, annotation: Any) -> Any:
+    if not isinstance(annotation, str):
+        return annotation
+    return _field_hints().get(key, annotation)
+
+
+def _split_optional(hint: Any) -> tuple[Any, bool]:
+    """``X | None`` and ``Optional[X]`` as ``(X, True)``; anything else as ``(hint, False)``."""
+    if get_origin(hint) not in (Union, types.UnionType):
+        return hint, False
+    args = get_args(hint)
+    rest = [a for a in args if a is not type(None)]
+    nullable = len(rest) < len(args)
+    if len(rest) != 1:  # a real union: no setting has one, so _check_type rejects it
+        return hint, nullable
+    return rest[0], nullable
+
+
+def _literal_choices(literal: Any) -> list[Any]:
+    """A list, not a set: membership of an unhashable value must be False, not a crash."""
+    return list(get_args(literal))  # typing already flattens nested Literals
 
 
 def _validate_semantics(values: dict[str, Any]) -> None:
@@ -133,11 +165,14 @@ def _validate_semantics(values: dict[str, Any]) -> None:
     endpoint = values.get("endpoint_url")
     if isinstance(endpoint, str) and not re.match(r"^https?://[^/\s]+", endpoint):
         raise ConfigError("endpoint_url", f"{endpoint!r} must start with http:// or https://")
-    min_wait, ceiling = values.get("min_wait_s", 0.1), values.get("load_timeout_s", 30.0)
-    if (isinstance(min_wait, (int, float)) and isinstance(ceiling, (int, float))
-            and not isinstance(min_wait, bool) and min_wait > ceiling):
-        raise ConfigError("min_wait_s", f"{min_wait!r} exceeds load_timeout_s={ceiling!r}, "
-                          "the absolute bound on every wait")
+    ceiling = values.get("load_timeout_s", 30.0)
+    for key, default in (("min_wait_s", 0.1), ("min_load_wait_s", 1.0)):
+        floor = values.get(key, default)
+        if (isinstance(floor, (int, float)) and isinstance(ceiling, (int, float))
+                and not isinstance(floor, bool) and not isinstance(ceiling, bool)
+                and ceiling > 0 and floor > ceiling):
+            raise ConfigError(key, f"{floor!r} exceeds load_timeout_s={ceiling!r}, "
+                              "the absolute bound on every wait")
     for key in ("lookup_wait_fraction", "load_wait_fraction"):
         frac = values.get(key)
         if isinstance(frac, (int, float)) and not isinstance(frac, bool) and frac > 10:

@@ -1,7 +1,8 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+import typing
+from typing import Any, Literal, get_args, get_origin
 
 import pytest
 
@@ -9,6 +10,7 @@ from s3kv.config import (
     ALL_KEYS,
     Settings,
     StoreSettings,
+    _check_type,
     parse_settings,
     settings_to_mapping,
 )
@@ -203,6 +205,12 @@ def test_settings_to_mapping_round_trips() -> None:
         "load_timeout_s": 3.0,
         "commit_timeout_s": 4.0,
         "lookup_ttl_s": 0.5,
+        "lookup_wait_fraction": 0.2,
+        "load_wait_fraction": 2.0,
+        "min_wait_s": 0.05,
+        "min_load_wait_s": 0.5,
+        "latency_factor": 3.0,
+        "probe_interval_s": 0.5,
         "weights_id": "sha-abc",
         "namespace_tag": "blue",
         "admission": "second_sighting",
@@ -221,3 +229,84 @@ def test_settings_to_mapping_round_trips() -> None:
 def test_defaults_round_trip() -> None:
     settings = parse_settings({"bucket": "kv-bucket"})
     assert parse_settings(settings_to_mapping(settings)) == settings
+
+
+# --- every field, by introspection ------------------------------------------------
+
+FIELDS = [(cls, f) for cls in (StoreSettings, Settings) for f in dataclasses.fields(cls)
+          if f.name != "store"]
+HINTS = {**typing.get_type_hints(StoreSettings), **typing.get_type_hints(Settings)}
+
+
+def wrong_value(hint: Any) -> Any:
+    """A value of the wrong type for ``hint`` (None counts only where it is not allowed)."""
+    args = get_args(hint)
+    if type(None) in args:  # optional: a non-null value of the wrong type
+        (hint,) = [a for a in args if a is not type(None)]
+    if get_origin(hint) is Literal or hint is str:
+        return 7
+    return "7"  # numbers
+
+
+def test_fields_are_checked_through_their_resolved_hints() -> None:
+    """The parser sees string annotations (postponed evaluation); the hints are types."""
+    assert all(isinstance(f.type, str) for _, f in FIELDS)
+    assert set(HINTS) - {"store"} == ALL_KEYS
+
+
+DEFAULTED = [(cls, f) for cls, f in FIELDS if f.default is not dataclasses.MISSING]
+
+
+@pytest.mark.parametrize(("cls", "field"), DEFAULTED, ids=[f.name for _, f in DEFAULTED])
+def test_every_field_accepts_its_default(cls: type, field: dataclasses.Field[Any]) -> None:
+    parsed = parse(**{field.name: field.default})
+    owner = parsed.store if cls is StoreSettings else parsed
+    assert getattr(owner, field.name) == field.default
+
+
+@pytest.mark.parametrize(("cls", "field"), FIELDS, ids=[f.name for _, f in FIELDS])
+def test_every_field_rejects_a_wrong_type_naming_the_key(
+    cls: type, field: dataclasses.Field[Any]
+) -> None:
+    bad = wrong_value(HINTS[field.name])
+    with pytest.raises(ConfigError) as info:
+        parse_settings({"bucket": "my-bucket", field.name: bad})
+    assert info.value.key == field.name
+    assert f"'{field.name}'" in str(info.value)
+    if field.name != "bucket":  # bucket is checked first, as required, without the value
+        assert repr(bad) in str(info.value)
+
+
+def test_literal_error_lists_the_choices_and_survives_unhashable_values() -> None:
+    err = config_error(bucket="my-bucket", backend=["obstore"])
+    assert err.key == "backend"
+    assert "(valid: ['aioboto3', 'obstore'])" in str(err)
+
+
+@pytest.mark.parametrize("hint", [int | None, typing.Optional[int]])  # noqa: UP045
+def test_optional_annotations_of_either_spelling(hint: Any) -> None:
+    assert _check_type("k", None, hint, None) is None
+    assert _check_type("k", 3, hint, None) == 3
+    with pytest.raises(ConfigError, match="must be an integer"):
+        _check_type("k", True, hint, None)
+
+
+def test_a_type_name_containing_int_is_not_an_int() -> None:
+    """What the old text match got wrong: "Point" contains "int"."""
+
+    class Point:
+        pass
+
+    with pytest.raises(ConfigError, match="unsupported annotation"):
+        _check_type("k", 3, Point, None)
+    with pytest.raises(ConfigError, match="unsupported annotation"):
+        _check_type("k", 3, int | str, None)
+
+
+def test_floats_accept_ints_and_coerce_but_ints_reject_floats() -> None:
+    assert _check_type("k", 2, float, None) == 2.0
+    assert isinstance(_check_type("k", 2, float, None), float)
+    with pytest.raises(ConfigError, match=r"must be an integer, got float 2\.0"):
+        _check_type("k", 2.0, int, None)
+    with pytest.raises(ConfigError, match=r"must be > 0, got -1"):
+        _check_type("k", -1, int | None, None)
