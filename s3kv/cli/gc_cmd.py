@@ -42,7 +42,8 @@ from s3kv.cli.common import (
     run,
     size_option,
 )
-from s3kv.gc import DEFAULT_GRACE_S, Executor, GcResult, Plan, Planner, Policies
+from s3kv.gc import DEFAULT_GRACE_S, Plan, Planner, Policies
+from s3kv.gc_executor import Executor, GcResult
 from s3kv.store import MultipartAdmin, ObjectStore, open_store
 
 

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from s3kv.gc import Executor
+from s3kv.gc_executor import Executor
 from tests.cli.conftest import Bucket
 
 
@@ -40,7 +40,7 @@ def test_console_script(s3: Bucket) -> None:
 
 
 def test_cli_imports_neither_torch_nor_vllm() -> None:
-    code = ("import sys, s3kv.cli.app, s3kv.catalog, s3kv.gc; "
+    code = ("import sys, s3kv.cli.app, s3kv.catalog, s3kv.gc, s3kv.gc_executor; "
             "bad = [m for m in sys.modules if m.split('.')[0] in ('torch', 'vllm')]; "
             "print(bad); sys.exit(1 if bad else 0)")
     res = run("-c", code)

@@ -26,7 +26,8 @@ from s3kv.catalog import Catalog
 from s3kv.commit import ChunkSave, Committer, LocalGatherer
 from s3kv.config import parse_settings
 from s3kv.errors import IntegrityError, NotFound
-from s3kv.gc import Executor, GcResult, Planner, Policies
+from s3kv.gc import Planner, Policies
+from s3kv.gc_executor import Executor, GcResult
 from s3kv.keys import chain_chunk_ids, new_writer_id
 from s3kv.manifest import Manifest, ShardEntry, decode_manifest
 from s3kv.reader import read_shard
