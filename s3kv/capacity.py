@@ -1,26 +1,28 @@
 """Capacity calculator: S3 requests, bandwidth, storage and dollars for a fleet.
 
-    python -m s3kv.capacity --config path/to/config.json --tp 4 \\
+    s3kv capacity --config path/to/config.json --tp 4 \\
         --prefill-tokens-per-s 6000 --reuse 0.3 --engines 16 [--class express]
 
-Request counts follow the commit and load design exactly: every committed
-chunk costs one PUT per TP rank plus one manifest PUT; every hit chunk costs
-one manifest GET plus one GET per rank (``bench/requests_cost.py`` counts the
-same numbers against a live server). Prices are AWS us-east-1 list prices and
-can be overridden. Per-prefix load assumes S3 has split the cache prefix
-along the two hex characters s3kv puts in front of every chunk (up to 256
-partitions); a brand-new prefix starts as one partition and answers 503
-SlowDown while it scales, which the clients retry.
+The command (:mod:`s3kv.cli.capacity_cmd`) only parses options; the model
+lives here so that benchmarks and tests use the same numbers. Request counts
+follow the commit and load design exactly: every committed chunk costs one
+PUT per stored shard (min(TP, KV heads): each KV head is stored once) plus
+one manifest PUT; every hit chunk costs one manifest GET plus one GET per
+rank (``bench/requests_cost.py`` counts the same numbers against a live
+server). Prices are AWS us-east-1 list prices and can be overridden.
+Per-prefix load assumes S3 has split the cache prefix along the two hex
+characters s3kv puts in front of every chunk (up to 256 partitions); a
+brand-new prefix starts as one partition and answers 503 SlowDown while it
+scales, which the clients retry.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import cast
+from typing import Literal, cast
 
 PRICES = {
     "standard": {"put_per_1k": 0.005, "get_per_1k": 0.0004, "storage_gb_month": 0.023,
@@ -32,6 +34,9 @@ PUT_LIMIT_PER_PREFIX = 3500
 GET_LIMIT_PER_PREFIX = 5500
 SPREAD_PREFIXES = 256
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float8_e4m3fn": 1, "fp8": 1}
+# The same choices as types, so the command line offers exactly these.
+Dtype = Literal["bfloat16", "float16", "float32", "float8_e4m3fn", "fp8"]
+StorageClass = Literal["express", "standard"]
 
 
 @dataclass(frozen=True)
@@ -111,65 +116,105 @@ def estimate(w: Workload) -> dict[str, object]:
     }
 
 
+class InputError(ValueError):
+    """A bad option value, with the option it came from so the CLI can name it."""
+
+    def __init__(self, option: str, problem: str) -> None:
+        super().__init__(f"{option}: {problem}")
+        self.option = option
+        self.problem = problem
+
+
 def _from_config(path: Path) -> tuple[int, int, int, str]:
-    cfg = json.loads(path.read_text())
-    heads = cfg.get("num_key_value_heads") or cfg["num_attention_heads"]
-    head = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
-    return cfg["num_hidden_layers"], heads, head, str(cfg.get("torch_dtype", "bfloat16"))
+    """Layers, KV heads, head size and dtype from a Hugging Face ``config.json``."""
+    try:
+        cfg = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise InputError("--config", f"cannot read {str(path)!r}: {exc}") from None
+    if not isinstance(cfg, dict):
+        raise InputError("--config", f"{str(path)!r} is not a JSON object")
+    try:
+        heads = cfg.get("num_key_value_heads") or cfg["num_attention_heads"]
+        head = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+        layers = cfg["num_hidden_layers"]
+    except KeyError as exc:
+        raise InputError("--config", f"{str(path)!r} lacks {exc.args[0]!r}; give "
+                         "--layers --kv-heads --head-size instead") from None
+    return layers, heads, head, str(cfg.get("torch_dtype", "bfloat16"))
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m s3kv.capacity", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", type=Path, help="a model's config.json (HF format)")
-    ap.add_argument("--layers", type=int)
-    ap.add_argument("--kv-heads", type=int)
-    ap.add_argument("--head-size", type=int)
-    ap.add_argument("--dtype", default=None, choices=sorted(DTYPE_BYTES))
-    ap.add_argument("--tp", type=int, default=1)
-    ap.add_argument("--prefill-tokens-per-s", type=float, required=True)
-    ap.add_argument("--reuse", type=float, default=0.3, help="fraction of prompt tokens hit")
-    ap.add_argument("--chunk-tokens", type=int, default=256)
-    ap.add_argument("--ttl-days", type=float, default=1.0)
-    ap.add_argument("--engines", type=int, default=1)
-    ap.add_argument("--admitted", type=float, default=1.0,
-                    help="fraction of new chunks saved (e.g. 0.04 for second_sighting)")
-    ap.add_argument("--class", dest="storage_class", default="standard", choices=sorted(PRICES))
-    ap.add_argument("--json", action="store_true")
-    args = ap.parse_args(argv)
-    if args.config:
-        layers, heads, head, dtype = _from_config(args.config)
+def build_workload(
+    *,
+    prefill_tokens_per_s: float,
+    config: Path | None = None,
+    layers: int | None = None,
+    kv_heads: int | None = None,
+    head_size: int | None = None,
+    dtype: str | None = None,
+    tp: int = 1,
+    reuse: float = 0.3,
+    chunk_tokens: int = 256,
+    ttl_days: float = 1.0,
+    engines: int = 1,
+    admitted: float = 1.0,
+    storage_class: str = "standard",
+) -> Workload:
+    """The workload the options describe; a bad value raises :class:`InputError`.
+
+    Checked here rather than in the command so that any caller gets an error
+    naming the option, not a division by zero or a nonsense estimate later.
+    """
+    if config is not None:
+        layers, kv_heads, head_size, model_dtype = _from_config(config)
+    elif not (layers and kv_heads and head_size):
+        raise InputError("--config", "give --config, or all of --layers --kv-heads --head-size")
     else:
-        if not (args.layers and args.kv_heads and args.head_size):
-            ap.error("give --config, or all of --layers --kv-heads --head-size")
-        layers, heads, head, dtype = args.layers, args.kv_heads, args.head_size, "bfloat16"
-    dtype = args.dtype or dtype
-    if not 0 <= args.reuse < 1:
-        ap.error("--reuse must be in [0, 1)")
-    w = Workload(layers, heads, head, DTYPE_BYTES.get(dtype, 2), args.tp,
-                 args.prefill_tokens_per_s, args.reuse, args.chunk_tokens, args.ttl_days,
-                 args.engines, args.admitted, args.storage_class)
-    r = estimate(w)
-    if args.json:
-        print(json.dumps(r, indent=1))
-        return 0
+        model_dtype = "bfloat16"
+    if dtype is not None and dtype not in DTYPE_BYTES:
+        raise InputError("--dtype", f"{dtype!r}; valid: {sorted(DTYPE_BYTES)}")
+    for option, value in (("--layers", layers), ("--kv-heads", kv_heads),
+                          ("--head-size", head_size), ("--tp", tp),
+                          ("--chunk-tokens", chunk_tokens), ("--engines", engines)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise InputError(option, f"must be a whole number >= 1, got {value!r}")
+    if not prefill_tokens_per_s > 0:
+        raise InputError("--prefill-tokens-per-s", f"must be > 0, got {prefill_tokens_per_s!r}")
+    if not 0 <= reuse < 1:
+        raise InputError("--reuse", f"must be in [0, 1), got {reuse!r}")
+    if not 0 < admitted <= 1:
+        raise InputError("--admitted", f"must be in (0, 1], got {admitted!r}")
+    if not ttl_days > 0:
+        raise InputError("--ttl-days", f"must be > 0, got {ttl_days!r}")
+    if storage_class not in PRICES:
+        raise InputError("--class", f"{storage_class!r}; valid: {sorted(PRICES)}")
+    # A config.json dtype missing from the table (say "float64") counts as 2 bytes.
+    dtype_bytes = DTYPE_BYTES.get(dtype or model_dtype, 2)
+    return Workload(layers, kv_heads, head_size, dtype_bytes, tp, prefill_tokens_per_s, reuse,
+                    chunk_tokens, ttl_days, engines, admitted, storage_class)
+
+
+def render(w: Workload, r: dict[str, object]) -> str:
+    """:func:`estimate`'s result for a person: the figures that decide a deployment."""
     pe, fl = cast(dict[str, float], r["per_engine"]), cast(dict[str, float], r["fleet"])
     pp, d = cast(dict[str, float], r["per_prefix"]), cast(dict[str, float], r["dollars_per_day"])
     shard_mib = cast(float, r["shard_bytes"]) / 2**20
-    print(f"KV {w.kv_bytes_per_token / 1024:.0f} KiB/token, shard {shard_mib:.1f} MiB "
-          f"({w.chunk_tokens} tokens / TP {w.tp})")
+    lines = [f"KV {w.kv_bytes_per_token / 1024:.0f} KiB/token, shard {shard_mib:.1f} MiB "
+             f"({w.chunk_tokens} tokens / TP {w.tp})"]
     for name, vals in (("per engine", pe), (f"fleet of {w.engines}", fl)):
-        print(f"{name:>14}: PUT {vals['put_per_s']:.1f}/s  GET {vals['get_per_s']:.1f}/s  "
-              f"write {vals['write_mib_s']:.0f} MiB/s  read {vals['read_mib_s']:.0f} MiB/s")
-    print(f"    per prefix: PUT {pp['put_per_s']:.1f}/s of {PUT_LIMIT_PER_PREFIX}, GET "
-          f"{pp['get_per_s']:.1f}/s of {GET_LIMIT_PER_PREFIX} over {pp['partitions_assumed']} "
-          f"partitions (needs >= {pp['min_partitions_needed']})")
+        lines.append(
+            f"{name:>14}: PUT {vals['put_per_s']:.1f}/s  GET {vals['get_per_s']:.1f}/s  "
+            f"write {vals['write_mib_s']:.0f} MiB/s  read {vals['read_mib_s']:.0f} MiB/s")
+    lines.append(
+        f"    per prefix: PUT {pp['put_per_s']:.1f}/s of {PUT_LIMIT_PER_PREFIX}, GET "
+        f"{pp['get_per_s']:.1f}/s of {GET_LIMIT_PER_PREFIX} over {pp['partitions_assumed']} "
+        f"partitions (needs >= {pp['min_partitions_needed']})")
     stored_tib = cast(float, r["stored_bytes"]) / 2**40
-    print(f"        stored: {stored_tib:.1f} TiB at {w.ttl_days} day TTL")
-    print(f"     $ per day: total {d['total']:.2f} (PUT {d['put']:.2f}, GET {d['get']:.2f}, "
-          f"storage {d['storage']:.2f}, transfer {d['transfer']:.2f})")
-    return 0
+    lines.append(f"        stored: {stored_tib:.1f} TiB at {w.ttl_days} day TTL")
+    lines.append(
+        f"     $ per day: total {d['total']:.2f} (PUT {d['put']:.2f}, GET {d['get']:.2f}, "
+        f"storage {d['storage']:.2f}, transfer {d['transfer']:.2f})")
+    return "\n".join(lines)
 
 
-if __name__ == "__main__":
-    raise SystemExit(main())
+__all__ = ["DTYPE_BYTES", "PRICES", "Dtype", "InputError", "StorageClass", "Workload",
+           "build_workload", "estimate", "render"]

@@ -13,7 +13,7 @@ from typing import Annotated
 
 import typer
 
-from s3kv.cli import doctor, gc_cmd, ls, verify
+from s3kv.cli import capacity_cmd, doctor, gc_cmd, ls, verify
 
 app = typer.Typer(
     name="s3kv",
@@ -47,6 +47,7 @@ ls.register(app)
 gc_cmd.register(app)
 verify.register(app)
 doctor.register(app)
+capacity_cmd.register(app)
 
 
 def main() -> None:

@@ -2,11 +2,20 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import pytest
 
-from s3kv.capacity import Workload, estimate, main
+from s3kv.capacity import (
+    DTYPE_BYTES,
+    PRICES,
+    Dtype,
+    InputError,
+    StorageClass,
+    Workload,
+    build_workload,
+    estimate,
+)
 
 LLAMA_70B: dict[str, Any] = dict(num_layers=80, num_kv_heads=8, head_size=128, dtype_bytes=2)
 
@@ -41,14 +50,47 @@ def test_admission_and_storage_class() -> None:
                           storage_class="glacier"))
 
 
-def test_cli_reads_a_model_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_model_config_gives_the_shape(tmp_path: Path) -> None:
     cfg = tmp_path / "config.json"
     cfg.write_text(json.dumps({"num_hidden_layers": 32, "num_attention_heads": 32,
                                "num_key_value_heads": 8, "hidden_size": 4096,
                                "torch_dtype": "bfloat16"}))
-    assert main(["--config", str(cfg), "--prefill-tokens-per-s", "1000", "--json"]) == 0
-    out = json.loads(capsys.readouterr().out)
-    assert out["kv_bytes_per_token"] == 128 * 1024
+    w = build_workload(config=cfg, prefill_tokens_per_s=1000)
+    assert (w.num_layers, w.num_kv_heads, w.head_size, w.dtype_bytes) == (32, 8, 128, 2)
+    assert w.kv_bytes_per_token == 128 * 1024
+    assert build_workload(config=cfg, prefill_tokens_per_s=1000, dtype="fp8").dtype_bytes == 1
+
+
+@pytest.mark.parametrize(
+    ("overrides", "option"),
+    [
+        ({"layers": None}, "--config"),
+        ({"kv_heads": 0}, "--config"),
+        ({"tp": 0}, "--tp"),
+        ({"engines": -1}, "--engines"),
+        ({"chunk_tokens": True}, "--chunk-tokens"),
+        ({"prefill_tokens_per_s": 0}, "--prefill-tokens-per-s"),
+        ({"reuse": 1.0}, "--reuse"),
+        ({"reuse": -0.1}, "--reuse"),
+        ({"admitted": 0}, "--admitted"),
+        ({"admitted": 1.5}, "--admitted"),
+        ({"ttl_days": 0}, "--ttl-days"),
+        ({"dtype": "int4"}, "--dtype"),
+        ({"storage_class": "glacier"}, "--class"),
+    ],
+)
+def test_bad_options_name_the_option(overrides: dict[str, Any], option: str) -> None:
+    kwargs: dict[str, Any] = {"layers": 80, "kv_heads": 8, "head_size": 128,
+                              "prefill_tokens_per_s": 6000, **overrides}
+    with pytest.raises(InputError) as info:
+        build_workload(**kwargs)
+    assert info.value.option == option
+    assert str(info.value).startswith(f"{option}: ")
+
+
+def test_dtype_choices_match_the_byte_table() -> None:
+    assert sorted(get_args(Dtype)) == sorted(DTYPE_BYTES)
+    assert sorted(get_args(StorageClass)) == sorted(PRICES)
 
 
 def test_replicated_heads_are_stored_once() -> None:
