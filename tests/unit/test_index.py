@@ -20,8 +20,8 @@ FP = Fingerprint(model="m", weights_id="w", dtype="float32", chunk_tokens=16, nu
                  num_kv_heads=1, head_size=8)
 LAYOUT = KeyLayout("s3kv")
 IDS = chain_chunk_ids(list(range(16 * 12)), 16)
-SETTINGS = parse_settings({"bucket": "bkt", "chunk_tokens": 16, "min_wait_s": 0.2, "min_load_wait_s": 0.2,
-                           "probe_interval_s": 0.02})
+SETTINGS = parse_settings({"bucket": "bkt", "chunk_tokens": 16, "min_wait_s": 0.2,
+                           "min_load_wait_s": 0.2, "probe_interval_s": 0.02})
 
 
 class StallingStore(MemoryStore):
