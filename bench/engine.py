@@ -24,7 +24,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import RESULTS, ROOT, MotoProcess, machine_info, median
-from s3kv.vllm.tiny_model import TinyModelSpec, create_tiny_model
+from devtools.tiny_model import TinyModelSpec, create_tiny_model
 
 MODEL = TinyModelSpec(num_layers=6, hidden_size=768, num_heads=12, num_kv_heads=4,
                       intermediate_size=2048, vocab_size=1024, seed=7,
@@ -36,8 +36,9 @@ def engine(job: dict[str, Any]) -> dict[str, Any]:
     tag = uuid.uuid4().hex[:8]
     jp, rp = TMP / f"bench-job-{tag}.json", TMP / f"bench-res-{tag}.json"
     jp.write_text(json.dumps(job))
-    env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0", TMPDIR=str(TMP))
-    p = subprocess.run([sys.executable, "-m", "s3kv.vllm.engine_run", str(jp), str(rp)],
+    env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0", TMPDIR=str(TMP),
+               PYTHONPATH=str(ROOT))  # devtools is not installed: it lives at the root
+    p = subprocess.run([sys.executable, "-m", "devtools.engine_run", str(jp), str(rp)],
                        env=env, cwd=TMP, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                        text=True)
     if p.returncode:

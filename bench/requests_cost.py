@@ -42,13 +42,13 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import RESULTS, MotoProcess, free_port, machine_info
+from devtools.tiny_model import TinyModelSpec
 from s3kv.config import DEFAULT_CHUNK_TOKENS
 from s3kv.heads import head_range, uploading_ranks, uploads_heads
 from s3kv.keys import KeyLayout, new_writer_id
 from s3kv.manifest import ShardEntry, new_manifest
 from s3kv.reader import plan_reads
 from s3kv.shard import ITEMSIZE, PayloadLayout, ShardSpec, encode_header
-from s3kv.vllm.tiny_model import TinyModelSpec
 
 PACKAGES = ("torch", "obstore", "moto")
 NAMESPACE = "c057" * 8

@@ -10,8 +10,8 @@ export TMPDIR="$PWD/.tmp"
 mkdir -p "$TMPDIR"
 
 echo "== lint"
-.venv/bin/ruff check s3kv tests bench
-.venv/bin/mypy --explicit-package-bases s3kv tests bench
+.venv/bin/ruff check s3kv tests bench devtools
+.venv/bin/mypy --explicit-package-bases s3kv tests bench devtools
 
 echo "== tests (moto HTTP server)"
 .venv/bin/python -m pytest -q "$@"

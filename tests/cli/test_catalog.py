@@ -8,16 +8,15 @@ import asyncio
 import hashlib
 import random
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime
 from typing import Any
 
 import pytest
 
+from devtools.memory_store import MemoryStore
 from s3kv.catalog import Catalog
 from s3kv.errors import Unavailable
 from s3kv.inventory import ChunkObjects
 from s3kv.keys import KeyLayout
-from s3kv.store.memory import MemoryStore
 from s3kv.store.protocol import ObjectInfo
 from tests.cli.helpers import ChunkWriter, fingerprint
 
@@ -31,8 +30,7 @@ class MemoryClient:
         self.store = store
 
     def put_object(self, *, Bucket: str, Key: str, Body: bytes, **_: Any) -> None:
-        etag = hashlib.md5(Body, usedforsecurity=False).hexdigest()
-        self.store._objects[Key] = (bytes(Body), datetime.now(UTC), etag)
+        self.store.put_nowait(Key, Body)
 
 
 class ShuffledStore(MemoryStore):
@@ -40,11 +38,10 @@ class ShuffledStore(MemoryStore):
 
     async def list(self, prefix: str, *, page_size: int = 1000
                    ) -> AsyncIterator[list[ObjectInfo]]:
-        keys = [k for k in self._objects if k.startswith(prefix)]
-        random.Random(7).shuffle(keys)
-        for i in range(0, len(keys), page_size):
-            yield [ObjectInfo(k, len(self._objects[k][0]), self._objects[k][1])
-                   for k in keys[i : i + page_size]]
+        infos = [info async for page in super().list(prefix) for info in page]
+        random.Random(7).shuffle(infos)
+        for i in range(0, len(infos), page_size):
+            yield infos[i : i + page_size]
 
 
 def fill(store: MemoryStore, chunks: int, tp: int = 3) -> ChunkWriter:
@@ -59,8 +56,8 @@ def fill(store: MemoryStore, chunks: int, tp: int = 3) -> ChunkWriter:
             w.commit(cid, parent, i)
             parent = cid
     # A foreign object inside a spread, and one beside the spreads.
-    store._objects[f"s3kv/{w.ns}/00/notes.txt"] = (b"hi", datetime.now(UTC), "x")
-    store._objects[f"s3kv/{w.ns}/README"] = (b"hi", datetime.now(UTC), "y")
+    store.put_nowait(f"s3kv/{w.ns}/00/notes.txt", b"hi")
+    store.put_nowait(f"s3kv/{w.ns}/README", b"hi")
     return w
 
 
@@ -121,7 +118,7 @@ def test_listing_errors_propagate() -> None:
 
     store = Failing()
     w = fill(store, 300, tp=1)
-    store._objects[f"s3kv/{w.ns}/ff/{'f' * 64}/manifest.json"] = (b"{}", datetime.now(UTC), "z")
+    store.put_nowait(f"s3kv/{w.ns}/ff/{'f' * 64}/manifest.json", b"{}")
     with pytest.raises(Unavailable):
         asyncio.run(scan(Catalog(store, LAYOUT, page_size=10, concurrency=4), w.ns))
 
@@ -146,5 +143,5 @@ def test_resolve_namespace() -> None:
     cat = Catalog(store, LAYOUT)
     assert asyncio.run(cat.resolve_namespace(w.ns[:3].upper())) == w.ns
     assert asyncio.run(cat.fingerprint(w.ns)) == fingerprint().to_json()
-    store._objects[LAYOUT.namespace_doc(w.ns)] = (b"not json", datetime.now(UTC), "e")
+    store.put_nowait(LAYOUT.namespace_doc(w.ns), b"not json")
     assert asyncio.run(cat.fingerprint(w.ns)) is None

@@ -7,10 +7,10 @@ import asyncio
 import json
 from datetime import UTC, datetime
 
+from devtools.memory_store import MemoryStore
 from s3kv.catalog import Catalog
 from s3kv.gc import Planner, Policies
 from s3kv.keys import KeyLayout, chain_chunk_ids
-from s3kv.store.memory import MemoryStore
 from s3kv.store.protocol import UploadInfo
 from tests.cli.conftest import Bucket
 from tests.cli.helpers import ChunkWriter

@@ -7,12 +7,12 @@ from collections.abc import AsyncIterator
 
 import pytest
 
+from devtools.memory_store import MemoryStore
 from s3kv.catalog import Catalog, bounded_map
 from s3kv.cli.common import format_age, format_size, parse_duration, parse_size, redact
 from s3kv.gc import Planner, Policies
 from s3kv.inventory import ChunkRecord, build_prefixes, subtree_newest
 from s3kv.keys import KeyLayout
-from s3kv.store.memory import MemoryStore
 
 
 @pytest.mark.parametrize(("text", "seconds"), [

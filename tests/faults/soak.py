@@ -209,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", type=Path, help="also write the report here")
     args = ap.parse_args(argv)
     logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    from s3kv.vllm.tiny_model import TinyModelSpec, create_tiny_model
+    from devtools.tiny_model import TinyModelSpec, create_tiny_model
 
     model = create_tiny_model(TMP / "models" / "tiny", TinyModelSpec())
     rep = run_soak(model, engines=args.engines, seed=args.seed,

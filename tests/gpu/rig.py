@@ -12,12 +12,12 @@ from dataclasses import dataclass, field
 
 import torch
 
+from devtools.memory_store import MemoryStore
 from s3kv.aio import io_loop
 from s3kv.config import parse_settings
 from s3kv.keys import Fingerprint, KeyLayout
 from s3kv.manifest import Manifest, decode_manifest
 from s3kv.stats import Counters
-from s3kv.store.memory import MemoryStore
 from tests.gpu.layouts import Layout
 from tests.gpu.vllm_stub import install_if_missing
 

@@ -10,10 +10,10 @@ from typing import Any, TypeVar, cast
 
 import pytest
 
+from devtools.memory_store import MemoryStore
 from s3kv.config import Backend as BackendName
 from s3kv.config import StoreSettings
 from s3kv.store import ObjectStore, open_store
-from s3kv.store.memory import MemoryStore
 from tests.s3server import S3Endpoint
 
 # moto's HTTP server logs every request through werkzeug at INFO.

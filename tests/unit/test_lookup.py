@@ -5,11 +5,11 @@ import logging
 
 import pytest
 
+from devtools.memory_store import MemoryStore
 from s3kv.errors import AccessDenied, Unavailable
 from s3kv.keys import KeyLayout, chain_chunk_ids
 from s3kv.lookup import Breaker, TTLSet, find_committed_prefix
 from s3kv.manifest import ShardEntry, new_manifest
-from s3kv.store.memory import MemoryStore
 
 LAYOUT = KeyLayout("s3kv")
 NS = "ab" * 16

@@ -9,12 +9,12 @@ from typing import TypeVar
 
 import pytest
 
+from devtools.memory_store import MemoryStore
 from s3kv.errors import IntegrityError, ManifestError
 from s3kv.heads import head_range
 from s3kv.manifest import Manifest, decode_manifest
 from s3kv.reader import plan_reads, read_heads, read_shard
 from s3kv.shard import PayloadLayout
-from s3kv.store.memory import MemoryStore
 from tests.unit.builders import CIDS, LAYERS, LAYOUT, NS, PAYLOAD, Chunk, build_chunk, head_pattern
 
 T = TypeVar("T")

@@ -8,7 +8,7 @@ import pytest
 
 pytest.importorskip("vllm", reason="the vLLM CPU build is installed by scripts/bootstrap.sh")
 
-from s3kv.vllm.tiny_model import TinyModelSpec, create_tiny_model
+from devtools.tiny_model import TinyModelSpec, create_tiny_model
 from tests.s3server import S3Endpoint
 from tests.vllm.harness import TMP, job, make_prompts, run_engine
 

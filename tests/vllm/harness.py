@@ -62,7 +62,7 @@ class RunningEngine:
                 env[k] = v
         with self._err.open("wb") as err:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "s3kv.vllm.engine_run", str(self._jp), str(self._rp)],
+                [sys.executable, "-m", "devtools.engine_run", str(self._jp), str(self._rp)],
                 cwd=TMP, env=env, stdout=subprocess.DEVNULL, stderr=err,
             )
 

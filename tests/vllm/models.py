@@ -1,7 +1,7 @@
 """Tiny random-weight models of the attention layouts s3kv must serve.
 
 Built with transformers from a config and a fixed seed (no downloads), like
-``s3kv.vllm.tiny_model``: the same call writes the same model in any process.
+``devtools.tiny_model``: the same call writes the same model in any process.
 """
 
 from __future__ import annotations

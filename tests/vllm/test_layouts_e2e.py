@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
+from devtools.tiny_model import TinyModelSpec, create_tiny_model
 from s3kv.keys import chain_chunk_ids
-from s3kv.vllm.tiny_model import TinyModelSpec, create_tiny_model
 from tests.vllm.harness import CHUNK, TMP, bucket_keys, distinct_prompts, job, run_engine
 from tests.vllm.models import create_mla_model, create_sliding_window_model
 from tests.vllm.test_connector_e2e import manifests

@@ -4,7 +4,7 @@ Used by the demo, the end-to-end tests and the benchmarks: each engine runs
 in a fresh process (as a second machine would), greedy, and reports its
 outputs, time to first token and the connector's counters as JSON.
 
-    python -m s3kv.vllm.engine_run job.json result.json
+    python -m devtools.engine_run job.json result.json
 """
 
 from __future__ import annotations
@@ -82,7 +82,9 @@ def run(job: dict[str, Any]) -> dict[str, Any]:
         seconds.append(time.perf_counter() - t)
         outputs.extend(list(r.outputs[0].token_ids) for r in res)
     counters = conn.counters.snapshot() if conn is not None else {}
-    if conn is not None and getattr(conn, "_worker", None) is None:
+    if conn is not None:
+        # The scheduler's connector holds only the scheduler-side counters; the
+        # workers' (saves, loads) live in each rank's own connector instance.
         counters.update(_worker_counters(llm))
     result = {"outputs": outputs, "batch_seconds": seconds, "ttft_seconds": ttfts,
               "startup_s": startup, "counters": counters, "first_pass_counters": first_pass,
@@ -97,8 +99,7 @@ def _worker_counters(llm: Any) -> dict[str, float]:
         from vllm.distributed.kv_transfer import get_kv_transfer_group
 
         c: Any = get_kv_transfer_group()
-        if getattr(c, "_worker", None) is not None and c._worker.committer is not None:
-            c._worker.committer.flush(60)
+        c.flush(60)  # committed chunks are counted only once their manifest is written
         return dict(c.counters.snapshot())
 
     try:
@@ -114,8 +115,8 @@ def _worker_counters(llm: Any) -> dict[str, float]:
 
 def _shutdown(llm: Any) -> None:
     conn = _connector(llm)
-    if conn is not None and getattr(conn, "_worker", None) is not None:
-        conn._worker.shutdown()
+    if conn is not None:
+        conn.shutdown()
     with contextlib.suppress(Exception):
         llm.llm_engine.engine_core.shutdown()
 

@@ -1,6 +1,6 @@
 """The demo: a cold engine fills the cache, a warm engine in a new process reuses it.
 
-    python -m s3kv.vllm.demo [--endpoint-url URL --bucket NAME] [--prompts N] [--tokens N]
+    python -m devtools.demo [--endpoint-url URL --bucket NAME] [--prompts N] [--tokens N]
 
 Without an endpoint it starts an embedded local S3 server (moto) on
 127.0.0.1 and creates the bucket. It creates a small random-weight model
@@ -23,8 +23,9 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from s3kv.vllm.tiny_model import TinyModelSpec, create_tiny_model
+from devtools.tiny_model import TinyModelSpec, create_tiny_model
 
+ROOT = Path(__file__).resolve().parents[1]
 DEMO_MODEL = TinyModelSpec(num_layers=6, hidden_size=768, num_heads=12, num_kv_heads=4,
                            intermediate_size=2048, vocab_size=1024, seed=7)
 
@@ -33,8 +34,11 @@ def _engine(job: dict[str, Any], workdir: Path) -> dict[str, Any]:
     tag = uuid.uuid4().hex[:8]
     jp, rp = workdir / f"demo-job-{tag}.json", workdir / f"demo-result-{tag}.json"
     jp.write_text(json.dumps(job))
-    env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0", TMPDIR=str(workdir))
-    proc = subprocess.run([sys.executable, "-m", "s3kv.vllm.engine_run", str(jp), str(rp)],
+    # The engine runs in ``workdir``: the repository root on PYTHONPATH keeps
+    # devtools importable there (it is not installed with s3kv).
+    env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0", TMPDIR=str(workdir),
+               PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    proc = subprocess.run([sys.executable, "-m", "devtools.engine_run", str(jp), str(rp)],
                           env=env, cwd=workdir, stdout=subprocess.DEVNULL,
                           stderr=subprocess.PIPE, text=True)
     if proc.returncode != 0:
@@ -47,7 +51,7 @@ def _engine(job: dict[str, Any], workdir: Path) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m s3kv.vllm.demo", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m devtools.demo", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--endpoint-url", default=os.environ.get("S3KV_ENDPOINT_URL"))
     ap.add_argument("--bucket", default=os.environ.get("S3KV_BUCKET"))

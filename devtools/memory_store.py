@@ -1,4 +1,11 @@
-"""In-memory store for fast unit tests; passes the same contract suite."""
+"""In-memory store for fast unit tests, benchmarks and the GPU rig.
+
+It passes the same contract suite as the S3 backends, so tests that use it
+exercise the real protocol. Not part of the installed package: nothing in
+production should ever hold a cache in one process's memory. Besides the
+protocol it has a few synchronous helpers (``keys``, ``put_nowait``)
+so tests can plant or inspect objects without touching its internals.
+"""
 
 from __future__ import annotations
 
@@ -14,7 +21,15 @@ from s3kv.errors import AlreadyExists, InvalidRange, NotFound
 from s3kv.store.protocol import Capabilities, ObjectInfo, ObjectPage, PutMode
 
 
+def _etag(blob: bytes) -> str:
+    """S3's ETag for a single-part upload: the quoted MD5 of the body."""
+    return '"' + hashlib.md5(blob, usedforsecurity=False).hexdigest() + '"'
+
+
 class MemoryStore:
+    """The ``ObjectStore`` protocol over a dict, with S3's conditional-put and
+    range semantics (what the code under test relies on)."""
+
     def __init__(self, bucket: str = "memory") -> None:
         self.bucket = bucket
         self.capabilities = Capabilities()
@@ -24,9 +39,24 @@ class MemoryStore:
     async def close(self) -> None:
         return None
 
+    # --- synchronous helpers for tests (not part of the ObjectStore protocol) ----
+
+    def keys(self, prefix: str = "") -> builtins.list[str]:
+        """Every stored key under ``prefix``, sorted."""
+        return sorted(k for k in self._objects if k.startswith(prefix))
+
+    def put_nowait(self, key: str, data: Buffer) -> str:
+        """Store ``data`` under ``key`` at once, overwriting: for tests that
+        plant objects from synchronous code (no event loop, no lock needed as
+        nothing else runs). Returns the ETag."""
+        blob = bytes(memoryview(data))
+        etag = _etag(blob)
+        self._objects[key] = (blob, datetime.now(UTC), etag)
+        return etag
+
     async def put(self, key: str, data: Buffer, *, mode: PutMode = "overwrite") -> str | None:
         blob = bytes(memoryview(data))
-        etag = '"' + hashlib.md5(blob, usedforsecurity=False).hexdigest() + '"'
+        etag = _etag(blob)
         async with self._lock:
             if mode == "create" and key in self._objects:
                 raise AlreadyExists(f"{key} already exists", key=key, code="PreconditionFailed")
@@ -53,7 +83,7 @@ class MemoryStore:
         return ObjectInfo(key, len(blob), mtime, etag)
 
     async def list(self, prefix: str, *, page_size: int = 1000) -> AsyncIterator[ObjectPage]:
-        keys = sorted(k for k in self._objects if k.startswith(prefix))
+        keys = self.keys(prefix)
         for i in range(0, len(keys), page_size):
             page = []
             for k in keys[i : i + page_size]:
