@@ -16,11 +16,6 @@ from tests.vllm.test_connector_e2e import manifests
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
 
-@pytest.fixture(scope="module")
-def baseline_tp2(tiny_model: Path, prompts: list[list[int]]) -> list[list[int]]:
-    return run_engine(job(tiny_model, prompts, tp=2)).outputs
-
-
 @pytest.mark.parametrize("policy", ["all", "second_sighting", "requested"])
 def test_policy_tp2(
     policy: str, tiny_model: Path, prompts: list[list[int]], baseline_tp2: list[list[int]],

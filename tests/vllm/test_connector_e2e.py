@@ -2,6 +2,9 @@
 
 Every engine runs in its own process, as a second machine would. Correctness
 is always judged against an engine with no connector at all, token for token.
+The no-connector baselines and the cold TP=1 writer (``cold_tp1``: a copy of
+one session-wide writer's bucket) are shared session fixtures
+(tests/vllm/conftest.py): an engine start costs tens of seconds on CPU.
 """
 
 from __future__ import annotations
@@ -14,7 +17,14 @@ import pytest
 
 from s3kv.keys import KeyLayout
 from s3kv.manifest import decode_manifest
-from tests.vllm.harness import CHUNK, bucket_keys, expected_hit_tokens, job, run_engine
+from tests.vllm.harness import (
+    CHUNK,
+    EngineResult,
+    bucket_keys,
+    expected_hit_tokens,
+    job,
+    run_engine,
+)
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 LAYOUT = KeyLayout("s3kv")
@@ -42,9 +52,9 @@ def warm_expected(prompts: list[list[int]]) -> int:
 
 def test_a_tp1_second_engine_hits_and_matches(
     tiny_model: Path, prompts: list[list[int]], baseline_tp1: list[list[int]],
-    conn: dict[str, Any], s3: Any, bucket: str,
+    cold_tp1: EngineResult, conn: dict[str, Any], s3: Any, bucket: str,
 ) -> None:
-    cold = run_engine(job(tiny_model, prompts, conn))
+    cold = cold_tp1
     assert cold.outputs == baseline_tp1
     found = manifests(s3, bucket)
     assert len(found) == unique_chunks(prompts)
@@ -88,9 +98,10 @@ def test_b_tp2_both_ranks_one_manifest_read_at_tp2_and_tp1(
 
 def test_b2_tp1_writer_tp2_reader(
     tiny_model: Path, prompts: list[list[int]], baseline_tp1: list[list[int]],
-    baseline_tp2: list[list[int]], conn: dict[str, Any], s3: Any, bucket: str,
+    baseline_tp2: list[list[int]], cold_tp1: EngineResult, conn: dict[str, Any], s3: Any,
+    bucket: str,
 ) -> None:
-    cold = run_engine(job(tiny_model, prompts, conn))
+    cold = cold_tp1
     assert cold.outputs == baseline_tp1
     found = manifests(s3, bucket)
     assert all([(s.rank, s.head_start, s.head_end) for s in m.shards] == [(0, 0, 2)]
@@ -106,11 +117,12 @@ def test_b2_tp1_writer_tp2_reader(
 
 
 def test_b3_block_size_128_writer_block_size_256_reader(
-    tiny_model: Path, prompts: list[list[int]], conn: dict[str, Any], s3: Any, bucket: str,
+    tiny_model: Path, prompts: list[list[int]], cold_tp1: EngineResult, conn: dict[str, Any],
+    s3: Any, bucket: str,
 ) -> None:
     """The payload is token-major: a chunk is the same bytes in any block size."""
     base256 = run_engine(job(tiny_model, prompts, block_size=256))
-    cold = run_engine(job(tiny_model, prompts, conn))
+    cold = cold_tp1  # written at block size 128
     warm = run_engine(job(tiny_model, prompts, conn, block_size=256, prefix_caching=False,
                           kv_role="kv_consumer"))
     assert warm.namespace == cold.namespace
@@ -122,9 +134,8 @@ def test_b3_block_size_128_writer_block_size_256_reader(
 
 def test_c_corrupted_shard_recomputes(
     tiny_model: Path, prompts: list[list[int]], baseline_tp1: list[list[int]],
-    conn: dict[str, Any], s3: Any, bucket: str,
+    cold_tp1: EngineResult, conn: dict[str, Any], s3: Any, bucket: str,
 ) -> None:
-    run_engine(job(tiny_model, prompts, conn))
     found = manifests(s3, bucket)
     # corrupt the shard of the shared first chunk: every prompt depends on it
     from s3kv.keys import chain_chunk_ids
@@ -142,11 +153,10 @@ def test_c_corrupted_shard_recomputes(
 
 def test_d_deleted_manifest_is_a_miss(
     tiny_model: Path, prompts: list[list[int]], baseline_tp1: list[list[int]],
-    conn: dict[str, Any], s3: Any, bucket: str,
+    cold_tp1: EngineResult, conn: dict[str, Any], s3: Any, bucket: str,
 ) -> None:
     from s3kv.keys import chain_chunk_ids
 
-    run_engine(job(tiny_model, prompts, conn))
     ns = next(iter(manifests(s3, bucket).values())).namespace
     second = chain_chunk_ids(prompts[0], CHUNK)[1]  # shared by all prompts
     s3.delete_object(Bucket=bucket, Key=LAYOUT.manifest(ns, second))
@@ -171,9 +181,9 @@ def test_e_unreachable_endpoint_serves_without_cache(
 @pytest.mark.parametrize("change", ["weights", "dtype"])
 def test_f_other_config_never_hits(
     change: str, tiny_model: Path, other_model: Path, prompts: list[list[int]],
-    conn: dict[str, Any], s3: Any, bucket: str,
+    cold_tp1: EngineResult, conn: dict[str, Any], s3: Any, bucket: str,
 ) -> None:
-    cold = run_engine(job(tiny_model, prompts, conn))
+    cold = cold_tp1
     extra: dict[str, Any] = {"prefix_caching": False}
     model = tiny_model
     if change == "weights":
@@ -201,9 +211,9 @@ def test_bad_config_fails_startup_naming_the_key(
 
 
 def test_namespace_document_describes_fingerprint(
-    tiny_model: Path, prompts: list[list[int]], conn: dict[str, Any], s3: Any, bucket: str,
+    cold_tp1: EngineResult, s3: Any, bucket: str,
 ) -> None:
-    res = run_engine(job(tiny_model, prompts[:1], conn))
+    res = cold_tp1
     assert res.namespace is not None
     doc = json.loads(s3.get_object(Bucket=bucket,
                                    Key=LAYOUT.namespace_doc(res.namespace))["Body"].read())
