@@ -6,9 +6,10 @@ import logging
 import pytest
 
 from devtools.memory_store import MemoryStore
+from s3kv.breaker import Breaker
 from s3kv.errors import AccessDenied, Unavailable
 from s3kv.keys import KeyLayout, chain_chunk_ids
-from s3kv.lookup import Breaker, TTLSet, find_committed_prefix
+from s3kv.lookup import TTLSet, find_committed_prefix
 from s3kv.manifest import ShardEntry, new_manifest
 
 LAYOUT = KeyLayout("s3kv")
@@ -66,7 +67,7 @@ def test_breaker_warns_once_per_outage_and_names_refused_credentials(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     b = Breaker(cooldown_s=60)
-    with caplog.at_level(logging.WARNING, logger="s3kv.lookup"):
+    with caplog.at_level(logging.WARNING, logger="s3kv.breaker"):
         b.failure(AccessDenied("InvalidAccessKeyId: no such key", code="InvalidAccessKeyId"))
         b.failure(Unavailable("connection refused"))
         assert not b.allow()

@@ -130,7 +130,14 @@ def job(model: Path, prompts: list[list[int]], connector: dict[str, Any] | None 
     j: dict[str, Any] = {"model": str(model), "prompts": prompts, "max_tokens": 8,
                          "block_size": BLOCK}
     if connector is not None:
-        j["connector"] = {"chunk_tokens": CHUNK, **connector}
+        # These engines check what is served, not how fast: on a 2-core box
+        # whose TP=2 workers spin on every core, a store's answer can take far
+        # longer than the default floor of the cache deadlines, and a deadline
+        # miss would turn an expected hit into a (correct) recompute. Tests of
+        # the deadlines themselves pass their own floors.
+        floor = min(5.0, float(connector.get("load_timeout_s", 30.0)))
+        j["connector"] = {"chunk_tokens": CHUNK, "min_wait_s": floor, "min_load_wait_s": floor,
+                          **connector}
     j.update(extra)
     return j
 
