@@ -29,6 +29,14 @@ from s3kv.vllm.stats import S3KVPromMetrics, S3KVStats
 
 if TYPE_CHECKING:
     import torch
+    from vllm.config import VllmConfig
+    from vllm.v1.core.kv_cache_manager import KVCacheBlocks
+    from vllm.v1.core.sched.output import SchedulerOutput
+    from vllm.v1.kv_cache_interface import KVCacheConfig
+    from vllm.v1.outputs import KVConnectorOutput
+    from vllm.v1.request import Request
+
+    from s3kv.keys import Fingerprint
 
 log = logging.getLogger("s3kv.vllm")
 
@@ -45,7 +53,7 @@ def _shorten_gil_switch_interval() -> None:
         sys.setswitchinterval(_SWITCH_INTERVAL_S)
 
 
-def _backend_token_map(fp: Any, block_size: int) -> torch.Tensor | None:
+def _backend_token_map(fp: Fingerprint, block_size: int) -> torch.Tensor | None:
     """The CPU attention kernel packs each block its own way (s3kv.vllm.cpu_layout);
     the GPU backends and MLA keep tokens in order, each token's K then V."""
     from vllm.platforms import current_platform
@@ -60,7 +68,8 @@ def _backend_token_map(fp: Any, block_size: int) -> torch.Tensor | None:
 
 
 class S3KVConnector(KVConnectorBase_V1):
-    def __init__(self, vllm_config: Any, role: KVConnectorRole, kv_cache_config: Any = None):
+    def __init__(self, vllm_config: VllmConfig, role: KVConnectorRole,
+                 kv_cache_config: KVCacheConfig):
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
         _shorten_gil_switch_interval()
         ktc = self._kv_transfer_config
@@ -178,7 +187,7 @@ class S3KVConnector(KVConnectorBase_V1):
 
     # --- scheduler side -------------------------------------------------------------
 
-    def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int
+    def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int
                                    ) -> tuple[int | None, bool]:
         if self._sched is None:
             return 0, False
@@ -188,12 +197,12 @@ class S3KVConnector(KVConnectorBase_V1):
         finally:
             self.counters.add("scheduler_hook_seconds", time.perf_counter() - t0)
 
-    def update_state_after_alloc(self, request: Any, blocks: Any,
+    def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks,
                                  num_external_tokens: int) -> None:
         if self._sched is not None:
             self._sched.update_state_after_alloc(request, blocks, num_external_tokens)
 
-    def build_connector_meta(self, scheduler_output: Any) -> KVConnectorMetadata:
+    def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
         if self._sched is None:
             return S3KVMetadata()
         t0 = time.perf_counter()
@@ -202,11 +211,11 @@ class S3KVConnector(KVConnectorBase_V1):
         finally:
             self.counters.add("scheduler_hook_seconds", time.perf_counter() - t0)
 
-    def update_connector_output(self, connector_output: Any) -> None:
+    def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
         if self._sched is not None:
             self._sched.update_connector_output(connector_output)
 
-    def request_finished(self, request: Any, block_ids: list[int]
+    def request_finished(self, request: Request, block_ids: list[int]
                          ) -> tuple[bool, dict[str, Any] | None]:
         if self._sched is not None:
             self._sched.request_finished(request)
