@@ -156,10 +156,10 @@ def test_slowdown_storm(
 
 
 def test_tp2_rank_uploads_fail_after_retries(
-    tiny_model: Path, prompts: list[list[int]], fault_proxy: FaultProxy,
-    moto_endpoint: S3Endpoint, fault_bucket: str,
+    tiny_model: Path, prompts: list[list[int]], baseline_tp2: list[list[int]],
+    fault_proxy: FaultProxy, moto_endpoint: S3Endpoint, fault_bucket: str,
 ) -> None:
-    base = run_engine(job(tiny_model, prompts, tp=2)).outputs
+    base = baseline_tp2
     failing = fault_proxy.add("PUT", r"/r1$", InternalError())
     conn = via(fault_proxy, fault_bucket)
     res = run_engine(job(tiny_model, prompts, conn, tp=2))
