@@ -12,9 +12,12 @@ engine without the connector at the same TP size. Faults per prompt:
 
 The probe interval is short here so that the breaker closes between
 prompts and every faulted prompt pays its full lookup deadline (with a
-store that stays down, only the first request would pay it). The TP=2
-engine also writes a few healthy prompts, which the TP=1 engine must then
-hit with the default deadlines: no false deadline misses on a healthy store.
+store that stays down, only the first request would pay it). A TP=1 writer
+first stores a few healthy prompts, which the TP=1 engine must then hit with
+the default deadlines: no false deadline misses on a healthy store. (The
+writer runs with the generous floors of the other end-to-end tests: its
+own lookups are cold misses, and a false deadline miss there would only
+switch its saves off and leave the reader nothing to find.)
 """
 
 from __future__ import annotations
@@ -65,7 +68,7 @@ BLACKHOLED, DELAYED, REFUSED = distinct(31, 2, 4), distinct(32, 2, 4), distinct(
 ALL_DOWN = distinct(34, 2, 4)
 FAULTED = [("blackholed", BLACKHOLED), ("delayed 3 s", DELAYED), ("SlowDown", REFUSED),
            ("everything blackholed", ALL_DOWN)]
-BATCHES = [[p] for p in HEALTHY] + [[p] for _, ps in FAULTED for p in ps]
+FAULTED_BATCHES = [[p] for _, ps in FAULTED for p in ps]
 
 
 def arm(proxy: FaultProxy) -> None:
@@ -77,9 +80,10 @@ def arm(proxy: FaultProxy) -> None:
     proxy.add(None, "", Blackhole(), when=down)
 
 
-def run_pair(model: Path, tp: int, conn: dict[str, Any]) -> tuple[Any, Any]:
-    base = run_engine(job(model, [], batches=BATCHES, tp=tp, ttft=True, warmup=True))
-    res = run_engine(job(model, [], conn, batches=BATCHES, tp=tp, ttft=True, warmup=True,
+def run_pair(model: Path, tp: int, conn: dict[str, Any],
+             batches: list[list[list[int]]]) -> tuple[Any, Any]:
+    base = run_engine(job(model, [], batches=batches, tp=tp, ttft=True, warmup=True))
+    res = run_engine(job(model, [], conn, batches=batches, tp=tp, ttft=True, warmup=True,
                          prefix_caching=False))
     return base, res
 
@@ -93,12 +97,17 @@ def test_stalled_s3_costs_no_more_than_recompute(
             "commit_timeout_s": 10.0}
     report: dict[str, Any] = {"bound": f"max({REL_SLACK} x base, base + {ABS_SLACK_S} s)"}
     late: list[str] = []
+    fault_proxy.clear()
+    writer = {k: v for k, v in conn.items() if k not in DEFAULTS}
+    wrote = run_engine(job(tiny_model, HEALTHY, writer))
+    assert wrote.counters.get("workers.chunks_committed", 0) == len(chunk_ids(HEALTHY))
     for tp in (2, 1):
         arm(fault_proxy)
-        base, res = run_pair(tiny_model, tp, conn)
+        healthy = HEALTHY if tp == 1 else []
+        base, res = run_pair(tiny_model, tp, conn, [[p] for p in healthy] + FAULTED_BATCHES)
         c = res.counters
         rows = []
-        i = len(HEALTHY)
+        i = len(healthy)
         for name, prompts in FAULTED:
             for _ in prompts:
                 b, t = base.raw["ttft_seconds"][i], res.raw["ttft_seconds"][i]
@@ -117,7 +126,7 @@ def test_stalled_s3_costs_no_more_than_recompute(
         assert "serving without the cache" in res.stderr
         assert c.get("lookup_deadline_misses", 0) >= 1 and c.get("breaker_opens", 0) >= 1
         if tp == 1:
-            # The TP=2 engine wrote the healthy prompts: hits, at the default deadlines.
+            # The writer stored the healthy prompts: hits, at the default deadlines.
             first = res.raw["first_pass_counters"]
             want = sum(expected_hit_tokens(len(p)) for p in HEALTHY)
             report["tp1"]["healthy"] = {
