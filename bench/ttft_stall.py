@@ -22,8 +22,12 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import sys
 import time
+from pathlib import Path
 from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import RESULTS, MotoProcess, machine_info, median
 from bench.engine import MODEL, TMP, engine
