@@ -2,8 +2,9 @@
 
 The S3 server runs in its own process so that tracemalloc sees only the
 CLI's allocations. Chunks are real: shards built by :mod:`s3kv.shard`,
-manifests by :mod:`s3kv.manifest`, uploaded with s3kv's own store (shards
-first, then the manifest with If-None-Match), many requests in flight.
+manifests by :mod:`s3kv.manifest`. The server process writes them straight
+into its own store: 20,000 PUTs over HTTP cost moto minutes, and the upload
+path is what the commit and store tests are for; this one is about reading.
 
 Figures are printed (run with ``-s``) and written to
 ``.tmp/cli-scale-figures.json``.
@@ -24,14 +25,12 @@ from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import boto3
 import pytest
 from typer.testing import CliRunner
 
 from s3kv.catalog import Catalog
 from s3kv.cli.app import app
 from s3kv.config import parse_settings
-from s3kv.inventory import ChunkRecord, build_prefixes
 from s3kv.keys import KeyLayout, chain_chunk_ids, new_writer_id
 from s3kv.manifest import new_manifest
 from s3kv.shard import seal
@@ -45,77 +44,83 @@ ROOT = Path(__file__).resolve().parents[2]
 _SERVER = """
 import logging, sys, time
 logging.disable(logging.CRITICAL)
+from moto.core import DEFAULT_ACCOUNT_ID
+from moto.s3.models import s3_backends
 from moto.server import ThreadedMotoServer
+from tests.cli.test_scale import chunk_objects
 srv = ThreadedMotoServer(ip_address="127.0.0.1", port=int(sys.argv[1]), verbose=False)
 srv.start()
-print("ready", flush=True)
+backend = s3_backends[DEFAULT_ACCOUNT_ID]["aws"]
+for bucket in sys.argv[2:]:
+    backend.create_bucket(bucket, "us-east-1")
+backend.create_bucket("scale-empty", "us-east-1")
+t0 = time.perf_counter()
+for bucket in sys.argv[2:]:
+    for key, body in chunk_objects():
+        backend.put_object(bucket, key, body)
+print("ready", round(time.perf_counter() - t0, 2), flush=True)
 while True:
     time.sleep(3600)
 """
 
 
 @contextlib.contextmanager
-def moto_process() -> Iterator[str]:
+def moto_process(*buckets: str) -> Iterator[tuple[str, float]]:
+    """A moto server in a process of its own, ``buckets`` filled by
+    :func:`chunk_objects`; yields its URL and the seconds filling took."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-c", _SERVER, str(port)],
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    proc = subprocess.Popen([sys.executable, "-c", _SERVER, str(port), *buckets],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                            env=dict(os.environ, PYTHONPATH=str(ROOT)), cwd=ROOT)
     try:
-        assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
-        yield f"http://127.0.0.1:{port}"
+        assert proc.stdout is not None
+        word, seconds = proc.stdout.readline().split()
+        assert word == "ready"
+        yield f"http://127.0.0.1:{port}", float(seconds)
     finally:
         proc.terminate()
         proc.wait(10)
 
 
-async def populate(url: str, bucket: str, ns: str) -> None:
+def chunk_objects() -> Iterator[tuple[str, bytes]]:
+    """Every object of ``CHAINS`` committed prefixes of ``CHAIN_LEN`` chunks:
+    each chunk's shard, then its manifest, as a TP=1 writer commits them."""
     layout = KeyLayout("s3kv")
-    store = await open_store(parse_settings(
-        {"bucket": bucket, "endpoint_url": url, "max_concurrency": 64}).store)
-    sem = asyncio.Semaphore(48)
+    ns = fingerprint().namespace
     writer = new_writer_id(1, "scale")
-
-    async def chunk(cid: str, parent: str | None, index: int) -> None:
-        buf, _, _ = shard_bytes(cid, 0)
-        key = layout.shard(ns, cid, writer, 0)
-        entry = seal(buf, key)
-        m = new_manifest(namespace=ns, chunk_id=cid, parent_id=parent, chunk_index=index,
-                         num_tokens=4, writer=writer, shards=[entry], tp_size=1)
-        async with sem:
-            await store.put(key, buf)
-            await store.put(layout.manifest(ns, cid), m.encode(), mode="create")
-
-    async def chain(c: int) -> None:
+    for c in range(CHAINS):
         tokens = [c * 1000 + i for i in range(4 * CHAIN_LEN)]
         parent = None
-        jobs = []
         for i, cid in enumerate(chain_chunk_ids(tokens, 4)):
-            jobs.append(chunk(cid, parent, i))
+            buf, _, _ = shard_bytes(cid, 0)
+            key = layout.shard(ns, cid, writer, 0)
+            entry = seal(buf, key)
+            m = new_manifest(namespace=ns, chunk_id=cid, parent_id=parent, chunk_index=i,
+                             num_tokens=4, writer=writer, shards=[entry], tp_size=1)
+            yield key, bytes(buf)
+            yield layout.manifest(ns, cid), m.encode()
             parent = cid
-        await asyncio.gather(*jobs)
-
-    try:
-        await asyncio.gather(*(chain(c) for c in range(CHAINS)))
-        await store.put(layout.namespace_doc(ns), json.dumps(fingerprint().to_json()).encode())
-    finally:
-        await store.close()
+    yield layout.namespace_doc(ns), json.dumps(fingerprint().to_json()).encode()
 
 
-def measure(args: list[str], env: dict[str, str]) -> tuple[dict[str, Any], str]:
-    """Wall time of a plain run, then peak traced memory of a second run (tracing
-    slows Python down, so the two are not measured together)."""
+def measure(args: list[str], env: dict[str, str], *,
+            trace: bool = True) -> tuple[dict[str, Any], str]:
+    """One run of the command: its wall time and, traced, its peak memory
+    (tracing slows Python down, so a traced run's wall time is not the
+    command's: it is reported only for comparison between rows)."""
+    if trace:
+        tracemalloc.start()
     t0 = time.perf_counter()
     res = CliRunner().invoke(app, args, env=env)
     wall = time.perf_counter() - t0
+    fig: dict[str, Any] = {"command": " ".join(["s3kv", *args]), "wall_s": round(wall, 2)}
+    if trace:
+        fig["peak_mib"] = round(tracemalloc.get_traced_memory()[1] / 2**20, 2)
+        tracemalloc.stop()
     assert res.exit_code == 0, (res.stdout[-2000:], res.stderr[-2000:])
-    tracemalloc.start()
-    traced = CliRunner().invoke(app, args, env=env)
-    _, peak = tracemalloc.get_traced_memory()
-    tracemalloc.stop()
-    assert traced.exit_code == 0
-    return {"command": " ".join(["s3kv", *args]), "wall_s": round(wall, 2),
-            "peak_mib": round(peak / 2**20, 2)}, res.stdout
+    return fig, res.stdout
 
 
 async def traced(url: str, bucket: str,
@@ -137,20 +142,16 @@ async def traced(url: str, bucket: str,
 def test_ls_du_over_10k_chunks() -> None:
     ns = fingerprint().namespace
     figures: list[dict[str, Any]] = []
-    with moto_process() as url:
+    bucket = "scale-10k"
+    with moto_process(bucket) as (url, fill_s):
         os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
         os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing-secret")
-        bucket = "scale-10k"
-        boto3.client("s3", endpoint_url=url, region_name="us-east-1").create_bucket(
-            Bucket=bucket)
-        t0 = time.perf_counter()
-        asyncio.run(populate(url, bucket, ns))
-        figures.append({"command": f"populate {CHAINS * CHAIN_LEN} chunks",
-                        "wall_s": round(time.perf_counter() - t0, 2)})
+        figures.append({"command": f"fill {CHAINS * CHAIN_LEN} chunks (server side)",
+                        "wall_s": fill_s})
         env = {"S3KV_BUCKET": bucket, "S3KV_ENDPOINT_URL": url}
-        c = boto3.client("s3", endpoint_url=url, region_name="us-east-1")
-        c.create_bucket(Bucket="scale-empty")
-        # Fixed cost of any command: interpreter state, botocore's S3 model.
+        # Fixed cost of any command: interpreter state, botocore's S3 model
+        # (after one untraced run, so one-time imports are not counted).
+        measure(["du", "--bucket", "scale-empty"], env, trace=False)
         fig, _ = measure(["du", "--bucket", "scale-empty"], env)
         figures.append({**fig, "command": "s3kv du (empty bucket)"})
 
@@ -167,6 +168,7 @@ def test_ls_du_over_10k_chunks() -> None:
         assert total["objects"] == 2 * CHAINS * CHAIN_LEN
         assert total["orphan_objects"] == 0
 
+        # The chain view: every manifest read, compact records kept.
         fig, out = measure(["ls", ns[:8], "--format", "json", "--sort", "tokens",
                             "--limit", "5"], env)
         figures.append(fig)
@@ -178,16 +180,11 @@ def test_ls_du_over_10k_chunks() -> None:
 
         # The scans alone, traced after the client is set up: listing with the
         # default pages and with 25-key pages (the spreads hold ~80 keys each
-        # at this size, so default pages never continue), the chain view's
-        # records, and, for comparison, a whole listing held in memory.
+        # at this size, so default pages never continue) and, for comparison,
+        # a whole listing held in memory.
         async def usage(store: Any, page_size: int) -> int:
             cat = Catalog(store, KeyLayout("s3kv"), page_size=page_size)
             return (await cat.usage(ns)).chunks
-
-        async def chains(store: Any) -> int:
-            cat = Catalog(store, KeyLayout("s3kv"))
-            recs = [r async for r in cat.records(ns) if isinstance(r, ChunkRecord)]
-            return len(build_prefixes(recs))
 
         async def materialise(store: Any) -> int:
             return len([o async for page in store.list("s3kv/") for o in page])
@@ -197,7 +194,6 @@ def test_ls_du_over_10k_chunks() -> None:
              CHAINS * CHAIN_LEN),
             ("scan only: Catalog.usage, 25-key pages", lambda s: usage(s, 25),
              CHAINS * CHAIN_LEN),
-            ("scan only: Catalog.records + build_prefixes", chains, CHAINS),
             ("baseline: whole listing held in memory", materialise,
              2 * CHAINS * CHAIN_LEN + 1),
         ]:
@@ -217,7 +213,8 @@ def test_ls_du_over_10k_chunks() -> None:
     # listing costs; the chain view holds compact records, not objects.
     assert by["scan only: Catalog.usage, 1000-key pages"] < whole / 4
     assert by["scan only: Catalog.usage, 25-key pages"] < whole / 4
-    assert by["scan only: Catalog.records + build_prefixes"] < whole
     fixed = by["s3kv du (empty bucket)"]
+    chain_view = by[f"s3kv ls {ns[:8]} --format json --sort tokens --limit 5"]
+    assert chain_view - fixed < whole
     assert by["s3kv ls --format json"] < fixed + 4
     assert by["s3kv du --format json"] < fixed + 4
