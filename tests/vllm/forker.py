@@ -27,13 +27,13 @@ import signal
 import socket
 import sys
 import tempfile
-import time
 import traceback
 from typing import Any
 
 
 def preload() -> None:
     """Import what every engine job imports, so no fork pays for it again."""
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     import vllm  # noqa: F401
     from vllm import LLM, SamplingParams  # noqa: F401
     from vllm.inputs import TokensPrompt  # noqa: F401
@@ -42,18 +42,16 @@ def preload() -> None:
     import s3kv.vllm.connector  # noqa: F401
 
 
-def read_message(sock: socket.socket, timeout: float | None) -> dict[str, Any]:
-    """One JSON line from ``sock``; TimeoutError if none within ``timeout``."""
-    deadline = None if timeout is None else time.monotonic() + timeout
+def _read_request(conn: socket.socket) -> dict[str, Any]:
+    conn.settimeout(30)
     buf = b""
     while not buf.endswith(b"\n"):
-        sock.settimeout(None if deadline is None else max(0.0, deadline - time.monotonic()))
-        part = sock.recv(65536)  # raises TimeoutError at the deadline
+        part = conn.recv(65536)
         if not part:
-            raise ConnectionError("the other end closed the connection mid-message")
+            raise ConnectionError("client closed before sending its job")
         buf += part
-    msg: dict[str, Any] = json.loads(buf)
-    return msg
+    req: dict[str, Any] = json.loads(buf)
+    return req
 
 
 def _send(conn: socket.socket, msg: dict[str, Any]) -> None:
@@ -90,20 +88,14 @@ def _engine(req: dict[str, Any]) -> None:
         os._exit(code)
 
 
-def kill_tree(pid: int) -> None:
-    """SIGKILL a process and every process it started.
-
-    Not by process group: a TP>1 CPU engine in a session of its own is a
-    scheduling group of its own, whose spinning workers starved its I/O
-    threads on a 2-core machine (see docs/faults.md).
-    """
+def _kill_engines(pids: list[int]) -> None:
     import psutil
 
-    try:
-        procs = [psutil.Process(pid)]
-        procs += procs[0].children(recursive=True)
-    except psutil.NoSuchProcess:
-        return
+    procs: list[psutil.Process] = []
+    for pid in pids:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p = psutil.Process(pid)
+            procs += [p, *p.children(recursive=True)]
     for p in procs:
         with contextlib.suppress(psutil.NoSuchProcess):
             p.kill()
@@ -138,7 +130,7 @@ def serve(name: str) -> None:
                 if key.fileobj is listener:
                     conn, _ = listener.accept()
                     try:
-                        req = read_message(conn, 30)
+                        req = _read_request(conn)
                     except (OSError, ValueError):
                         conn.close()
                         continue
@@ -159,8 +151,7 @@ def serve(name: str) -> None:
                             pass
                     _reap(waiting)
     finally:
-        for pid in waiting:
-            kill_tree(pid)
+        _kill_engines(list(waiting))
 
 
 def _reap(waiting: dict[int, socket.socket]) -> None:
