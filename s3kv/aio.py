@@ -12,9 +12,16 @@ import atexit
 import threading
 from collections.abc import Coroutine
 from concurrent.futures import Future
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 T = TypeVar("T")
+
+
+class Submitter(Protocol):
+    """Where synchronous code hands coroutines: the I/O loop, or a test's
+    hand-stepped loop (which decides exactly when each answer arrives)."""
+
+    def submit(self, coro: Coroutine[Any, Any, T]) -> Future[T]: ...
 
 
 class LoopThread:

@@ -16,7 +16,7 @@ import threading
 import time
 from collections.abc import Awaitable, Callable
 
-from s3kv.aio import LoopThread
+from s3kv.aio import Submitter
 from s3kv.errors import AccessDenied, AlreadyExists, NotFound
 from s3kv.stats import Counters
 
@@ -35,7 +35,7 @@ class Breaker:
     def __init__(
         self, cooldown_s: float = 30.0, *,
         probe: Callable[[], Awaitable[object]] | None = None,
-        io: LoopThread | None = None,
+        io: Submitter | None = None,
         probe_interval_s: float = 1.0,
         probe_timeout_s: Callable[[], float] | None = None,
         counters: Counters | None = None,

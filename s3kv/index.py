@@ -21,12 +21,12 @@ from __future__ import annotations
 import logging
 import time
 from collections import OrderedDict, deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 from s3kv.admission import AdmissionPolicy
-from s3kv.aio import LoopThread
+from s3kv.aio import Submitter
 from s3kv.breaker import Breaker
 from s3kv.config import Settings
 from s3kv.deadlines import Deadlines
@@ -75,7 +75,6 @@ class _ManifestCache:
 class _Pending:
     future: Future[list[Manifest]]
     fetching: list[str]  # the candidates asked of the store (after the cached prefix)
-    known: tuple[Manifest, ...]  # the cached prefix in front of them
     started: float
     wait: float  # allowed without progress (s3kv.deadlines)
     deadline: float
@@ -93,7 +92,8 @@ class _Load:
 
 class CacheIndex:
     def __init__(self, settings: Settings, fingerprint: Fingerprint, counters: Counters,
-                 store: ObjectStore | None, io: LoopThread) -> None:
+                 store: ObjectStore | None, io: Submitter,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.settings = settings
         self.fingerprint = fingerprint
         self.ns = fingerprint.namespace
@@ -101,6 +101,8 @@ class CacheIndex:
         self.counters = counters
         self.store = store
         self.io = io
+        # Deadlines are read from this clock: a test can make one pass at will.
+        self._clock = clock
         self.deadlines = Deadlines(settings)
         self.breaker = Breaker(
             probe=self._probe, io=io, probe_interval_s=settings.probe_interval_s,
@@ -149,12 +151,17 @@ class CacheIndex:
     def lookup(self, key: str, candidates: Sequence[str]) -> tuple[Manifest, ...] | None:
         """The committed prefix of ``candidates`` (empty: a miss), or None: ask again.
 
-        ``key`` names the asker (a request) across calls.
+        ``key`` names the asker (a request) across calls. The answer is always
+        for the ``candidates`` of *this* call, matched by chunk id: between a
+        lookup's start and its answer vLLM may ask with another candidate list
+        (its local prefix-cache hit grew), and a chunk may have been marked
+        bad. The answer ends at the first chunk that is not known committed
+        or is bad, so answer ``i`` is always the manifest of ``candidates[i]``.
         """
         self._drain_late()
-        known = self._cached_prefix(candidates)
         pending = self._pending.get(key)
         if pending is None:
+            known = self._cached_prefix(candidates)
             if len(known) == len(candidates) or self._known_missing(candidates[len(known)]):
                 return known
             if self.store is None:
@@ -162,9 +169,9 @@ class CacheIndex:
             if not self.breaker.allow():
                 self.counters.add("lookups_skipped_store_down")
                 return known
-            self._start(key, list(candidates[len(known):]), known)
+            self._start(key, list(candidates[len(known):]))
             return None
-        now = time.monotonic()
+        now = self._clock()
         if not pending.future.done():
             if len(pending.progress) > pending.seen:
                 # A round found committed chunks: the store is answering.
@@ -172,7 +179,7 @@ class CacheIndex:
                 pending.deadline = now + pending.wait
             if now < pending.deadline:
                 return None
-            return self._give_up(key, pending, now)
+            return self._give_up(key, pending, now, candidates)
         del self._pending[key]
         self.counters.add("cache_wait_seconds", now - pending.started)
         try:
@@ -180,26 +187,40 @@ class CacheIndex:
         except Exception as exc:
             self.counters.add("lookup_errors")
             self.breaker.failure(exc)
-            return pending.known
+            return self._cached_prefix(candidates)
         self.breaker.success()
         self._learn(pending.fetching, found)
-        return pending.known + tuple(m for m in found if m.chunk_id not in self._bad)
+        return self._answer(candidates, found)
 
-    def _start(self, key: str, fetching: list[str], known: tuple[Manifest, ...]) -> None:
+    def _answer(self, candidates: Sequence[str], found: Sequence[Manifest]
+                ) -> tuple[Manifest, ...]:
+        """The committed prefix of ``candidates``, from a lookup's findings and
+        the manifest cache, ending at the first unknown or bad chunk."""
+        by_id = {m.chunk_id: m for m in found}
+        out = []
+        for cid in candidates:
+            m = by_id.get(cid) or self._manifests.get(cid)
+            if m is None or cid in self._bad:
+                break
+            out.append(m)
+        return tuple(out)
+
+    def _start(self, key: str, fetching: list[str]) -> None:
         store = self.store
         if store is None:
             return
         wait = self.deadlines.lookup_s(len(fetching) * self.settings.chunk_tokens)
-        now = time.monotonic()
+        now = self._clock()
         progress: list[Manifest] = []
         future = self.io.submit(find_committed_prefix(
             store, self.layout, self.ns, fetching, num_heads=self.fingerprint.num_kv_heads,
             progress=progress, on_round=self.deadlines.observe_round,
         ))
-        self._pending[key] = _Pending(future, fetching, known, now, wait, now + wait, progress)
+        self._pending[key] = _Pending(future, fetching, now, wait, now + wait, progress)
         self.counters.add("lookups")
 
-    def _give_up(self, key: str, pending: _Pending, now: float) -> tuple[Manifest, ...]:
+    def _give_up(self, key: str, pending: _Pending, now: float, candidates: Sequence[str]
+                 ) -> tuple[Manifest, ...]:
         """The deadline passed: answer with what is known, let the lookup finish alone."""
         del self._pending[key]
         self.counters.add("cache_wait_seconds", now - pending.started)
@@ -218,16 +239,10 @@ class CacheIndex:
         for m in found:
             self._committed.add(m.chunk_id)
             self._manifests.add(m)
-        return pending.known + tuple(m for m in found if m.chunk_id not in self._bad)
+        return self._answer(candidates, found)
 
     def _cached_prefix(self, candidates: Sequence[str]) -> tuple[Manifest, ...]:
-        out = []
-        for cid in candidates:
-            m = self._manifests.get(cid)
-            if m is None or cid in self._bad:
-                break
-            out.append(m)
-        return tuple(out)
+        return self._answer(candidates, ())
 
     def _known_missing(self, cid: str) -> bool:
         # Recently missing; a chunk this engine has planned to save since is asked again.
@@ -267,14 +282,14 @@ class CacheIndex:
         """A request's loads are issued; returns how long they may take (seconds)."""
         nbytes = sum(s.size for m in manifests for s in m.shards)
         wait = self.deadlines.load_s(tokens, nbytes)
-        self._loads[key] = _Load(time.monotonic(), wait, tokens, nbytes)
+        self._loads[key] = _Load(self._clock(), wait, tokens, nbytes)
         return wait
 
     def load_finished(self, key: str, ok: bool, *, now: float | None = None) -> None:
         load = self._loads.pop(key, None)
         if load is None:
             return
-        elapsed = (time.monotonic() if now is None else now) - load.started
+        elapsed = (self._clock() if now is None else now) - load.started
         self.counters.add("cache_wait_seconds", elapsed)
         if ok:
             self.deadlines.observe_load(load.nbytes, elapsed)

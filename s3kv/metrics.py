@@ -69,6 +69,9 @@ _ALL: tuple[Metric, ...] = (
     _c("lookups", "lookups", SCHEDULER, "Manifest lookups started for a request's chunks"),
     _c("hit_chunks", "chunks", SCHEDULER, "Chunks found committed by a lookup"),
     _c("hit_tokens", "tokens", SCHEDULER, "Prompt tokens offered to vLLM from the cache"),
+    _c("hit_misalignments", "chunks", SCHEDULER,
+       "Hit chunks dropped because their id was not the id of the blocks they would fill "
+       "(a bug guard: must stay 0)"),
     _c("miss_requests", "requests", SCHEDULER,
        "Cache queries answered with no tokens (the request computes its prefill)"),
     _c("lookup_errors", "lookups", SCHEDULER, "Lookups that failed with an S3 error"),

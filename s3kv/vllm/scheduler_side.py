@@ -57,7 +57,7 @@ class _Req:
 class SchedulerSide:
     def __init__(
         self, settings: Settings, fingerprint: Fingerprint, block_size: int,
-        can_load: bool, can_save: bool, counters: Counters,
+        can_load: bool, can_save: bool, counters: Counters, index: CacheIndex | None = None,
     ) -> None:
         self.settings = settings
         self.fingerprint = fingerprint
@@ -67,16 +67,9 @@ class SchedulerSide:
         self.can_load = can_load
         self.can_save = can_save
         self.counters = counters
-        io = io_loop()
-        # Opening a store performs no request (start-up may block; the scheduler
-        # loop may not). The index's namespace write is the first request.
-        store: ObjectStore | None = None
-        try:
-            store = CountingStore(io.run(open_store(settings.store), timeout=60), counters)
-        except Exception as exc:  # missing credentials, bad endpoint: serve without cache
-            log.warning("s3kv: cannot open the object store (%s: %s); serving without the cache",
-                        type(exc).__name__, exc)
-        self.index = CacheIndex(settings, fingerprint, counters, store, io)
+        # An index built by the caller (tests: a store and clock they control),
+        # or one over the configured store.
+        self.index = index or _open_index(settings, fingerprint, counters)
         self._reqs: dict[str, _Req] = {}
         self._pending_loads: dict[str, LoadRequest] = {}
         self._load_blocks: dict[int, tuple[str, str]] = {}  # block id -> (req id, chunk id)
@@ -140,6 +133,7 @@ class SchedulerSide:
         hits = self.index.lookup(request.request_id, ids[first:])
         if hits is None:
             return None, False
+        hits = self._aligned(request.request_id, hits, ids, first)
         end = min((first + len(hits)) * self.chunk_tokens, limit)
         new = end - num_computed
         if new <= 0:
@@ -149,6 +143,23 @@ class SchedulerSide:
         self.counters.add("hit_chunks", len(hits))
         self.counters.add("hit_tokens", new)
         return new, True
+
+    def _aligned(self, req_id: str, hits: tuple[Manifest, ...], ids: list[str], first: int
+                 ) -> tuple[Manifest, ...]:
+        """``hits`` up to the first whose chunk id is not the id of the chunk
+        whose blocks it would fill.
+
+        The index answers for exactly the candidates it is given, so this never
+        cuts anything; it stands between any future slip and a wrong token,
+        and the counter says whether it ever had to."""
+        for i, m in enumerate(hits):
+            if m.chunk_id != ids[first + i]:
+                self.counters.add("hit_misalignments", len(hits) - i)
+                log.error("s3kv: request %s: hit chunk %d is %s, expected %s; "
+                          "loading only the %d chunks before it (please report)",
+                          req_id, first + i, m.chunk_id[:12], ids[first + i][:12], i)
+                return hits[:i]
+        return hits
 
     def _miss(self, st: _Req) -> tuple[int, bool]:
         st.hits = ()
@@ -273,6 +284,19 @@ class SchedulerSide:
         self.index.forget(request.request_id)
         self._pending_loads.pop(request.request_id, None)
         self._forget_load_blocks(request.request_id)
+
+
+def _open_index(settings: Settings, fingerprint: Fingerprint, counters: Counters) -> CacheIndex:
+    io = io_loop()
+    # Opening a store performs no request (start-up may block; the scheduler
+    # loop may not). The index's namespace write is the first request.
+    store: ObjectStore | None = None
+    try:
+        store = CountingStore(io.run(open_store(settings.store), timeout=60), counters)
+    except Exception as exc:  # missing credentials, bad endpoint: serve without cache
+        log.warning("s3kv: cannot open the object store (%s: %s); serving without the cache",
+                    type(exc).__name__, exc)
+    return CacheIndex(settings, fingerprint, counters, store, io)
 
 
 def _requested(request: Request) -> bool:
