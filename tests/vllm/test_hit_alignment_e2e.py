@@ -48,7 +48,7 @@ def written(tiny_model: Path, s3_endpoint: S3Endpoint) -> str:
 
 
 @pytest.fixture(scope="module")
-def baseline(tiny_model: Path) -> list[list[int]]:
+def baseline(tiny_model: Path) -> list[list[list[int]]]:
     """Greedy outputs of an engine without the connector, per batch."""
     outs = run_engine(job(tiny_model, [], batches=BATCHES)).outputs
     return [outs[:2], outs[2:]]
