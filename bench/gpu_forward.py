@@ -1,6 +1,6 @@
 """s3kv's GPU save and load path: forward-path time and copy rates, against raw copies.
 
-    python -m bench.gpu_forward [--json PATH] [--junit PATH] [--quick]
+    python -m bench.gpu_forward [--json PATH] [--junit PATH] [--quick] [--copy-only]
 
 One Llama-3.1-8B-shaped chunk (32 layers, 8 KV heads, head size 128, bf16,
 256 tokens: 32 MiB of KV) in vLLM's FlashAttention cache layout, saved and
@@ -10,20 +10,29 @@ loaded through s3kv's worker side (in-memory store, TP=1), all in one run:
   a Llama-3.1-8B prefill of 256 tokens (the smallest step that fills a
   chunk, so the least time to hide a save behind) and of 2,048 tokens
   (a common prefill budget per step: 8 chunks);
-* forward path: host time inside ``wait_for_save`` + ``start_load_kv`` with
-  that step still queued on the stream, as a fraction of the step, and
-  whether the step was still running when they returned;
-* interference: the step's GPU time when every step saves a chunk (its
-  copy-out overlaps the next step) over the step's time without saving;
-* copy-out: ``KVBlocks.copy_out`` on a side stream into pinned memory, from
-  issue to completion, over a raw ``pinned.copy_(contiguous, non_blocking)``
-  of the same bytes; copy-in: ``KVBlocks.copy_in`` from a pageable buffer (a
+* forward path: host time inside ``start_load_kv`` + ``wait_for_save``
+  (called in vLLM's order, after the step's launch: ``Rig.step``) with that
+  step still queued on the stream, as a fraction of the step, and whether
+  the step was still running when they returned;
+* interference: the step's GPU time when every step saves its chunks (their
+  device-to-host copy overlaps the next step; their gather, queued on the
+  same stream between two steps, is measured apart under copy-out) over
+  the step's time without saving;
+* copy-out: the save path's copy (``s3kv.vllm.saver.CopyOut``: gather on the
+  current stream, device-to-host on a side stream into pinned memory) of 1
+  and of 8 chunks, from issue to completion, over a raw
+  ``pinned.copy_(contiguous, non_blocking)`` of the same bytes; and its two
+  parts alone: the gather's GPU time, and the device-to-host copy from the
+  staging buffer; copy-in: ``KVBlocks.copy_in`` from a pageable buffer (a
   fetched body, as loads get it) and from a pinned one, over raw copies;
-* ordering control: the overwrite race of ``tests/gpu`` run *without* the
-  ordering ``start_load_kv`` establishes: how often the saved bytes are
-  wrong when that ordering is missing (shows the test can fail).
+* ordering control: the overwrite race of ``tests/gpu`` (the next step's
+  forward writes the saved blocks right after ``wait_for_save``) run with
+  the old scheme, the whole copy-out on a side stream, and with the save
+  path's: how often the saved bytes are wrong (the old scheme's count shows
+  the test can fail; the save path's must be 0).
 
 Prints one table; ``--junit`` adds the outcome of the GPU tests to it.
+``--copy-only`` measures only the copy rates and the ordering control.
 """
 
 from __future__ import annotations
@@ -48,6 +57,7 @@ if str(ROOT) not in sys.path:
 from tests.gpu.rig import Rig, chunk_id  # noqa: E402, I001
 from s3kv.vllm.kv_layout import KVBlocks  # noqa: E402
 from s3kv.vllm.metadata import S3KVMetadata  # noqa: E402
+from s3kv.vllm.saver import CopyOut  # noqa: E402
 from tests.gpu.layouts import GPU_LAYOUTS  # noqa: E402
 
 HIDDEN, INTER, Q_HEADS, KV_HEADS, HEAD, LAYERS, TOKENS = 4096, 14336, 32, 8, 128, 32, 256
@@ -144,9 +154,9 @@ class Bench:
             step.run()
             end = torch.cuda.Event()
             end.record()
+            meta = self.rig.save_meta(self.chunks(chunks))
             t0 = time.perf_counter()
-            self.w.wait_for_save(self.rig.save_meta(self.chunks(chunks)))
-            self.w.start_load_kv(S3KVMetadata())
+            self.rig.step(meta)  # the hooks, after the step's launch
             dt = (time.perf_counter() - t0) * 1e3
             busy = not end.query()
             if i >= 5:
@@ -159,13 +169,15 @@ class Bench:
             pairs = []
             for _ in range(self.reps):
                 a, b = _events()
-                a.record()
-                step.run()
-                b.record()
+
+                def forward(a: Any = a, b: Any = b) -> None:
+                    a.record()
+                    step.run()
+                    b.record()
+
+                self.rig.step(self.rig.save_meta(self.chunks(chunks)) if save
+                              else S3KVMetadata(), forward)
                 pairs.append((a, b))
-                if save:
-                    self.w.wait_for_save(self.rig.save_meta(self.chunks(chunks)))
-                self.w.start_load_kv(S3KVMetadata())
             torch.cuda.synchronize()
             ms = [a.elapsed_time(b) for a, b in pairs]
             self.settle()
@@ -185,9 +197,10 @@ class Bench:
     def copy_rates(self) -> dict[str, Any]:
         rig = self.rig
         kv = KVBlocks(rig.caches, rig.num_blocks, rig.heads, rig.block_size)
+        copy = CopyOut(kv)
         nbytes = rig.chunk_payload_bytes
         k = rig.blocks_per_chunk
-        chunk, other, offsets = list(range(k)), list(range(100, 100 + k)), list(range(k))
+        other, offsets = list(range(100, 100 + k)), list(range(k))
         side, load = torch.cuda.Stream(), torch.cuda.Stream()
         pinned = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
         pageable = torch.empty(nbytes, dtype=torch.uint8)
@@ -206,10 +219,40 @@ class Bench:
                 out.append((time.perf_counter() - t0) * 1e3)
             return out
 
-        r = {
-            "copy_out_GBps": _rate(nbytes, timed(lambda: kv.copy_out([chunk], [dst]), side)),
-            "raw_d2h_pinned_GBps": _rate(
-                nbytes, timed(lambda: pinned.copy_(dev, non_blocking=True), side)),
+        def copy_out(chunks: list[list[int]], dsts: list[torch.Tensor]) -> list[float]:
+            """The save path's copy, issue (host) to the last byte in pinned memory."""
+            out = []
+            for _ in range(self.reps):
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                done = copy.start(chunks, dsts)
+                if done is not None:
+                    done()
+                out.append((time.perf_counter() - t0) * 1e3)
+            return out
+
+        r: dict[str, Any] = {}
+        for n in (1, 8):
+            chunks = [list(range(c * k, (c + 1) * k)) for c in range(n)]
+            hosts = [pinned] + [torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+                                for _ in range(n - 1)]
+            dsts = [kv.payload_view(h, rig.heads, k) for h in hosts]
+            dev_n = torch.empty(n * nbytes, dtype=torch.uint8, device="cuda")
+            pinned_n = torch.empty(n * nbytes, dtype=torch.uint8, pin_memory=True)
+            staging = kv.gather(chunks)
+            sfx = "" if n == 1 else f"_{n}"
+            r[f"copy_out{sfx}_GBps"] = _rate(n * nbytes, copy_out(chunks, dsts))
+            r[f"raw_d2h_pinned{sfx}_GBps"] = _rate(
+                n * nbytes, timed(lambda p=pinned_n, d=dev_n: p.copy_(d, non_blocking=True),
+                                  side))
+            r[f"copy_out{sfx}_vs_raw"] = r[f"copy_out{sfx}_GBps"] / r[f"raw_d2h_pinned{sfx}_GBps"]
+            # The parts: the gather (GPU time on the current stream) ...
+            r[f"gather{sfx}_GBps"] = _rate(
+                n * nbytes, _gpu_ms(lambda c=chunks: kv.gather(c), self.reps))
+            # ... and the device-to-host copy out of a gathered staging buffer.
+            r[f"d2h_from_staging{sfx}_GBps"] = _rate(n * nbytes, timed(
+                lambda g=staging, c=chunks, d=dsts: kv.unpack(g, [len(x) for x in c], d), side))
+        r.update({
             "copy_in_pageable_GBps": _rate(
                 nbytes, timed(lambda: kv.copy_in(dst_pageable, offsets, other), load)),
             "copy_in_pinned_GBps": _rate(
@@ -217,32 +260,53 @@ class Bench:
             "raw_h2d_pageable_GBps": _rate(nbytes, timed(lambda: dev.copy_(pageable), load)),
             "raw_h2d_pinned_GBps": _rate(
                 nbytes, timed(lambda: dev.copy_(pinned, non_blocking=True), load)),
-        }
-        r["copy_out_vs_raw"] = r["copy_out_GBps"] / r["raw_d2h_pinned_GBps"]
+        })
         r["copy_in_vs_raw_pageable"] = r["copy_in_pageable_GBps"] / r["raw_h2d_pageable_GBps"]
         return r
 
-    def unordered_control(self, rounds: int) -> str:
-        """The overwrite race of tests/gpu without start_load_kv's wait: the next
-        step's overwrite becomes runnable together with the side-stream copy."""
-        rig, wrong = self.rig, 0
-        ((_, chunk),) = self.chunks(1)
-        idx = torch.tensor(chunk).pin_memory().to("cuda", non_blocking=True)
-        for i in range(rounds):
-            torch.cuda._sleep(int(2 * self.cycles_per_ms))
+    def ordering_control(self, rounds: int) -> dict[str, str]:
+        """The overwrite race of tests/gpu in vLLM's hook order: a step's forward
+        writes a chunk, the copy-out is queued, and the next step's forward
+        overwrites the chunk's blocks at once. ``side_stream_gather`` is the old
+        scheme (the whole copy-out on a side stream that waited for the
+        forward stream): nothing orders the overwrite after it.
+        ``save_path`` is ``CopyOut`` (gather on the forward stream)."""
+        rig = self.rig
+        kv = KVBlocks(rig.caches, rig.num_blocks, rig.heads, rig.block_size)
+        copy = CopyOut(kv)
+        side = torch.cuda.Stream()
+        k = rig.blocks_per_chunk
+        chunks = [list(range(c * k, (c + 1) * k)) for c in range(8)]
+        hosts = [torch.empty(rig.chunk_payload_bytes, dtype=torch.uint8, pin_memory=True)
+                 for _ in chunks]
+        dsts = [kv.payload_view(h, rig.heads, k) for h in hosts]
+        every = torch.tensor([b for c in chunks for b in c]).pin_memory().to(
+            "cuda", non_blocking=True)
+        first = torch.tensor(chunks[0]).pin_memory().to("cuda", non_blocking=True)
+
+        def fill(idx: torch.Tensor, value: float) -> None:
             for t in rig.caches.values():
-                t.index_fill_(rig.layout.block_dim, idx, float(i + 1))
-            cid = chunk_id(90_000 + i)
-            self.w.wait_for_save(rig.save_meta([(cid, chunk)]))
-            for t in rig.caches.values():  # not ordered after the copy-out
-                t.index_fill_(rig.layout.block_dim, idx, -2.0)
-            self.settle()
-            entry = rig.manifest(cid).shard_for_rank(0)
-            body = bytearray(rig.get(entry.key))
-            payload = torch.frombuffer(body, dtype=torch.uint8)[entry.payload_offset:]
-            wrong += not bool((payload.view(torch.bfloat16).float() == i + 1).all())
-            self.w.start_load_kv(S3KVMetadata())  # drop the pending wait before the next round
-        return f"{wrong}/{rounds}"
+                t.index_fill_(rig.layout.block_dim, idx, value)
+
+        def old_scheme() -> None:
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                kv.copy_out(chunks, dsts)
+
+        out = {}
+        for name, start in (("side_stream_gather", old_scheme),
+                            ("save_path", lambda: copy.start(chunks, dsts))):
+            wrong = 0
+            for i in range(rounds):
+                torch.cuda.synchronize()
+                torch.cuda._sleep(int(20 * self.cycles_per_ms))  # step t, still running
+                fill(every, float(i + 1))  # its KV
+                start()  # wait_for_save (start_load_kv of step t+1 comes after its launch)
+                fill(first, -2.0)  # step t+1's forward, in the reallocated blocks
+                torch.cuda.synchronize()
+                wrong += not bool((dsts[0].float() == i + 1).all())
+            out[name] = f"{wrong}/{rounds}"
+        return out
 
     def profile(self, chunks: int, out: Path) -> None:
         """Where the forward-path host time goes (cProfile, top functions)."""
@@ -254,8 +318,7 @@ class Bench:
         for _ in range(10):
             meta = self.rig.save_meta(self.chunks(chunks))
             prof.enable()
-            self.w.wait_for_save(meta)
-            self.w.start_load_kv(S3KVMetadata())
+            self.rig.step(meta)
             prof.disable()
             self.settle()
         buf = io.StringIO()
@@ -263,14 +326,15 @@ class Bench:
         out.write_text(buf.getvalue())
 
 
-def measure(quick: bool, profile_to: Path | None) -> dict[str, Any]:
+def measure(quick: bool, profile_to: Path | None, copy_only: bool = False) -> dict[str, Any]:
     b = Bench(reps=10 if quick else 30)
     res: dict[str, Any] = {"chunk_bytes": b.rig.chunk_payload_bytes}
-    res["step_1_chunk"] = b.forward_path(1)
-    res["step_8_chunks"] = b.forward_path(8)
+    if not copy_only:
+        res["step_1_chunk"] = b.forward_path(1)
+        res["step_8_chunks"] = b.forward_path(8)
     res.update(b.copy_rates())
-    res["unordered_overwrite_wrong_rounds"] = b.unordered_control(10 if quick else 20)
-    if profile_to is not None:
+    res["overwrite_wrong_rounds"] = b.ordering_control(10 if quick else 20)
+    if profile_to is not None and not copy_only:
         b.profile(8, profile_to)
     res["saves_dropped"] = b.w.counters.get("saves_dropped")
     b.rig.close()
@@ -296,6 +360,8 @@ def main() -> int:
     ap.add_argument("--json", type=Path, default=ROOT / "bench" / "results" / "gpu_forward.json")
     ap.add_argument("--junit", type=Path, help="the GPU tests' junit XML, summarized in the table")
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--copy-only", action="store_true",
+                    help="only the copy rates and the ordering control (no forward steps)")
     args = ap.parse_args()
     info: dict[str, Any] = {"python": platform.python_version(), "torch": torch.__version__}
     rows: list[tuple[str, str]] = []
@@ -312,10 +378,12 @@ def main() -> int:
     info["gpu"] = torch.cuda.get_device_name(0)
     info["cuda"] = torch.version.cuda
     rows += [("GPU", f"{info['gpu']} (torch {torch.__version__}, CUDA {info['cuda']})")]
-    res = measure(args.quick, args.json.with_suffix(".profile.txt"))
+    res = measure(args.quick, args.json.with_suffix(".profile.txt"), args.copy_only)
     info["results"] = res
     rows.append(("chunk (Llama-3.1-8B, 256 tok, bf16)", f"{res['chunk_bytes'] / 2**20:.0f} MiB"))
     for key in ("step_1_chunk", "step_8_chunks"):
+        if key not in res:
+            continue
         f = res[key]
         c = f["chunks_per_step"]
         rows += [
@@ -326,23 +394,31 @@ def main() -> int:
             ("  returned while the step still ran", f["returned_while_step_running"]),
             ("  step GPU time saving / not saving", f"{f['step_slowdown_saving']:.3f}"),
         ]
+    for sfx, what in (("", "1 chunk"), ("_8", "8 chunks")):
+        rows += [
+            (f"copy-out, {what} (gather + D2H to pinned)",
+             f"{res[f'copy_out{sfx}_GBps']:.1f} GB/s vs raw "
+             f"{res[f'raw_d2h_pinned{sfx}_GBps']:.1f} GB/s ({res[f'copy_out{sfx}_vs_raw']:.2f}x)"),
+            ("  gather alone (forward stream, GPU time)", f"{res[f'gather{sfx}_GBps']:.1f} GB/s"),
+            ("  D2H from the staging buffer (side stream)",
+             f"{res[f'd2h_from_staging{sfx}_GBps']:.1f} GB/s"),
+        ]
+    ctl = res["overwrite_wrong_rounds"]
     rows += [
-        ("copy-out (side stream -> pinned)",
-         f"{res['copy_out_GBps']:.1f} GB/s vs raw {res['raw_d2h_pinned_GBps']:.1f} GB/s "
-         f"({res['copy_out_vs_raw']:.2f}x)"),
         ("copy-in from pageable (load path)",
          f"{res['copy_in_pageable_GBps']:.1f} GB/s vs raw {res['raw_h2d_pageable_GBps']:.1f} GB/s"
          f" ({res['copy_in_vs_raw_pageable']:.2f}x)"),
         ("copy-in from pinned",
          f"{res['copy_in_pinned_GBps']:.1f} GB/s vs raw {res['raw_h2d_pinned_GBps']:.1f} GB/s"),
         ("saves dropped (upload memory full)", f"{res['saves_dropped']:.0f}"),
-        ("control: overwrite without the ordering", f"{res['unordered_overwrite_wrong_rounds']}"
-         " rounds saved wrong bytes"),
+        ("overwrite race: old side-stream gather", f"{ctl['side_stream_gather']} rounds wrong"),
+        ("overwrite race: save path (must be 0)", f"{ctl['save_path']} rounds wrong"),
     ]
     _print(rows)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(info, indent=1, sort_keys=True) + "\n")
-    return 0 if not info.get("gpu_tests", {}).get("failed") else 1
+    ordered = ctl["save_path"].startswith("0/")
+    return 0 if ordered and not info.get("gpu_tests", {}).get("failed") else 1
 
 
 def _print(rows: list[tuple[str, str]]) -> None:

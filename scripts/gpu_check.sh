@@ -1,12 +1,17 @@
 #!/usr/bin/env bash
-# The GPU check: s3kv's own GPU code (pinned buffers, side-stream copy-out,
-# stream ordering, load stream, every GPU cache layout) on a real GPU, without
-# vLLM. Needs only Python with CUDA PyTorch, pytest, xxhash and typing_extensions;
-# wheels of missing pure-Python dependencies may lie in ./wheels (installed
-# from there, never from the network). Prints one table; exits non-zero if a
-# test failed. Without a GPU the tests skip with that reason and the CPU
-# variants of the copy and worker-side checks still run.
-#   scripts/gpu_check.sh [--quick]     results also under $OUT (or .tmp/gpu-check)
+# The GPU check: s3kv's own GPU code (pinned buffers, the save path's copy-out:
+# gather on the forward stream, device-to-host on a side stream; stream
+# ordering in vLLM's hook order, load stream, every GPU cache layout) on a real
+# GPU, without vLLM. Needs only Python with CUDA PyTorch, pytest, xxhash and
+# typing_extensions; wheels of missing pure-Python dependencies may lie in
+# ./wheels (installed from there, never from the network). Prints one table
+# (bench/gpu_forward.py: forward-path host time, copy-out throughput against a
+# raw device-to-host copy, its gather and D2H parts, the overwrite-race
+# control); exits non-zero if a test failed or the save path lost the race.
+# Without a GPU the tests skip with that reason and the CPU variants of the
+# copy and worker-side checks still run.
+#   scripts/gpu_check.sh [--quick] [--copy-only]   results also under $OUT (or .tmp/gpu-check)
+# --copy-only skips the forward-step figures (copy rates and the race only).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-}

@@ -7,8 +7,9 @@ with one "head", the latent shared by every rank). A chunk's payload is
 ``[heads, layers, blocks, block_size, *token_shape]``, which is the shard
 format's token-major ``[heads, layers, tokens, token_elems]`` whatever the
 block size. One gather per layer moves a step's chunks out, one indexed copy
-per layer moves a chunk in, on CPU as on GPU (the same code; on GPU the
-copy-out runs on a side stream into pinned memory, loads on their own stream).
+per layer moves a chunk in, on CPU as on GPU (the same code). Which stream
+each part runs on is the caller's choice (``s3kv.vllm.saver``,
+``s3kv.vllm.loader``): this module only issues work on the current one.
 """
 
 from __future__ import annotations
@@ -63,6 +64,14 @@ def block_view(t: torch.Tensor, num_blocks: int, heads: int, block_size: int,
     )
 
 
+def _memory_order(t: torch.Tensor) -> tuple[int, ...]:
+    """``t``'s dimensions from the largest stride to the smallest: the order its
+    elements lie in memory (``t.permute(*order)`` is contiguous for any
+    permutation of a contiguous allocation)."""
+    strides = t.stride()
+    return tuple(sorted(range(t.dim()), key=lambda d: (-strides[d], d)))
+
+
 class KVBlocks:
     """A layer-by-layer view of the KV cache and the copies between it and payloads.
 
@@ -98,6 +107,11 @@ class KVBlocks:
         for name, v in zip(self.names, self.views, strict=True):
             if tuple(v.shape) != tuple(self.views[0].shape) or v.dtype != self.dtype:
                 raise ConfigError("kv_cache_layout", f"layer {name} differs from the first layer")
+        # Gathers walk each layer in its memory order (see gather()).
+        self._order = _memory_order(self.views[0])
+        self._block_pos = self._order.index(0)
+        self._memory_views = [v.permute(*self._order) for v in self.views]
+        self._to_blocks_first = tuple(1 + self._order.index(d) for d in range(self.views[0].dim()))
 
     @property
     def token_elems(self) -> int:
@@ -125,36 +139,56 @@ class KVBlocks:
             return idx
         return idx.pin_memory().to(self.device, non_blocking=True)
 
-    def copy_out(self, chunks: Sequence[Sequence[int]], dsts: Sequence[torch.Tensor]) -> None:
-        """Copy each chunk's blocks into its payload ``[heads, layers, blocks, *block_shape]``.
+    def gather(self, chunks: Sequence[Sequence[int]]) -> torch.Tensor:
+        """Every chunk's blocks, ``[layers, blocks, heads, *block_shape]`` on the cache's
+        device, read on the current stream: one ``index_select`` per layer for all
+        chunks of the call (the per-layer launches are what costs host time on
+        GPU, so they are paid once per call, not once per chunk).
 
-        The same code on CPU and GPU. Every chunk of the call is gathered with
-        one ``index_select`` per layer into a device buffer ``[layers, blocks,
-        heads, ...]`` (the per-layer launches are what costs host time on
-        GPU, so they are paid once per call), then each chunk moves with one
-        copy into its contiguous host payload: on GPU a single asynchronous
-        copy into pinned memory (PyTorch puts the permuted source in a
-        contiguous device temporary first). Copying each layer straight into
-        its strided slice of host memory would make PyTorch stage it through
-        pageable memory, which blocks the calling thread until the stream
-        gets there.
+        Each layer is read in its memory order (vLLM's FlashAttention cache is
+        ``[2, blocks, tokens, heads, D]`` in memory): a gather along the block
+        axis of that order reads and writes whole runs of contiguous memory,
+        where one on the ``[blocks, heads, ...]`` view would walk five strided
+        axes per element. The result is a view of that buffer, permuted to
+        blocks first; ``unpack`` moves it into payload order.
         """
         ids = [b for chunk in chunks for b in chunk]
-        if not ids:
-            return
         idx = self._index(ids)
-        gathered = torch.empty((len(self.views), len(ids), *self.views[0].shape[1:]),
-                               dtype=self.dtype, device=self.device)
-        for li, v in enumerate(self.views):
-            torch.index_select(v, 0, idx, out=gathered[li])
+        shape = list(self._memory_views[0].shape)
+        shape[self._block_pos] = len(ids)
+        buf = torch.empty((len(self.views), *shape), dtype=self.dtype, device=self.device)
+        for li, v in enumerate(self._memory_views):
+            torch.index_select(v, self._block_pos, idx, out=buf[li])
+        gathered = buf.permute(0, *self._to_blocks_first)
         if self.token_map is not None:  # slab order -> canonical, every layer at once
             gathered = gathered.index_select(3, self.token_map).view(
                 *gathered.shape[:3], *self.block_shape)
+        return gathered
+
+    def unpack(self, gathered: torch.Tensor, sizes: Sequence[int],
+               dsts: Sequence[torch.Tensor]) -> None:
+        """Copy ``gathered`` (from ``gather``), ``sizes[i]`` blocks per chunk, into each
+        chunk's payload ``[heads, layers, blocks, *block_shape]``.
+
+        One copy per chunk into its contiguous host payload: on GPU a single
+        asynchronous copy into pinned memory (PyTorch puts the permuted source
+        in a contiguous device temporary first, on the current stream).
+        Copying each layer straight into its strided slice of host memory
+        would make PyTorch stage it through pageable memory, which blocks the
+        calling thread until the stream gets there.
+        """
         start = 0
-        for chunk, dst in zip(chunks, dsts, strict=True):
-            part = gathered[:, start : start + len(chunk)]  # [layers, k, heads, ...]
+        for k, dst in zip(sizes, dsts, strict=True):
+            part = gathered[:, start : start + k]  # [layers, k, heads, ...]
             dst.copy_(part.transpose(0, 2).transpose(1, 2), non_blocking=True)
-            start += len(chunk)
+            start += k
+
+    def copy_out(self, chunks: Sequence[Sequence[int]], dsts: Sequence[torch.Tensor]) -> None:
+        """Copy each chunk's blocks into its payload ``[heads, layers, blocks, *block_shape]``,
+        all on the current stream (``gather`` then ``unpack``)."""
+        if not any(chunks):
+            return
+        self.unpack(self.gather(chunks), [len(c) for c in chunks], dsts)
 
     def copy_in(self, src: torch.Tensor, offsets: Sequence[int], block_ids: Sequence[int],
                 head_offset: int = 0) -> None:

@@ -1,13 +1,15 @@
 """A worker side on real tensors, driven the way vLLM drives it, without vLLM.
 
 Used by the GPU tests and the forward-path benchmark: it registers per-layer
-KV tensors, builds the save and load plans the scheduler would send, and
-reads back what was stored, all through public methods.
+KV tensors, builds the save and load plans the scheduler would send, runs
+steps with the connector's hooks in vLLM's order (``Rig.step``), and reads
+back what was stored, all through public methods.
 """
 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -102,6 +104,34 @@ class Rig:
         return S3KVMetadata(saves=[
             SaveChunk(cid, None, 0, self.chunk_tokens, tuple(ids)) for cid, ids in saves
         ], round_id=self._round)
+
+    def step(self, meta: S3KVMetadata, forward: Callable[[], None] | None = None) -> None:
+        """One engine step: ``forward`` launches the step's kernels, then the
+        worker side's hooks run in the order vLLM calls them.
+
+        vLLM 0.32 (``vllm/v1/worker/kv_connector_model_runner_mixin.py``,
+        ``KVConnectorModelRunnerMixin._get_kv_connector_output``, the context
+        ``GPUModelRunner.execute_model`` launches ``_model_forward`` in; the
+        CPU model runner inherits it): when the step has no synchronous loads
+        (``SchedulerOutput.has_sync_kv_loads`` False, always so with s3kv,
+        whose loads are asynchronous), the forward is launched first, calling
+        ``save_kv_layer`` per attention layer as it goes (a no-op in s3kv:
+        chunks are copied once per step), then in the context's ``finally``
+        ``start_load_kv``, then ``wait_for_save`` (deferred until after the
+        drafter with speculative decoding, still before the next step). The
+        model runner v2 (``vllm/v1/worker/gpu/kv_connector.py``,
+        ``KVConnector.pre_forward``/``post_forward``) keeps the same order.
+        The order came with vllm-project/vllm#53333 ("start async KV loads
+        after the forward launch"), and the upstream source read after 0.32
+        keeps it. The next step's forward is
+        launched right after ``wait_for_save``, with no hook in between.
+        """
+        if forward is not None:
+            forward()
+        if self.worker is None:
+            raise RuntimeError("the rig is closed")
+        self.worker.start_load_kv(meta)
+        self.worker.wait_for_save(meta)
 
     def manifest(self, cid: str) -> Manifest:
         body = io_loop().run(self.store.get(self.keys.manifest(self.fp.namespace, cid)), 30)

@@ -2,9 +2,11 @@
 
 Every layout vLLM's GPU attention backends hand to ``register_kv_caches``
 is built by hand (``layouts.py``), filled with known values, and moved the
-way s3kv moves it: ``copy_out`` on the side stream into pinned memory,
-``copy_in`` on the load stream, and the worker side driven as vLLM drives
-it. The CPU variants run everywhere; the CUDA ones where a GPU is present.
+way s3kv moves it: the save path's copy-out (gather on the current stream,
+device-to-host copy on a side stream into pinned memory), ``copy_in`` on the
+load stream, and the worker side driven step by step in the order vLLM calls
+its hooks (``Rig.step``). The CPU variants run everywhere; the CUDA ones
+where a GPU is present.
 """
 
 from __future__ import annotations
@@ -12,12 +14,14 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable
+from functools import partial
 
 import pytest
 import torch
 
 from s3kv.vllm.kv_layout import KVBlocks
 from s3kv.vllm.metadata import S3KVMetadata
+from s3kv.vllm.saver import CopyOut
 from tests.gpu.conftest import DEVICES, cuda
 from tests.gpu.layouts import (
     GPU_LAYOUTS,
@@ -67,13 +71,10 @@ def test_round_trip_on_the_side_and_load_streams(
     host = torch.empty(rig.chunk_payload_bytes, dtype=torch.uint8, pin_memory=on_gpu)
     dst = kv.payload_view(host, rig.heads, len(SRC))
 
-    side = torch.cuda.Stream() if on_gpu else None
-    if side is not None:
-        side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
-        kv.copy_out([SRC], [dst])
-    if side is not None:
-        side.synchronize()
+    done = CopyOut(kv).start([SRC], [dst])
+    assert (done is None) == (not on_gpu)
+    if done is not None:
+        done()
     expected = torch.stack([canonical_bytes(c, SRC) for c in canon], dim=1)  # [H, L, k, N, ...]
     assert torch.equal(_bits(dst), _bits(expected)), "payload is not in canonical order"
 
@@ -103,7 +104,7 @@ def _same_bytes(make_rig: Callable[..., Rig], layouts: list[Layout], device: str
         rig.canonical(seed=7)
         cid = chunk_id(0)
         assert rig.worker is not None
-        rig.worker.wait_for_save(rig.save_meta([(cid, SRC)]))
+        rig.step(rig.save_meta([(cid, SRC)]))
         rig.flush()
         payloads.append(_bits(_payload(rig, cid)))
     for layout, p in zip(layouts[1:], payloads[1:], strict=True):
@@ -121,7 +122,7 @@ def test_worker_side_saves_loads_and_rejects_a_corrupt_shard(
     assert w is not None
     cid, cid2 = chunk_id(1), chunk_id(2)
     second = [50, 2, 33, 9]
-    w.wait_for_save(rig.save_meta([(cid, SRC), (cid2, second)]))  # two chunks, one step
+    rig.step(rig.save_meta([(cid, SRC), (cid2, second)]))  # two chunks, one step
     rig.flush()
     m = rig.manifest(cid)
     assert [s.rank for s in m.shards] == [0]
@@ -130,7 +131,7 @@ def test_worker_side_saves_loads_and_rejects_a_corrupt_shard(
         expected = torch.stack([canonical_bytes(x, blocks) for x in canon], dim=1)
         assert torch.equal(_bits(_payload(rig, c)), _bits(expected)), c[:8]
 
-    w.start_load_kv(rig.load_meta("r1", cid, DST))
+    rig.step(rig.load_meta("r1", cid, DST))
     rig.flush()
     assert w.get_finished() == {"r1"}
     assert w.take_load_errors() == set()
@@ -143,7 +144,7 @@ def test_worker_side_saves_loads_and_rejects_a_corrupt_shard(
     rig.put(key, bytes(body))
     target = [30, 31, 32, 33]
     before = [rig.layout.blocks(t, target).clone() for t in rig.caches.values()]
-    w.start_load_kv(rig.load_meta("r2", cid, target))
+    rig.step(rig.load_meta("r2", cid, target))
     rig.flush()
     assert w.get_finished() == {"r2"}
     assert w.take_load_errors() == set(target)
@@ -152,19 +153,21 @@ def test_worker_side_saves_loads_and_rejects_a_corrupt_shard(
 
     # A truncated shard too.
     rig.put(key, bytes(body[:-7]))
-    w.start_load_kv(rig.load_meta("r3", cid, target))
+    rig.step(rig.load_meta("r3", cid, target))
     rig.flush()
     assert w.get_finished() == {"r3"}
     assert w.take_load_errors() == set(target)
 
 
-# --- CUDA stream ordering ------------------------------------------------------------
+# --- stream ordering ----------------------------------------------------------------
 
 
 def _fill(rig: Rig, blocks: list[int], value: float) -> None:
     # Pinned and non-blocking: a plain torch.tensor(..., device="cuda") would
     # wait for the busy stream and hide what the tests look for.
-    idx = torch.tensor(blocks).pin_memory().to(rig.device, non_blocking=True)
+    idx = torch.tensor(blocks)
+    if rig.device == "cuda":
+        idx = idx.pin_memory().to(rig.device, non_blocking=True)
     for t in rig.caches.values():
         t.index_fill_(rig.layout.block_dim, idx, value)
 
@@ -180,17 +183,14 @@ def test_wait_for_save_returns_while_the_forward_stream_is_busy(
     make_rig: Callable[..., Rig], cycles_per_ms: float
 ) -> None:
     rig = _big_rig(make_rig)
-    w = rig.worker
-    assert w is not None
     blocks = list(range(16))
     torch.cuda.synchronize()
-    torch.cuda._sleep(int(300 * cycles_per_ms))  # the "forward pass" still running
+    torch.cuda._sleep(int(300 * cycles_per_ms))  # the step's forward, still running
     _fill(rig, blocks, 7.0)  # its KV, written at the end of the step
     busy = torch.cuda.Event()
     busy.record()
     t0 = time.perf_counter()
-    w.wait_for_save(rig.save_meta([(chunk_id(2), blocks)]))
-    w.start_load_kv(S3KVMetadata())
+    rig.step(rig.save_meta([(chunk_id(2), blocks)]))  # the hooks, after the launch
     host_s = time.perf_counter() - t0
     assert not busy.query(), f"the forward stream finished while s3kv held it ({host_s:.3f} s)"
     assert host_s < 0.1
@@ -198,29 +198,60 @@ def test_wait_for_save_returns_while_the_forward_stream_is_busy(
     assert bool((_payload(rig, chunk_id(2)).float() == 7.0).all()), "saved bytes predate the fill"
 
 
-@cuda
-def test_copy_out_is_ordered_against_the_next_steps_writes(
-    make_rig: Callable[..., Rig], cycles_per_ms: float
+def _forward(rig: Rig, blocks: list[int], value: float, slow: Callable[[], None]) -> None:
+    """A forward pass as far as the KV cache sees it: compute, then new KV in ``blocks``."""
+    slow()
+    _fill(rig, blocks, value)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_the_next_forward_cannot_overwrite_blocks_being_saved(
+    make_rig: Callable[..., Rig], device: str, request: pytest.FixtureRequest
 ) -> None:
-    """Many rounds of: step writes chunk A, s3kv saves A on the side stream, the
-    next step writes other blocks and then overwrites A. The saved bytes are
-    always A's values from before the overwrite."""
-    rig = _big_rig(make_rig)
-    w = rig.worker
-    assert w is not None
-    a, others = list(range(16)), list(range(16, 64))
-    rounds = 40
+    """Step t saves chunk C from blocks B; the scheduler frees B and gives it to
+    another request in step t+1, whose forward writes new KV there at once. The
+    stored shard holds step t's values, round after round.
+
+    In vLLM's order (``Rig.step``) nothing of s3kv runs between step t's
+    ``wait_for_save`` and the launch of step t+1's forward: ``start_load_kv``
+    comes after that launch. A copy-out that reads the cache on a side stream,
+    ordered only after what the compute stream had queued at
+    ``wait_for_save`` (s3kv before the saver kept its gather on the compute
+    stream), is not ordered against that forward at all. Here both become
+    runnable the moment step t's slow kernel ends: the overwrite is a few
+    small kernels already at the head of the compute stream, while the side
+    stream must first see the event, copy the block ids to the device and
+    gather a step's eight chunks layer by layer, so later layers of B are read
+    after they were overwritten and the shard is sealed with checksums of the
+    wrong bytes: a chunk that verifies and is wrong. ``bench/gpu_forward.py``
+    runs that old scheme as its ordering control and counts the wrong rounds.
+    On CPU everything runs in call order; the variant checks the values only.
+    """
+    on_gpu = device == "cuda"
+    rig = _big_rig(make_rig) if on_gpu else make_rig(GPU_LAYOUTS[0], device)
+    k = rig.blocks_per_chunk
+    step_blocks = [list(range(c * k, (c + 1) * k)) for c in range(rig.num_blocks // k)]
+    b = step_blocks[0]  # chunk C; the others fill the step like a long prefill
+    slow: Callable[[], None] = lambda: None  # noqa: E731
+    if on_gpu:
+        cycles = int(50 * request.getfixturevalue("cycles_per_ms"))
+        # Long enough for the host to queue both steps before the device gets there.
+        slow = lambda: torch.cuda._sleep(cycles)  # noqa: E731
+    written = [x for blocks in step_blocks for x in blocks]
+    rounds = 8 if on_gpu else 2
+    wrong = []
     for i in range(rounds):
-        torch.cuda._sleep(int(0.5 * cycles_per_ms))
-        _fill(rig, a, float(i + 1))
-        w.wait_for_save(rig.save_meta([(chunk_id(100 + i), a)]))
-        _fill(rig, others, -1.0)
-        w.start_load_kv(S3KVMetadata())  # the next step begins
-        _fill(rig, a, -2.0)
-    rig.flush()
-    wrong = [i for i in range(rounds)
-             if not bool((_payload(rig, chunk_id(100 + i)).float() == i + 1).all())]
-    assert wrong == [], f"rounds whose saved bytes were overwritten first: {wrong}"
+        saves = [(chunk_id(1000 * i + j), blocks) for j, blocks in enumerate(step_blocks)]
+        rig.step(rig.save_meta(saves), partial(_forward, rig, written, float(i + 1), slow))
+        rig.step(S3KVMetadata(), partial(_forward, rig, b, -2.0, lambda: None))
+        rig.flush()
+        payload = _payload(rig, saves[0][0]).float()
+        if not bool((payload == i + 1).all()):
+            wrong.append((i, [li for li in range(rig.layers)
+                              if not bool((payload[:, li] == i + 1).all())]))
+        for cid, _ in saves[1:]:
+            assert bool((_payload(rig, cid).float() == i + 1).all()), cid[:8]
+    assert wrong == [], f"(round, overwritten layers) of chunks saved with later bytes: {wrong}"
 
 
 @cuda
@@ -233,13 +264,14 @@ def test_loads_wait_for_kernels_queued_before_the_step(
     assert w is not None
     src, dst = list(range(16)), list(range(32, 48))
     _fill(rig, src, 3.0)
-    w.wait_for_save(rig.save_meta([(chunk_id(3), src)]))
+    rig.step(rig.save_meta([(chunk_id(3), src)]))
     rig.flush()
     meta = rig.load_meta("r", chunk_id(3), dst)
     torch.cuda.synchronize()
-    torch.cuda._sleep(int(200 * cycles_per_ms))
-    _fill(rig, dst, 9.0)  # an earlier step's last write to these blocks
-    w.start_load_kv(meta)
+    # An earlier step, still running: its last write to the blocks the load targets.
+    rig.step(S3KVMetadata(), lambda: _forward(
+        rig, dst, 9.0, lambda: torch.cuda._sleep(int(200 * cycles_per_ms))))
+    rig.step(meta)
     rig.flush()
     assert w.get_finished() == {"r"}
     assert w.take_load_errors() == set()
@@ -261,10 +293,10 @@ def test_chunks_move_between_block_sizes(
     assert small.worker is not None and big.worker is not None
     cid = chunk_id(7)
     src = [9, 3, 20, 4]  # 64 tokens in four 16-token blocks
-    small.worker.wait_for_save(small.save_meta([(cid, src)]))
+    small.step(small.save_meta([(cid, src)]))
     small.flush()
     dst = [11, 2]  # the same 64 tokens in two 32-token blocks
-    big.worker.start_load_kv(big.load_meta("r", cid, dst))
+    big.step(big.load_meta("r", cid, dst))
     big.flush()
     assert big.worker.get_finished() == {"r"} and big.worker.take_load_errors() == set()
     shape = big.layout.canonical_shape(len(dst), big.heads, big.block_size, big.head_size)

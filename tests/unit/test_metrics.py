@@ -25,6 +25,8 @@ PACKAGE = ROOT / "s3kv"
 SIDE_OF_FILE = {
     "vllm/scheduler_side.py": "scheduler",
     "vllm/worker_side.py": "worker",
+    "vllm/loader.py": "worker",
+    "vllm/saver.py": "worker",
     "commit.py": "worker",
 }
 
