@@ -71,7 +71,7 @@ class Loader:
             issued = torch.cuda.Event()
             issued.record(torch.cuda.current_stream())
         for lr in meta.loads:
-            blocks = {bid for ch in lr.chunks for _, bid in ch.blocks}
+            blocks = {bid for ch in lr.chunks for _, bid in ch.blocks} | set(lr.refused_blocks)
             if self.kv is None or self.payload is None or self.store is None:
                 fut: Future[set[int]] = Future()
                 fut.set_result(blocks)
@@ -88,7 +88,7 @@ class Loader:
                                                         self.settings.load_timeout_s)
         results = await asyncio.gather(*(self._load_chunk(ch, issued, until)
                                          for ch in lr.chunks))
-        return set().union(*results) if results else set()
+        return set(lr.refused_blocks).union(*results)
 
     async def _fetch(self, ch: LoadChunk) -> list[HeadBytes]:
         if self.store is None or self.payload is None or self._sem is None:

@@ -23,6 +23,10 @@ class LoadRequest:
     # How long the loads may take, from when a worker starts them: past it a
     # recompute would have been faster (s3kv.deadlines). Same on every rank.
     deadline_s: float = 30.0
+    # Blocks vLLM was promised but that no chunk here fills (the scheduler's
+    # alignment guard refused the chunk): reported as load errors at once, so
+    # vLLM recomputes them. Empty unless something upstream slipped.
+    refused_blocks: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -178,16 +178,29 @@ class SchedulerSide:
         for bi in range(first_block, last_block):
             ci = bi // self.blocks_per_chunk
             per_chunk.setdefault(ci, []).append((bi % self.blocks_per_chunk, block_ids[bi]))
-        chunks = []
+        # Each chunk's blocks get the manifest whose chunk id is that chunk's;
+        # from the first chunk without one, the blocks are refused (vLLM
+        # recomputes them) rather than filled with another chunk's KV.
+        hits = {m.chunk_id: m for m in st.hits}
+        chunks: list[LoadChunk] = []
+        refused: list[int] = []
         for ci, pairs in sorted(per_chunk.items()):
-            m = st.hits[ci - st.hit_start_chunk]
+            m = hits.get(st.chunk_ids[ci]) if ci < len(st.chunk_ids) else None
+            if m is None or refused:
+                if not refused:
+                    self.counters.add("hit_misalignments", 1)
+                    log.error("s3kv: request %s: no hit manifest for chunk %d; "
+                              "recomputing from it (please report)", request.request_id, ci)
+                refused.extend(bid for _, bid in pairs)
+                continue
             chunks.append(LoadChunk(m, tuple(pairs)))
             for _, bid in pairs:
                 self._load_blocks[bid] = (request.request_id, m.chunk_id)
         deadline = self.index.load_started(request.request_id, num_external,
                                            [c.manifest for c in chunks])
         self._pending_loads[request.request_id] = LoadRequest(
-            request.request_id, tuple(chunks), deadline_s=deadline)
+            request.request_id, tuple(chunks), deadline_s=deadline,
+            refused_blocks=tuple(refused))
         # Chunks being loaded are committed: never plan to save them again.
         self.index.loaded([m.chunk_id for m in st.hits])
         st.saved_upto = max(st.saved_upto, st.hit_start_chunk + len(st.hits))

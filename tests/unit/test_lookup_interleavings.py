@@ -290,3 +290,35 @@ class LookupInterleavings(RuleBasedStateMachine):
 LookupInterleavings.TestCase.settings = hsettings(
     max_examples=150, stateful_step_count=40, deadline=None)
 test_lookup_interleavings = LookupInterleavings.TestCase
+
+
+class _ShiftedIndex(CacheIndex):
+    """An index that answers one chunk off (what the old pending-lookup bug did)."""
+
+    def lookup(self, key: str, candidates: Any) -> Any:
+        got = super().lookup(key, candidates)
+        return None if got is None else got[1:]
+
+
+def test_the_guard_cuts_a_hit_at_the_first_chunk_that_is_not_its_own() -> None:
+    io = SteppedLoop()
+    try:
+        store = GatedStore()
+        for i in range(6):
+            commit(store, 0, i)
+        counters = Counters()
+        index = _ShiftedIndex(SETTINGS, FP, counters, store, io)
+        sched = SchedulerSide(SETTINGS, FP, BS, can_load=True, can_save=False,
+                              counters=counters, index=index)
+        req = FakeRequest("r", list(PROMPTS[0]))
+        io.settle()
+        assert sched.get_num_new_matched_tokens(req, 0) == (None, False)  # type: ignore[arg-type]
+        io.settle()
+        while store.waiting:
+            store.waiting[0][1].set_result(True)
+            io.settle()
+        # Chunk 1's manifest offered for chunk 0's blocks: nothing is loaded.
+        assert sched.get_num_new_matched_tokens(req, 0) == (0, False)  # type: ignore[arg-type]
+        assert counters.get("hit_misalignments") == 5
+    finally:
+        io.close()
