@@ -42,6 +42,8 @@ def run(job: dict[str, Any]) -> dict[str, Any]:
     )
     if job.get("compilation_config"):
         kwargs["compilation_config"] = job["compilation_config"]
+    # Any other engine setting, exactly as a user passes it (e.g. hf_overrides).
+    kwargs.update(job.get("llm_kwargs") or {})
     if job.get("connector"):
         kwargs["kv_transfer_config"] = {
             "kv_connector": "S3KVConnector", "kv_role": job.get("kv_role", "kv_both"),
@@ -88,7 +90,8 @@ def run(job: dict[str, Any]) -> dict[str, Any]:
         counters.update(_worker_counters(llm))
     result = {"outputs": outputs, "batch_seconds": seconds, "ttft_seconds": ttfts,
               "startup_s": startup, "counters": counters, "first_pass_counters": first_pass,
-              "namespace": conn.fingerprint.namespace if conn is not None else None}
+              "namespace": (conn.fingerprint.namespace
+                            if conn is not None and conn.fingerprint is not None else None)}
     _shutdown(llm)
     return result
 

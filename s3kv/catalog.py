@@ -245,7 +245,7 @@ class Catalog:
                 elif parsed.writer is not None and parsed.rank is not None:
                     group.shards.append(
                         ShardObject(info.key, parsed.writer, parsed.rank, info.size,
-                                    timestamp(info))
+                                    timestamp(info), parsed.round_id)
                     )
         if current is not None:
             await emit(current)
@@ -377,13 +377,14 @@ class Catalog:
     async def usage(self, ns: str, *, exact: bool = False) -> NamespaceUsage:
         """Committed and orphaned bytes of one namespace.
 
-        A chunk whose shards all come from one writer is committed whole
-        without reading its manifest (a manifest names one writer's shards);
-        with ``exact`` or several writers the manifest decides.
+        A chunk whose shards all come from one save attempt (one writer's
+        round) is committed whole without reading its manifest (a manifest
+        names one attempt's shards); with ``exact`` or several attempts the
+        manifest decides.
         """
         usage = NamespaceUsage(ns)
         async with contextlib.aclosing(
-            self.scan(ns, want_manifest=lambda g: exact or len(g.writers) > 1)
+            self.scan(ns, want_manifest=lambda g: exact or len(g.uploads) > 1)
         ) as items:
             async for item in items:
                 usage.add(chunk_usage(item))

@@ -5,7 +5,13 @@ forward path:
 
 1. ``Committer.submit(round)`` is called on the forward path with this
    rank's filled shard buffers. It starts the uploads on the I/O loop and
-   returns at once. It never waits on S3 or on another rank.
+   returns at once. It never waits on S3 or on another rank. Each shard goes
+   to a key of its own save round (``<writer>.<round>/r<rank>``, see
+   :mod:`s3kv.keys`), create-only: bytes a manifest names are never
+   overwritten, even when this engine saves a chunk it committed before. A
+   key that already holds other bytes (a repeated round id, or a foreign
+   writer under this writer id: a bug) is left alone and its chunk's round
+   does not commit.
 2. A committer thread per rank takes rounds in submission order, waits for
    *its own* uploads (durable once S3 answers 200), checksums them, and
    joins a ``gather`` of per-shard reports over a dedicated GLOO group.
@@ -44,7 +50,7 @@ from s3kv.keys import KeyLayout
 from s3kv.manifest import ShardEntry, new_manifest
 from s3kv.shard import seal
 from s3kv.stats import Counters
-from s3kv.store.protocol import Put
+from s3kv.store.protocol import Get, Put
 
 log = logging.getLogger("s3kv.commit")
 
@@ -168,6 +174,8 @@ class Committer:
         self._broken: str | None = None
         self._failures_unreported = 0
         self._next_failure_report = 0.0
+        self._conflicts_unreported = 0
+        self._next_conflict_report = 0.0
         self._manifest_futures: list[Future[None]] = []
         self._mf_lock = threading.Lock()
         self._progress = threading.Condition()
@@ -213,7 +221,8 @@ class Committer:
                         ShardReport(s.chunk_id, s.parent_id, s.chunk_index, s.num_tokens, True)
                     )
                 else:
-                    rnd.uploads.append((s, self._io.submit(self._upload(s, s.data))))
+                    rnd.uploads.append(
+                        (s, self._io.submit(self._upload(round_id, s, s.data))))
         else:
             for s in saves:
                 self._release(s)
@@ -248,23 +257,35 @@ class Committer:
 
     # --- uploads (I/O loop) ---------------------------------------------------
 
-    async def _upload(self, s: ChunkSave, data: Buffer) -> ShardReport:
+    async def _upload(self, round_id: int, s: ChunkSave, data: Buffer) -> ShardReport:
         if self._sem is None:
             self._sem = asyncio.Semaphore(self._max_concurrency)
-        key = self._layout.shard(self._ns, s.chunk_id, self._writer, self.rank)
         size = memoryview(data).nbytes
+        key = f"chunk {s.chunk_id[:12]} round {round_id}"  # for messages until the key is built
         try:
+            key = self._layout.shard(self._ns, s.chunk_id, self._writer, self.rank, round_id)
             loop = asyncio.get_running_loop()
             if s.wait_ready is not None:
                 await loop.run_in_executor(None, s.wait_ready)
             entry: ShardEntry = await loop.run_in_executor(None, seal, data, key)
             async with self._sem:
                 t0 = time.perf_counter()
-                await self._store.put(key, data, mode="overwrite")
+                try:
+                    await self._store.put(key, data, mode="create")
+                except AlreadyExists:
+                    if not await self._holds(key, data):
+                        raise
                 self.counters.add("save_seconds", time.perf_counter() - t0)
             self.counters.add("bytes_saved", size)
             self._emit("uploaded", chunk_id=s.chunk_id, key=key)
             return ShardReport(s.chunk_id, s.parent_id, s.chunk_index, s.num_tokens, True, entry)
+        except AlreadyExists:
+            # Never overwritten: whatever holds the key may be named by a manifest.
+            self.counters.add("shard_conflicts")
+            self._emit("shard_conflict", chunk_id=s.chunk_id, key=key, round_id=round_id)
+            self._warn_conflict(key)
+            return ShardReport(s.chunk_id, s.parent_id, s.chunk_index, s.num_tokens, False,
+                               error="AlreadyExists")
         except Exception as exc:  # every failure becomes "this rank not ok"
             self.counters.add("upload_failures")
             self._emit("upload_failed", chunk_id=s.chunk_id, error=str(exc))
@@ -276,6 +297,31 @@ class Committer:
             self._release(s)
             with self._inflight_lock:
                 self._inflight -= size
+
+    async def _holds(self, key: str, data: Buffer) -> bool:
+        """Whether ``key`` already holds exactly ``data``.
+
+        A create whose first attempt was stored but whose answer was lost is
+        answered 412 when the client retries it: the shard is ours and stored.
+        Anything else there is a conflict. A failed read raises (a plain
+        upload failure).
+        """
+        if not isinstance(self._store, Get):
+            return False
+        stored = await self._store.get(key)
+        return stored.tobytes() == memoryview(data).tobytes()
+
+    def _warn_conflict(self, key: str) -> None:
+        # A bug, never an S3 hiccup: say so at once, then at most once a minute.
+        self._conflicts_unreported += 1
+        now = time.monotonic()
+        if now >= self._next_conflict_report:
+            log.warning("s3kv: shard key %s already holds other bytes (%d such conflicts since "
+                        "the last report); not overwritten, that chunk is not committed. A "
+                        "repeated save round id or another engine using this writer id?",
+                        key, self._conflicts_unreported)
+            self._conflicts_unreported = 0
+            self._next_conflict_report = now + 60.0
 
     def _warn_upload_failure(self, exc: Exception) -> None:
         # S3 down or refusing: say so at once, then at most once a minute.

@@ -27,6 +27,23 @@ class ConfigError(S3KVError, ValueError):
         self.key = key
 
 
+class WeightsUnresolved(S3KVError):
+    """The weights cannot be identified and no ``weights_id`` pins them.
+
+    Keying the cache by anything weaker (the model's name) would let two
+    checkpoints of one name read each other's KV: wrong tokens. The connector
+    serves without the cache instead; the message names the fix.
+    """
+
+    def __init__(self, model: str, reason: str) -> None:
+        super().__init__(
+            f"s3kv: cannot identify the weights of {model!r} ({reason}); serving WITHOUT "
+            "the cache. Set weights_id in kv_connector_extra_config (e.g. the "
+            "checkpoint's commit) to name them and enable the cache"
+        )
+        self.model = model
+
+
 # --- store errors -------------------------------------------------------------
 
 

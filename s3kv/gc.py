@@ -26,13 +26,24 @@ The invariant: a shard named by a manifest that exists is never deleted.
   including retries), or a slow commit can lose shards to GC between the
   re-check and the delete call.
 * Shards named by a manifest this run deletes may go at once, unless they
-  were rewritten after that manifest was written (a writer re-committing).
+  were rewritten after that manifest was written (a writer of the older key
+  form re-committing in place).
+* A chunk saved again after its commit (the same engine in a later round,
+  or another engine) leaves shards under keys of their own that no manifest
+  names: orphans like any other, collected after the grace period. Shard
+  keys are unique per save round and uploaded create-only
+  (:mod:`s3kv.keys`), so committed bytes are never replaced underneath their
+  manifest.
 
-Residual window: S3 offers no conditional delete here, so a writer that
-rewrites an old shard key and writes its manifest between a chunk's re-check
-and the delete call loses that shard; readers then fail verification and
-recompute (``s3kv verify --repair`` removes such manifests). The window is
-one delete batch long and needs a commit to run entirely inside it.
+Residual window: S3 offers no conditional delete here. Writers of the
+current key form never reuse a key, so a re-commit names fresh shards that
+the grace period protects. Writers of the older ``<writer>/r<rank>`` form
+(an engine of an earlier version, during an upgrade) rewrite keys in place:
+one that rewrites an old shard key and writes its manifest between a
+chunk's re-check and the delete call loses that shard; readers then fail
+verification and recompute (``s3kv verify --repair`` removes such
+manifests). The window is one delete batch long and needs a commit to run
+entirely inside it.
 """
 
 from __future__ import annotations
@@ -186,7 +197,8 @@ class Planner:
         pol = self._policies
 
         def want(g: Any) -> bool:
-            return need_records or (pol.orphans and len(g.writers) > 1)
+            # One save attempt under a manifest is all committed (see Catalog.usage).
+            return need_records or (pol.orphans and len(g.uploads) > 1)
 
         items = self._catalog.scan(ns, want_manifest=want)
         async with contextlib.aclosing(items) as scanned:

@@ -24,13 +24,19 @@ def timestamp(info: ObjectInfo) -> float:
 
 @dataclass(frozen=True, slots=True)
 class ShardObject:
-    """A listed shard object; the writer and rank come from its key."""
+    """A listed shard object; the writer, rank and save round come from its key."""
 
     key: str
     writer: str
     rank: int
     size: int
     modified: float
+    round_id: int | None = None  # None: the older key form, one key per writer and rank
+
+    @property
+    def upload(self) -> tuple[str, int | None]:
+        """The save attempt that wrote it: a manifest names one attempt's shards."""
+        return self.writer, self.round_id
 
 
 @dataclass(slots=True)
@@ -45,6 +51,17 @@ class ChunkObjects:
     @property
     def writers(self) -> set[str]:
         return {s.writer for s in self.shards}
+
+    @property
+    def uploads(self) -> set[tuple[str, int | None]]:
+        """The save attempts (writer, round) whose shards are here.
+
+        A manifest names the shards of one attempt, so with a manifest and a
+        single attempt every shard is committed; with several (two engines, or
+        one engine saving the chunk again in a later round) only the manifest
+        can tell which shards it names and which are orphans.
+        """
+        return {s.upload for s in self.shards}
 
     @property
     def writer_tps(self) -> frozenset[int]:

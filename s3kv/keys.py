@@ -2,14 +2,32 @@
 
 Layout (``<prefix>`` from the settings, ``<ns>`` a 32-hex fingerprint)::
 
-    <prefix>/<ns>/namespace.json                    the fingerprint, readable
-    <prefix>/<ns>/<cid[:2]>/<cid>/manifest.json     the commit record
-    <prefix>/<ns>/<cid[:2]>/<cid>/<writer>/r<rank>  one shard per uploading TP rank
+    <prefix>/<ns>/namespace.json                            the fingerprint, readable
+    <prefix>/<ns>/<cid[:2]>/<cid>/manifest.json             the commit record
+    <prefix>/<ns>/<cid[:2]>/<cid>/<writer>.<round>/r<rank>  one shard per uploading
+                                                            TP rank and save round
+
+**Bytes a manifest names are never overwritten.** Every save attempt gets
+keys of its own: ``<writer>`` is fresh per engine start and ``<round>`` is the
+scheduler's save round (the same on every rank, never repeated by one
+engine), and shards are uploaded create-only. An engine may save a chunk it
+committed before (its memory of committed chunks is bounded, and a failed
+save may be retried): the recomputed bytes are not bit-identical, and were they to
+replace committed ones under the manifest naming the old checksums, every
+reader of that chunk would fail verification until a repair. With unique
+keys the second attempt only leaves shards no manifest names, which GC
+collects after its grace period. Shards of one save attempt share the
+``<writer>.<round>/`` directory, which is exactly the set one manifest names.
+Buckets written before this rule also hold ``<writer>/r<rank>`` shards;
+parsing accepts both forms (``round_id`` is ``None`` for the old one).
 
 The namespace hashes everything that changes the stored bytes (model and
 weights identity, KV dtype, attention kind, layer and KV head counts, head
-size, chunk size, hash scheme, format version), so a reader of another model,
-weights or dtype computes a different namespace and simply misses. What does
+size, chunk size, hash scheme, format version, and the engine settings that
+change the values the model computes: config files, ``hf_overrides``, context
+length, quantization, compute dtype; see ``s3kv.vllm.namespace``), so a reader
+of another model, weights, dtype or setting computes a different namespace
+and simply misses. What does
 not change the bytes stays out of it: the TP size (each shard says which
 heads it holds, the manifest records the writer's TP size), the vLLM block
 size (the payload is token-major) and the attention backend's tensor layout
@@ -30,7 +48,7 @@ import json
 import re
 import struct
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 #: Bumped whenever shard bytes or manifest semantics change incompatibly.
@@ -43,6 +61,13 @@ _HEX32 = re.compile(r"^[0-9a-f]{32}$")
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 _WRITER = re.compile(r"^[0-9a-z\-]{1,64}$")
 _WRITER_TP = re.compile(r"^tp([1-9][0-9]{0,3})-")
+_RANK = re.compile(r"r([0-9]{1,4})")
+# Canonical decimal (no leading zeros), so a parsed key builds back to itself.
+_UPLOAD = re.compile(r"([0-9a-z\-]{1,64})\.(0|[1-9][0-9]{0,19})")
+#: Round ids a shard key can carry (20 decimal digits).
+MAX_ROUND = 10**20 - 1
+#: Ranks a shard key can carry (``r`` and up to 4 digits).
+MAX_RANK = 9999
 MANIFEST_NAME = "manifest.json"
 NAMESPACE_NAME = "namespace.json"
 
@@ -62,6 +87,14 @@ class Fingerprint:
     tag: str = ""
     format_version: int = FORMAT_VERSION
     hash_scheme: str = HASH_SCHEME
+    #: Digest of the engine settings that change KV values (rope after overrides,
+    #: context length, quantization, ...): two engines of one checkpoint that
+    #: compute different KV must not share chunks.
+    engine: str = ""
+    #: The canonical JSON ``engine`` digests, for operators reading
+    #: ``namespace.json``; documentation only, not hashed (``engine`` is).
+    engine_settings: str = field(default="", compare=False, repr=False,
+                                 metadata={"namespace": False})
 
     @property
     def token_elems(self) -> int:
@@ -69,12 +102,17 @@ class Fingerprint:
         return self.head_size if self.attention == "mla" else 2 * self.head_size
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        """The fields the namespace hashes (every field but documentation)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)
+                if f.metadata.get("namespace", True)}
 
     def document(self) -> bytes:
         """The ``namespace.json`` written beside the chunks, for operators and ``s3kv ls``."""
-        return json.dumps({"format": "s3kv.namespace", "namespace": self.namespace,
-                           "fingerprint": self.to_json()}, sort_keys=True, indent=1).encode()
+        doc: dict[str, Any] = {"format": "s3kv.namespace", "namespace": self.namespace,
+                               "fingerprint": self.to_json()}
+        if self.engine_settings:
+            doc["engine_settings"] = json.loads(self.engine_settings)
+        return json.dumps(doc, sort_keys=True, indent=1).encode()
 
     @property
     def namespace(self) -> str:
@@ -84,7 +122,7 @@ class Fingerprint:
 
 
 def canonical_extra(extra: Mapping[str, Any] | None) -> bytes:
-    """Canonical bytes for extra keys (LoRA name, cache salt, multimodal hashes)."""
+    """Canonical bytes for extra keys (LoRA adapter digest, cache salt, multimodal hashes)."""
     if not extra:
         return b""
     return json.dumps(
@@ -180,8 +218,21 @@ class KeyLayout:
     def manifest(self, ns: str, cid: str) -> str:
         return self.chunk_prefix(ns, cid) + MANIFEST_NAME
 
-    def shard(self, ns: str, cid: str, writer: str, rank: int) -> str:
-        return f"{self.chunk_prefix(ns, cid)}{writer}/r{rank}"
+    def shard(self, ns: str, cid: str, writer: str, rank: int,
+              round_id: int | None = None) -> str:
+        """The key of one rank's shard of one save round.
+
+        Writers always pass ``round_id``: it is what keeps a later save of the same
+        chunk from overwriting committed bytes. ``round_id=None`` builds the older
+        ``<writer>/r<rank>`` form, which buckets may still hold.
+        """
+        if not 0 <= rank <= MAX_RANK:
+            raise ValueError(f"shard rank {rank} outside 0..{MAX_RANK}")
+        if round_id is None:
+            return f"{self.chunk_prefix(ns, cid)}{writer}/r{rank}"
+        if not 0 <= round_id <= MAX_ROUND:
+            raise ValueError(f"save round {round_id} outside 0..{MAX_ROUND}")
+        return f"{self.chunk_prefix(ns, cid)}{writer}.{round_id}/r{rank}"
 
     def parse(self, key: str) -> ParsedKey | None:
         """Classify a key under this prefix; ``None`` for anything foreign."""
@@ -198,8 +249,13 @@ class KeyLayout:
             return None
         if len(parts) == 4 and parts[3] == MANIFEST_NAME:
             return ParsedKey("manifest", ns, cid, None, None)
-        if len(parts) == 5 and is_writer_id(parts[3]) and re.fullmatch(r"r\d{1,4}", parts[4]):
-            return ParsedKey("shard", ns, cid, parts[3], int(parts[4][1:]))
+        if len(parts) != 5 or (rank := _RANK.fullmatch(parts[4])) is None:
+            return None
+        if is_writer_id(parts[3]):  # written before keys were unique per round
+            return ParsedKey("shard", ns, cid, parts[3], int(rank.group(1)))
+        if (upload := _UPLOAD.fullmatch(parts[3])) is not None:
+            return ParsedKey("shard", ns, cid, upload.group(1), int(rank.group(1)),
+                             int(upload.group(2)))
         return None
 
 
@@ -210,3 +266,4 @@ class ParsedKey:
     chunk_id: str | None
     writer: str | None
     rank: int | None
+    round_id: int | None = None  # None for shards in the older ``<writer>/r<rank>`` form

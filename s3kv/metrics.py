@@ -100,6 +100,9 @@ _ALL: tuple[Metric, ...] = (
        "Requests with at least one chunk that failed to load (those blocks recompute)"),
     # --- worker: saves and commits ---
     _c("bytes_saved", "bytes", WORKER, "Shard bytes uploaded"),
+    _c("shard_conflicts", "shards", WORKER,
+       "Shard keys found holding other bytes: not overwritten, chunk not committed "
+       "(a bug guard: must stay 0)"),
     _c("save_seconds", "seconds", WORKER, "Seconds spent in shard PUT requests"),
     _c("upload_failures", "shards", WORKER, "Shard uploads that failed after retries"),
     _c("saves_dropped", "chunks", WORKER,

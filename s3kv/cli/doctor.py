@@ -5,7 +5,8 @@ would debug: settings, credentials, network, bucket, then the operations
 the connector performs, on a scratch key under the prefix. Conditional
 writes get their own check because several S3-compatible servers accept
 ``If-None-Match`` and ignore it, and commits rely on it to never overwrite
-a manifest. Clock skew matters because GC ages objects by the server's
+a manifest (shard keys are unique per save round, so for shards it only
+catches bugs). Clock skew matters because GC ages objects by the server's
 Last-Modified against the local clock.
 """
 

@@ -246,7 +246,8 @@ def du(
     ] = None,
     exact: Annotated[
         bool, typer.Option("--exact", help="Read every manifest instead of only those of "
-                                           "chunks with shards from several writers.")
+                                           "chunks with shards from several save "
+                                           "attempts (engines or rounds).")
     ] = False,
     fmt: FormatOpt = OutputFormat.table,
     bucket: BucketOpt = None,

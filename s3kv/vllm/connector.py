@@ -2,6 +2,8 @@
 
 Configuration errors fail start-up with a message naming the key. S3 being
 unreachable does not: the engine serves without the cache and logs a warning.
+Nor do weights that cannot be identified (no ``weights_id``, nothing local to
+fingerprint): the engine serves without the cache, and says how to enable it.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.metrics import (
 )
 
 from s3kv.config import parse_settings
+from s3kv.errors import WeightsUnresolved
 from s3kv.stats import Counters
 from s3kv.vllm.metadata import S3KVMetadata
 from s3kv.vllm.namespace import build_fingerprint
@@ -81,19 +84,28 @@ class S3KVConnector(KVConnectorBase_V1):
             if role == KVConnectorRole.SCHEDULER:
                 log.info("s3kv: kv_load_failure_policy set to 'recompute' (s3kv is a cache)")
         self.settings = parse_settings(dict(ktc.kv_connector_extra_config or {}))
-        self.fingerprint = build_fingerprint(vllm_config, self.settings)
         self.counters = Counters()
+        self._sched = None
+        self._worker = None
+        self.fingerprint: Fingerprint | None = None
+        try:
+            fp = build_fingerprint(vllm_config, self.settings)
+        except WeightsUnresolved as exc:
+            # Every role reaches this from the same config and files; each hook
+            # below then answers as an engine without a connector. The
+            # scheduler speaks for the engine, once.
+            (log.warning if role == KVConnectorRole.SCHEDULER else log.debug)("%s", exc)
+            return
+        self.fingerprint = fp
         can_load = bool(ktc.is_kv_consumer)
         can_save = bool(ktc.is_kv_producer)
         block_size = int(vllm_config.cache_config.block_size)
-        self._sched = None
-        self._worker = None
         if role == KVConnectorRole.SCHEDULER:
             from s3kv.vllm.scheduler_side import SchedulerSide
 
-            self._sched = SchedulerSide(self.settings, self.fingerprint, block_size, can_load,
+            self._sched = SchedulerSide(self.settings, fp, block_size, can_load,
                                         can_save, self.counters)
-            log.info("s3kv: namespace %s in s3://%s/%s", self.fingerprint.namespace,
+            log.info("s3kv: namespace %s in s3://%s/%s", fp.namespace,
                      self.settings.store.bucket, self.settings.store.prefix)
         else:
             from vllm.distributed.parallel_state import get_tp_group
@@ -103,9 +115,9 @@ class S3KVConnector(KVConnectorBase_V1):
             tp = get_tp_group()
             num_blocks = int(kv_cache_config.num_blocks) if kv_cache_config is not None else 0
             self._worker = WorkerSide(
-                self.settings, self.fingerprint, num_blocks, block_size, tp.rank_in_group,
+                self.settings, fp, num_blocks, block_size, tp.rank_in_group,
                 tp.world_size, list(tp.ranks), can_load, can_save, self.counters,
-                token_map=_backend_token_map(self.fingerprint, block_size),
+                token_map=_backend_token_map(fp, block_size),
             )
 
     @property

@@ -30,6 +30,7 @@ from s3kv.stats import Counters
 from s3kv.store import ObjectStore, open_store
 from s3kv.store.counting import CountingStore
 from s3kv.vllm.metadata import LoadChunk, LoadRequest, S3KVMetadata, SaveChunk
+from s3kv.vllm.namespace import lora_identity
 
 if TYPE_CHECKING:
     from vllm.v1.core.kv_cache_manager import KVCacheBlocks
@@ -84,14 +85,21 @@ class SchedulerSide:
         st = self._reqs.get(request.request_id)
         if st is None:
             extra: dict[str, Any] = {}
+            # An adapter changes the KV: its chunks are keyed by the adapter's
+            # content (never its name, which can be reused for other weights);
+            # an adapter whose files cannot be read is not cached at all.
+            lora_ok = True
             lora = getattr(request, "lora_request", None)
             if lora is not None:
-                extra["lora"] = getattr(lora, "lora_name", None) or str(lora)
+                ident = lora_identity(lora)
+                lora_ok = ident is not None
+                if ident is not None:
+                    extra["lora"] = ident
             salt = getattr(request, "cache_salt", None)
             if salt:
                 extra["salt"] = salt
             st = _Req(request, extra)
-            st.cacheable = getattr(request, "prompt_embeds", None) is None
+            st.cacheable = getattr(request, "prompt_embeds", None) is None and lora_ok
             self._reqs[request.request_id] = st
         return st
 

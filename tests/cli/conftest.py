@@ -39,12 +39,13 @@ class Bucket:
                 "S3KV_BACKEND": self.backend}
 
     def writer(self, model: str = "tiny-llama", *, tp: int = 1, writer: str = "test",
-               doc: bool = True, tag: str = "") -> ChunkWriter:
+               doc: bool = True, tag: str = "", legacy: bool = False) -> ChunkWriter:
         """A writer at TP ``tp``; its id is ``new_writer_id(tp, writer)``. The
-        namespace depends on the model and tag only, never on ``tp``."""
+        namespace depends on the model and tag only, never on ``tp``. ``legacy``
+        writes the older shard key form (see ChunkWriter)."""
         fp = fingerprint(model, tag)
         w = ChunkWriter(self.client, self.name, self.layout, fp.namespace,
-                        writer=new_writer_id(tp, writer), tp=tp)
+                        writer=new_writer_id(tp, writer), tp=tp, legacy=legacy)
         if doc:
             w.put_namespace_doc(fp)
         return w

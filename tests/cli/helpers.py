@@ -71,6 +71,10 @@ class ChunkWriter:
     writer: str = ""  # default: new_writer_id(tp, "test")
     tp: int = 1
     salt: bytes = b""
+    # Write the older ``<writer>/r<rank>`` keys (one per writer and rank, rewritten
+    # in place by a re-save), as engines before unique shard keys did.
+    legacy: bool = False
+    next_round: int = 0  # the save round of the next put_shards
     written: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -82,10 +86,14 @@ class ChunkWriter:
                                Body=fp.document())
 
     def put_shards(self, cid: str) -> list[ShardEntry]:
+        """One save round's shards of ``cid``: each call is a new round, as in the
+        connector, so a second call for the same chunk adds shards beside the first."""
+        round_id = None if self.legacy else self.next_round
+        self.next_round += 1
         entries = []
         for rank in uploading_ranks(NUM_KV_HEADS, self.tp):
             buf, _, _ = shard_bytes(cid, rank, self.tp, salt=self.salt)
-            key = self.layout.shard(self.ns, cid, self.writer, rank)
+            key = self.layout.shard(self.ns, cid, self.writer, rank, round_id)
             self.client.put_object(Bucket=self.bucket, Key=key, Body=bytes(buf))
             entries.append(seal(buf, key))
         return entries

@@ -145,3 +145,26 @@ def test_resolve_namespace() -> None:
     assert asyncio.run(cat.fingerprint(w.ns)) == fingerprint().to_json()
     store.put_nowait(LAYOUT.namespace_doc(w.ns), b"not json")
     assert asyncio.run(cat.fingerprint(w.ns)) is None
+
+
+def test_shards_of_both_key_forms_are_grouped_by_save_attempt() -> None:
+    """One writer's shards of one chunk from two save rounds and from the older
+    key form: all listed as that chunk's shards, told apart by round; a key that
+    is neither form is foreign."""
+    store = MemoryStore()
+    w = ChunkWriter(MemoryClient(store), "memory", LAYOUT, fingerprint().namespace, tp=2)
+    cid = hashlib.sha256(b"resaved").hexdigest()
+    first = w.commit(cid, None, 0)  # round 0
+    w.put_shards(cid)  # round 1: saved again after its commit
+    w.legacy = True
+    w.put_shards(cid)  # an engine of an earlier version
+    store.put_nowait(f"{LAYOUT.chunk_prefix(w.ns, cid)}{w.writer}.01/r0", b"x")  # not ours
+    cat = Catalog(store, LAYOUT)
+    group = asyncio.run(cat.chunk(w.ns, cid))
+    assert group is not None and group.manifest is not None
+    assert group.writers == {w.writer}
+    assert group.uploads == {(w.writer, 0), (w.writer, 1), (w.writer, None)}
+    assert sorted((s.rank, -1 if s.round_id is None else s.round_id) for s in group.shards) == [
+        (0, -1), (0, 0), (0, 1), (1, -1), (1, 0), (1, 1)]
+    assert {s.key for s in group.shards if s.round_id == 0} == {e.key for e in first.shards}
+    assert cat.foreign(w.ns) == (1, 1)

@@ -7,6 +7,8 @@ import asyncio
 import json
 from datetime import UTC, datetime
 
+import pytest
+
 from devtools.memory_store import MemoryStore
 from s3kv.catalog import Catalog
 from s3kv.gc import Planner, Policies
@@ -35,13 +37,52 @@ def live_keys(s3: Bucket, w: ChunkWriter) -> set[str]:
 def setup_orphans(s3: Bucket) -> tuple[ChunkWriter, list[str]]:
     w = s3.writer(tp=2)
     committed = w.commit_chain(A[:8])
-    w.put_shards("f" * 64)  # a commit that never wrote its manifest
+    unfinished = w.put_shards("f" * 64)  # a commit that never wrote its manifest
     loser = s3.writer(tp=2, writer="loser", doc=False)
-    loser.put_shards(committed[0].chunk_id)  # lost the race for a committed chunk
+    lost = loser.put_shards(committed[0].chunk_id)  # lost the race for a committed chunk
     assert (w.writer, loser.writer) == ("tp2-test", "tp2-loser")
-    orphans = [s3.layout.shard(w.ns, "f" * 64, w.writer, r) for r in range(2)]
-    orphans += [s3.layout.shard(w.ns, committed[0].chunk_id, loser.writer, r) for r in range(2)]
+    orphans = [s3.layout.shard(w.ns, "f" * 64, w.writer, r, 2) for r in range(2)]
+    orphans += [s3.layout.shard(w.ns, committed[0].chunk_id, loser.writer, r, 0)
+                for r in range(2)]
+    assert [e.key for e in unfinished + lost] == orphans
     return w, orphans
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["round-keys", "legacy-keys"])
+def test_resaved_chunks_extra_shards_are_collected_and_committed_ones_kept(
+    s3: Bucket, legacy: bool
+) -> None:
+    """The same writer saves committed chunks again (recomputed, not bit-identical)
+    in later rounds: the new shards are orphans GC collects after the grace
+    period; every object the manifests name stays, byte for byte. With
+    ``legacy`` the chunks were committed under the older key form."""
+    w = s3.writer(tp=2, legacy=legacy)
+    committed = w.commit_chain(A[:8])
+    ns_prefix = s3.layout.namespace_prefix(w.ns)
+
+    def bodies() -> dict[str, bytes]:
+        return {k: s3.client.get_object(Bucket=s3.name, Key=k)["Body"].read()
+                for k in s3.object_keys(ns_prefix)}
+
+    before = bodies()
+    w.legacy, w.salt = False, b"recomputed"
+    extra = [e.key for m in committed for e in w.put_shards(m.chunk_id)]
+    assert len(extra) == 4 and not set(extra) & set(before)
+    resaved = bodies()
+    assert {k: resaved[k] for k in before} == before  # nothing committed was rewritten
+    assert {resaved[k] for k in extra}.isdisjoint(before.values())  # recomputed bytes differ
+
+    res = s3.cli("gc", "--yes")  # young: the grace period protects a commit in flight
+    assert res.exit_code == 0 and "nothing to delete" in res.stderr
+    s3.age(2 * 3600)
+    plan = s3.json("gc", "--dry-run")["plan"]["by_policy"]
+    assert (plan["orphans"]["chunks"], plan["orphans"]["objects"]) == (2, 4)
+    doc = s3.json("gc", "--yes")["result"]
+    assert (doc["deleted_shards"], doc["deleted_manifests"]) == (4, 0)
+    assert doc["protected_shards"] == 4
+    assert bodies() == before
+    assert set(before) == live_keys(s3, w)
+    assert s3.cli("verify").exit_code == 0
 
 
 def test_young_orphans_are_left_alone(s3: Bucket) -> None:
@@ -207,15 +248,14 @@ def test_namespace_policy(s3: Bucket) -> None:
 def test_namespace_policy_respects_grace_for_unnamed_shards(s3: Bucket) -> None:
     w = s3.writer()
     w.commit_chain(A[:4])
-    w.put_shards("e" * 64)  # maybe a commit in flight
+    (in_flight,) = w.put_shards("e" * 64)  # maybe a commit in flight
     res = s3.cli("gc", "--namespace", w.ns, "--yes", "--format", "json")
     assert res.exit_code == 0, res.stderr
     result = json.loads(res.stdout)["result"]
     assert result["protected_shards"] == 1
     assert result["deleted_namespace_docs"] == 0
     left = s3.object_keys(s3.layout.namespace_prefix(w.ns))
-    assert sorted(left) == sorted([s3.layout.namespace_doc(w.ns),
-                                   s3.layout.shard(w.ns, "e" * 64, w.writer, 0)])
+    assert sorted(left) == sorted([s3.layout.namespace_doc(w.ns), in_flight.key])
     res = s3.cli("gc", "--namespace", w.ns, "--grace", "0s", "--yes")
     assert res.exit_code == 0, res.stderr
     assert s3.object_keys(s3.layout.namespace_prefix(w.ns)) == []

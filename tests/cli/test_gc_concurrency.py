@@ -201,10 +201,15 @@ def test_grace_protects_a_commit_that_lands_after_the_recheck(s3: Bucket) -> Non
     assert assert_no_live_manifest_lost_a_shard(s3) == 1
 
 
-def test_recommit_of_a_chunk_being_deleted(s3: Bucket) -> None:
+KEY_FORMS = pytest.mark.parametrize("legacy", [False, True], ids=["round-keys", "legacy-keys"])
+
+
+@KEY_FORMS
+def test_recommit_of_a_chunk_being_deleted(s3: Bucket, legacy: bool) -> None:
     """--older-than deletes a chunk's manifest; the same writer re-saves the same
-    chunk (same shard keys) before the re-check: nothing it needs is deleted."""
-    w = s3.writer(tp=2)
+    chunk before the re-check (new shard keys, or the same ones for a writer of
+    the older key form): nothing it needs is deleted."""
+    w = s3.writer(tp=2, legacy=legacy)
     chain = w.commit_chain(list(range(8)))
     s3.age(3 * 86400)
     leaf = chain[-1]
@@ -216,15 +221,22 @@ def test_recommit_of_a_chunk_being_deleted(s3: Bucket) -> None:
     res = GcThread(s3, Policies(older_than_s=86400.0),
                    hook=once("manifests_deleted", recommit)).start().join()
     assert res.deleted_manifests == 2
-    assert w.read_manifest(leaf.chunk_id) is not None
+    live = w.read_manifest(leaf.chunk_id)
+    assert live is not None
     assert w.read_manifest(chain[0].chunk_id) is None
     assert assert_no_live_manifest_lost_a_shard(s3) == 1
+    # What is left of the chunk is exactly its new commit.
+    assert sorted(s3.object_keys(s3.layout.chunk_prefix(w.ns, leaf.chunk_id))) == sorted(
+        [s3.layout.manifest(w.ns, leaf.chunk_id), *(s.key for s in live.shards)])
 
 
-def test_recommit_whose_manifest_lands_after_the_recheck(s3: Bucket) -> None:
-    """Shards rewritten before the re-check, manifest after it: the rewritten
-    shards are newer than the deleted manifest and younger than the grace."""
-    w = s3.writer(tp=2)
+@KEY_FORMS
+def test_recommit_whose_manifest_lands_after_the_recheck(s3: Bucket, legacy: bool) -> None:
+    """Shards re-saved before the re-check, manifest after it. Rewritten in place
+    (older key form), they are newer than the deleted manifest and younger than
+    the grace; under keys of their own they are young, and the old shards, named
+    only by the deleted manifest, go at once."""
+    w = s3.writer(tp=2, legacy=legacy)
     chain = w.commit_chain(list(range(4)))
     s3.age(3 * 86400)
     cid = chain[0].chunk_id
@@ -243,8 +255,11 @@ def test_recommit_whose_manifest_lands_after_the_recheck(s3: Bucket) -> None:
             h(name, info)
 
     res = GcThread(s3, Policies(older_than_s=86400.0), hook=hook).start().join()
-    assert res.deleted_shards == 0 and res.protected_shards == 2
+    assert res.protected_shards == 2
+    assert res.deleted_shards == (0 if legacy else 2)
     assert assert_no_live_manifest_lost_a_shard(s3) == 1
+    assert sorted(s3.object_keys(s3.layout.chunk_prefix(w.ns, cid))) == sorted(
+        [s3.layout.manifest(w.ns, cid), *(e.key for e in entries)])
 
 
 # --- readers ------------------------------------------------------------------------

@@ -177,6 +177,25 @@ def test_du_committed_and_orphans(s3: Bucket) -> None:
     assert [n["namespace"] for n in doc["namespaces"]] == [other.ns]
 
 
+@pytest.mark.parametrize("legacy", [False, True], ids=["round-keys", "legacy-keys"])
+def test_du_counts_a_resaved_chunk_s_extra_shards_as_orphans(s3: Bucket, legacy: bool) -> None:
+    """The same writer saves a committed chunk again in a later round: its new
+    shards sit beside the committed ones under keys of their own. One writer but
+    two save attempts, so du reads the manifest even without --exact. With
+    ``legacy`` the chunk was committed under the older key form."""
+    w = s3.writer(tp=2, legacy=legacy)
+    committed = w.commit_chain(TOKENS_A[:8])  # two chunks
+    w.legacy, w.salt = False, b"recomputed"
+    w.put_shards(committed[0].chunk_id)
+    for extra in ([], ["--exact"]):
+        u = s3.json("du", *extra)["namespaces"][0]
+        assert u["namespace"] == w.ns
+        assert (u["chunks"], u["uncommitted_chunks"], u["invalid_manifests"]) == (2, 0, 0)
+        assert (u["manifests"], u["shards"], u["orphan_objects"]) == (2, 6, 2)
+        assert u["committed_bytes"] == sum(m.total_bytes + len(m.encode()) for m in committed)
+        assert u["committed_bytes"] + u["orphan_bytes"] == committed_bytes(s3, w.ns)
+
+
 # --- errors every command shares --------------------------------------------------
 
 

@@ -94,7 +94,7 @@ def chunk_objects() -> Iterator[tuple[str, bytes]]:
         parent = None
         for i, cid in enumerate(chain_chunk_ids(tokens, 4)):
             buf, _, _ = shard_bytes(cid, 0)
-            key = layout.shard(ns, cid, writer, 0)
+            key = layout.shard(ns, cid, writer, 0, c)  # one save round per chain
             entry = seal(buf, key)
             m = new_manifest(namespace=ns, chunk_id=cid, parent_id=parent, chunk_index=i,
                              num_tokens=4, writer=writer, shards=[entry], tp_size=1)

@@ -69,6 +69,9 @@ class Scenario:
     timeout_s: float = 30.0
     rounds: int = 3
     num_heads: int | None = None  # the model's KV heads; default HEADS_PER_RANK per rank
+    # Save every chunk again, recomputed with this salt, in as many later rounds
+    # (as an engine whose memory of committed chunks has forgotten them).
+    resave_salt: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def heads(self, world: int) -> int:
@@ -153,7 +156,12 @@ def worker(
         # has the survivor's report, then leave without reporting.
         gate.wait(sc.timeout_s * 6 + 60)
         os._exit(0)
-    for round_id, chunks in enumerate(plan(sc.rounds)):
+    rounds = list(enumerate(plan(sc.rounds)))
+    salts = [sc.salt] * len(rounds)
+    if sc.resave_salt is not None:
+        rounds += [(len(rounds) + i, chunks) for i, chunks in rounds]
+        salts += [sc.resave_salt] * len(salts)
+    for (round_id, chunks), salt in zip(rounds, salts, strict=True):
         saves = []
         for cid, parent, idx in chunks:
             if not uploads:  # a lower rank stores these heads: join empty-handed
@@ -161,8 +169,11 @@ def worker(
                 continue
             spec = ShardSpec(cid, rank, lo, hi, _payload())
             buf, payload = allocate(spec)
-            payload[:] = random.Random(shard_bytes_seed(cid, rank, sc.salt)).randbytes(len(payload))
+            payload[:] = random.Random(shard_bytes_seed(cid, rank, salt)).randbytes(len(payload))
             saves.append(ChunkSave(cid, parent, idx, 16, buf))
+        if sc.resave_salt is not None and round_id == sc.rounds:
+            # The first saves are committed before any re-save starts.
+            committer.flush(sc.timeout_s * 3)
         committer.submit(round_id, saves)
         log.append(("submit_returned", round_id, time.monotonic()))
     if sc.name == "slow" and rank != sc.fault_rank:

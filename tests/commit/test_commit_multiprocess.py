@@ -268,7 +268,37 @@ def test_e_two_writer_groups_same_chunks(s3_endpoint: S3Endpoint, bucket: str) -
     writers = {r["writer"] for r in leaders}
     for m in found.values():
         assert m.writer in writers
-        assert all(f"/{m.writer}/" in s.key for s in m.shards)
+        # The winner's own shards, all of one save round.
+        uploads = {(k.writer, k.round_id) if k is not None else None
+                   for k in (LAYOUT.parse(s.key) for s in m.shards)}
+        assert len(uploads) == 1 and uploads <= {(m.writer, r) for r in range(sa.rounds)}
+
+
+def test_resave_never_replaces_committed_shards(s3_endpoint: S3Endpoint, bucket: str) -> None:
+    """Every chunk is committed, then saved again by the same group (recomputed,
+    not bit-identical) in later rounds: the re-saves go to keys of their own, the
+    manifests still name the first saves, and every named shard still verifies
+    (before unique keys, the re-save replaced them and verification failed)."""
+    sc = Scenario(rounds=1, resave_salt="recomputed")
+    res = run_group(s3_endpoint, bucket, 2, sc)
+    assert len(res) == 2 and all(r["flushed"] and r["broken"] is None for r in res)
+    n = len(all_chunks(sc.rounds))
+    rank0 = next(r for r in res if r["rank"] == 0)
+    assert rank0["counters"]["chunks_committed"] == n
+    assert rank0["counters"]["chunks_already_committed"] == n
+    assert all(r["counters"].get("upload_failures", 0) == 0 for r in res)
+    found = committed(s3_endpoint, bucket, 2)  # every named shard verifies
+    assert sorted(found) == sorted(all_chunks(sc.rounds))
+    named = set()
+    for m in found.values():
+        uploads = {(k.writer, k.round_id) if k is not None else None
+                   for k in (LAYOUT.parse(s.key) for s in m.shards)}
+        assert len(uploads) == 1 and uploads <= {(m.writer, r) for r in range(sc.rounds)}
+        named |= {s.key for s in m.shards}
+    keys = {o["Key"] for o in s3_endpoint.client().list_objects_v2(
+        Bucket=bucket).get("Contents", [])}
+    shards = {k for k in keys if not k.endswith("manifest.json")}
+    assert len(shards) == 2 * len(named) == 2 * 2 * n  # re-saves: orphans beside them
 
 
 def test_reader_rejects_tampered_shard(s3_endpoint: S3Endpoint, bucket: str) -> None:

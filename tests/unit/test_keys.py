@@ -47,7 +47,8 @@ FP = Fingerprint(
     num_kv_heads=8,
     head_size=128,
 )
-KNOWN_NAMESPACE = "bcd7ce8d6e34a7b7f054402a2813d78e"  # FP.namespace (format 2), computed once
+# FP.namespace (format 2, with the ``engine`` field), computed once.
+KNOWN_NAMESPACE = "ca619d0afea518582c33695ac80b340d"
 
 NS = "0123456789abcdef0123456789abcdef"
 CID = "ab" + "c" * 62
@@ -190,9 +191,10 @@ def _changed(value: Any) -> Any:
 
 
 def test_namespace_changes_when_any_field_changes() -> None:
-    names = [f.name for f in dataclasses.fields(Fingerprint)]
+    names = list(FP.to_json())
     assert {"model", "weights_id", "dtype", "chunk_tokens", "num_layers", "num_kv_heads",
-            "head_size", "attention", "tag", "format_version", "hash_scheme"} == set(names)
+            "head_size", "attention", "tag", "format_version", "hash_scheme",
+            "engine"} == set(names)
     seen = {FP.namespace: "base"}
     for name in names:
         other = dataclasses.replace(FP, **{name: _changed(getattr(FP, name))})
@@ -201,6 +203,20 @@ def test_namespace_changes_when_any_field_changes() -> None:
         assert ns not in seen, (name, seen.get(ns))
         seen[ns] = name
     assert len(seen) == len(names) + 1
+
+
+def test_engine_settings_document_the_namespace_without_changing_it() -> None:
+    """The readable settings go into namespace.json; their digest (``engine``) is hashed."""
+    settings = '{"hf_overrides":{"rope_theta":100.0},"max_model_len":4096}'
+    fp = dataclasses.replace(FP, engine="e" * 32, engine_settings=settings)
+    assert fp.namespace == dataclasses.replace(fp, engine_settings="{}").namespace
+    assert fp.namespace != FP.namespace
+    assert "engine_settings" not in fp.to_json()
+    doc = json.loads(fp.document())
+    assert doc["namespace"] == fp.namespace
+    assert doc["fingerprint"] == fp.to_json()
+    assert doc["engine_settings"] == json.loads(settings)
+    assert "engine_settings" not in json.loads(FP.document())
 
 
 def test_parallel_layout_is_not_part_of_the_namespace() -> None:
@@ -236,6 +252,8 @@ def test_layout_builds_the_documented_keys() -> None:
     assert LAYOUT.namespace_doc(NS) == f"s3kv/prod/{NS}/namespace.json"
     assert LAYOUT.chunk_prefix(NS, CID) == f"s3kv/prod/{NS}/ab/{CID}/"
     assert LAYOUT.manifest(NS, CID) == f"s3kv/prod/{NS}/ab/{CID}/manifest.json"
+    assert LAYOUT.shard(NS, CID, "w-1", 3, 17) == f"s3kv/prod/{NS}/ab/{CID}/w-1.17/r3"
+    # The form written before shard keys were unique per save round.
     assert LAYOUT.shard(NS, CID, "w-1", 3) == f"s3kv/prod/{NS}/ab/{CID}/w-1/r3"
 
 
@@ -248,6 +266,35 @@ def test_parse_classifies_own_keys() -> None:
     assert LAYOUT.parse(LAYOUT.shard(NS, CID, "w", 1023)) == ParsedKey(
         "shard", NS, CID, "w", 1023
     )
+    assert LAYOUT.parse(LAYOUT.shard(NS, CID, "tp2-3f9a0c1b2d4e", 1, 42)) == ParsedKey(
+        "shard", NS, CID, "tp2-3f9a0c1b2d4e", 1, 42
+    )
+
+
+@pytest.mark.parametrize("round_id", [None, 0, 1, 9, 10, 12345, 10**20 - 1])
+@pytest.mark.parametrize("rank", [0, 7, 9999])
+@pytest.mark.parametrize("writer", ["w", "tp8-0123456789ab", "x" * 64])
+def test_shard_keys_round_trip(writer: str, rank: int, round_id: int | None) -> None:
+    key = LAYOUT.shard(NS, CID, writer, rank, round_id)
+    parsed = LAYOUT.parse(key)
+    assert parsed == ParsedKey("shard", NS, CID, writer, rank, round_id)
+    assert parsed is not None and parsed.writer is not None and parsed.rank is not None
+    assert LAYOUT.shard(NS, CID, parsed.writer, parsed.rank, parsed.round_id) == key
+    assert writer_tp(parsed.writer) == (8 if writer.startswith("tp8-") else None)
+
+
+def test_every_round_has_keys_of_its_own() -> None:
+    """What keeps a re-save from overwriting committed bytes: no two rounds (and
+    no round and the older form) share a key."""
+    keys = {LAYOUT.shard(NS, CID, "tp2-w", r, n) for r in range(2) for n in range(50)}
+    keys |= {LAYOUT.shard(NS, CID, "tp2-w", r) for r in range(2)}
+    assert len(keys) == 2 * 50 + 2
+
+
+@pytest.mark.parametrize(("rank", "round_id"), [(-1, 0), (10000, 0), (0, -1), (0, 10**20)])
+def test_shard_rejects_what_no_key_can_carry(rank: int, round_id: int) -> None:
+    with pytest.raises(ValueError):
+        LAYOUT.shard(NS, CID, "w", rank, round_id)
 
 
 @pytest.mark.parametrize(
@@ -268,6 +315,18 @@ def test_parse_classifies_own_keys() -> None:
         f"s3kv/prod/{NS}/ab/{CID}/w/rank0",
         f"s3kv/prod/{NS}/ab/{CID}/W_1/r0",
         f"s3kv/prod/{NS}/ab/{CID}/w/r0/extra",
+        f"s3kv/prod/{NS}/ab/{CID}/w.01/r0",  # not canonical: would not build back
+        f"s3kv/prod/{NS}/ab/{CID}/w./r0",
+        f"s3kv/prod/{NS}/ab/{CID}/.5/r0",
+        f"s3kv/prod/{NS}/ab/{CID}/w.5.6/r0",
+        f"s3kv/prod/{NS}/ab/{CID}/w.-1/r0",
+        f"s3kv/prod/{NS}/ab/{CID}/w.5/r",
+        f"s3kv/prod/{NS}/ab/{CID}/w.5/r0/extra",
+        f"s3kv/prod/{NS}/ab/{CID}/W.5/r0",
+        f"s3kv/prod/{NS}/ab/{CID}/w.{'1' * 21}/r0",
+        f"s3kv/prod/{NS}/ab/{CID}/w.5/r0\n",
+        f"s3kv/prod/{NS}/ab/{CID}/w.\u0665/r0",  # a non-ASCII digit
+        f"s3kv/prod/{NS}/ab/{CID}/w/r\u0665",
         f"s3kv/prod/{NS}/ab",
         "s3kv/prod/",
         "",
