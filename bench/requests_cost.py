@@ -184,7 +184,7 @@ def worker(rank: int, world: int, port: int, endpoint: str, bucket: str, out: An
     from s3kv.aio import LoopThread
     from s3kv.commit import ChunkSave, Committer
     from s3kv.config import StoreSettings
-    from s3kv.keys import chain_chunk_ids
+    from s3kv.keys import ChunkRef, chain_chunk_ids
     from s3kv.lookup import find_committed_prefix
     from s3kv.reader import read_heads
     from s3kv.shard import allocate
@@ -214,7 +214,8 @@ def worker(rank: int, world: int, port: int, endpoint: str, bucket: str, out: An
             if uploads:  # else another rank stores these heads; this one joins empty-handed
                 buf, payload = allocate(ShardSpec(ids[i], rank, lo, hi, PAYLOAD))
                 payload[:] = os.urandom(len(payload))
-            saves.append(ChunkSave(ids[i], ids[i - 1] if i else None, i, CHUNK_TOKENS, buf))
+            ref = ChunkRef(ids[i], ids[i - 1] if i else None, i, CHUNK_TOKENS)
+            saves.append(ChunkSave(ref, buf))
         committer.submit(rnd, saves)
     flushed = committer.flush(120)
     counted: dict[str, Any] = {"save": store.take(), "flushed": flushed,

@@ -197,13 +197,14 @@ class Ctx:
     def shard(self, cid: str, parent: str | None, index: int) -> Any:
         """Allocate and fill this rank's shard of ``cid`` (the device-to-host copy)."""
         from s3kv.commit import ChunkSave
+        from s3kv.keys import ChunkRef
         from s3kv.shard import ShardSpec, allocate
 
         # One KV head per rank (heads = TP), as many tokens as fill --shard-kib.
         spec = ShardSpec(cid, self.rank, self.rank, self.rank + 1, self.payload_layout)
         buf, payload = allocate(spec)
         payload[:] = self.payload_src
-        return ChunkSave(cid, parent, index, CHUNK_TOKENS, buf)
+        return ChunkSave(ChunkRef(cid, parent, index, CHUNK_TOKENS), buf)
 
     def writer(self) -> str:
         from s3kv.keys import new_writer_id

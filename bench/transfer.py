@@ -53,7 +53,7 @@ from bench.common import RESULTS, MotoProcess, format_size, machine_info, median
 from s3kv.aio import LoopThread
 from s3kv.commit import ChunkSave, Committer, LocalGatherer
 from s3kv.config import StoreSettings
-from s3kv.keys import KeyLayout, chain_chunk_ids, new_writer_id
+from s3kv.keys import ChunkRef, KeyLayout, chain_chunk_ids, new_writer_id
 from s3kv.manifest import Manifest, decode_manifest
 from s3kv.reader import read_shard
 from s3kv.shard import PayloadLayout, ShardSpec, allocate, encode_header
@@ -115,7 +115,7 @@ class Bench:
             spec = spec_for(cid, self.size)
             buf, payload = allocate(spec)
             payload[:] = self.src
-            committer.submit(i, [ChunkSave(cid, ids[i - 1] if i else None, i, 1, buf)])
+            committer.submit(i, [ChunkSave(ChunkRef(cid, ids[i - 1] if i else None, i, 1), buf)])
         if not committer.flush(600):
             raise RuntimeError("committer did not flush")
         elapsed = time.perf_counter() - t

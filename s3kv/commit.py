@@ -46,7 +46,7 @@ from typing_extensions import Buffer
 
 from s3kv.aio import LoopThread
 from s3kv.errors import AlreadyExists, ManifestError, StoreError
-from s3kv.keys import KeyLayout
+from s3kv.keys import ChunkRef, KeyLayout
 from s3kv.manifest import ShardEntry, new_manifest
 from s3kv.shard import seal
 from s3kv.stats import Counters
@@ -88,7 +88,7 @@ class LocalGatherer:
         return obj
 
 
-@dataclass
+@dataclass(frozen=True)
 class ChunkSave:
     """One rank's shard of one chunk, already filled in a host buffer.
 
@@ -97,29 +97,23 @@ class ChunkSave:
     nothing for the chunk (another rank uploads its heads) but takes part.
     """
 
-    chunk_id: str
-    parent_id: str | None
-    chunk_index: int
-    num_tokens: int
+    ref: ChunkRef
     data: Buffer | None  # the whole shard object: header + payload
-    release: Callable[[], None] | None = None
     # Blocks until ``data`` is filled (a device-to-host copy on a side stream);
     # called on an executor thread, never on the forward path.
     wait_ready: Callable[[], None] | None = None
 
 
-@dataclass(frozen=True)
+# Slotted, like ChunkRef: the gather pickles one per shard every round.
+@dataclass(frozen=True, slots=True)
 class ShardReport:
-    chunk_id: str
-    parent_id: str | None
-    chunk_index: int
-    num_tokens: int
+    ref: ChunkRef
     ok: bool
     entry: ShardEntry | None = None
     error: str | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class RoundReport:
     round_id: int
     rank: int
@@ -217,19 +211,12 @@ class Committer:
         if accepted:
             for s in saves:
                 if s.data is None:
-                    rnd.placeholders.append(
-                        ShardReport(s.chunk_id, s.parent_id, s.chunk_index, s.num_tokens, True)
-                    )
+                    rnd.placeholders.append(ShardReport(s.ref, True))
                 else:
                     rnd.uploads.append(
                         (s, self._io.submit(self._upload(round_id, s, s.data))))
         else:
-            for s in saves:
-                self._release(s)
-                rnd.placeholders.append(
-                    ShardReport(s.chunk_id, s.parent_id, s.chunk_index, s.num_tokens, False,
-                                error="dropped")
-                )
+            rnd.placeholders.extend(ShardReport(s.ref, False, error="dropped") for s in saves)
             if saves:
                 self.counters.add("saves_dropped", len(saves))
                 self._emit("dropped", round_id=round_id, chunks=len(saves))
@@ -239,15 +226,10 @@ class Committer:
         self._emit("submitted", round_id=round_id, chunks=len(saves), accepted=accepted)
         return accepted
 
-    def submit_dropped(
-        self, round_id: int, chunks: Sequence[tuple[str, str | None, int, int]]
-    ) -> None:
+    def submit_dropped(self, round_id: int, chunks: Sequence[ChunkRef]) -> None:
         """Join a round without data (no memory was reserved): keeps ranks in step."""
         rnd = _Round(round_id)
-        rnd.placeholders = [
-            ShardReport(cid, parent, idx, ntok, False, error="dropped")
-            for cid, parent, idx, ntok in chunks
-        ]
+        rnd.placeholders = [ShardReport(ref, False, error="dropped") for ref in chunks]
         if chunks:
             self.counters.add("saves_dropped", len(chunks))
             self._emit("dropped", round_id=round_id, chunks=len(chunks))
@@ -261,9 +243,10 @@ class Committer:
         if self._sem is None:
             self._sem = asyncio.Semaphore(self._max_concurrency)
         size = memoryview(data).nbytes
-        key = f"chunk {s.chunk_id[:12]} round {round_id}"  # for messages until the key is built
+        cid = s.ref.chunk_id
+        key = f"chunk {cid[:12]} round {round_id}"  # for messages until the key is built
         try:
-            key = self._layout.shard(self._ns, s.chunk_id, self._writer, self.rank, round_id)
+            key = self._layout.shard(self._ns, cid, self._writer, self.rank, round_id)
             loop = asyncio.get_running_loop()
             if s.wait_ready is not None:
                 await loop.run_in_executor(None, s.wait_ready)
@@ -277,24 +260,21 @@ class Committer:
                         raise
                 self.counters.add("save_seconds", time.perf_counter() - t0)
             self.counters.add("bytes_saved", size)
-            self._emit("uploaded", chunk_id=s.chunk_id, key=key)
-            return ShardReport(s.chunk_id, s.parent_id, s.chunk_index, s.num_tokens, True, entry)
+            self._emit("uploaded", chunk_id=cid, key=key)
+            return ShardReport(s.ref, True, entry)
         except AlreadyExists:
             # Never overwritten: whatever holds the key may be named by a manifest.
             self.counters.add("shard_conflicts")
-            self._emit("shard_conflict", chunk_id=s.chunk_id, key=key, round_id=round_id)
+            self._emit("shard_conflict", chunk_id=cid, key=key, round_id=round_id)
             self._warn_conflict(key)
-            return ShardReport(s.chunk_id, s.parent_id, s.chunk_index, s.num_tokens, False,
-                               error="AlreadyExists")
+            return ShardReport(s.ref, False, error="AlreadyExists")
         except Exception as exc:  # every failure becomes "this rank not ok"
             self.counters.add("upload_failures")
-            self._emit("upload_failed", chunk_id=s.chunk_id, error=str(exc))
+            self._emit("upload_failed", chunk_id=cid, error=str(exc))
             log.debug("shard upload failed for %s: %s", key, exc)
             self._warn_upload_failure(exc)
-            return ShardReport(s.chunk_id, s.parent_id, s.chunk_index, s.num_tokens, False,
-                               error=type(exc).__name__)
+            return ShardReport(s.ref, False, error=type(exc).__name__)
         finally:
-            self._release(s)
             with self._inflight_lock:
                 self._inflight -= size
 
@@ -333,13 +313,6 @@ class Committer:
                         self._failures_unreported, type(exc).__name__, exc)
             self._failures_unreported = 0
             self._next_failure_report = now + 60.0
-
-    def _release(self, s: ChunkSave) -> None:
-        if s.release is not None:
-            try:
-                s.release()
-            finally:
-                s.release = None
 
     # --- committer thread -----------------------------------------------------
 
@@ -386,24 +359,26 @@ class Committer:
         by_chunk: dict[str, list[ShardReport]] = {}
         for r in gathered:
             for s in r.shards:
-                by_chunk.setdefault(s.chunk_id, []).append(s)
+                by_chunk.setdefault(s.ref.chunk_id, []).append(s)
         for cid, shards in by_chunk.items():
             entries = [s.entry for s in shards if s.ok and s.entry is not None]
             if len(shards) != self.world_size or not all(s.ok for s in shards):
                 self.counters.add("chunks_not_committed")
                 self._emit("not_committed", chunk_id=cid)
                 continue
-            first = shards[0]
+            ref = shards[0].ref
             try:
+                if any(s.ref != ref for s in shards):  # every rank got the same plan: a bug
+                    raise ManifestError("ranks disagree on the chunk's parent, index or tokens")
                 manifest = new_manifest(
-                    namespace=self._ns, chunk_id=cid, parent_id=first.parent_id,
-                    chunk_index=first.chunk_index, num_tokens=first.num_tokens,
+                    namespace=self._ns, chunk_id=cid, parent_id=ref.parent_id,
+                    chunk_index=ref.index, num_tokens=ref.num_tokens,
                     writer=self._writer, shards=entries, tp_size=self.world_size,
                 )
                 if self._num_heads is not None and manifest.num_heads != self._num_heads:
                     raise ManifestError(f"shards cover {manifest.num_heads} KV heads, "
                                         f"the model has {self._num_heads}")
-            except ManifestError as exc:  # ranks disagree on who holds which heads
+            except ManifestError as exc:  # ranks disagree on the heads or on the chunk
                 self.counters.add("chunks_not_committed")
                 self._emit("not_committed", chunk_id=cid, error=str(exc))
                 log.warning("s3kv: chunk %s not committed: %s", cid[:12], exc)

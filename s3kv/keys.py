@@ -177,6 +177,38 @@ def is_chunk_id(value: str) -> bool:
     return bool(_HEX64.match(value))
 
 
+@dataclass(frozen=True, slots=True)
+class ChunkRef:
+    """A chunk's identity and its place in its prefix chain, as one value.
+
+    These four travel together from the scheduler's save plan through every
+    rank's commit report to the manifest; as one type no call site can swap
+    two of them (a parent id where the chunk id was meant, an index for a
+    token count). The checks are what the manifest would refuse later, made
+    where the mix-up happens. Slotted: the commit gather pickles one per shard
+    each round, and slots pickle as a bare list of values.
+    """
+
+    chunk_id: str
+    parent_id: str | None
+    index: int
+    num_tokens: int
+
+    def __post_init__(self) -> None:
+        if not is_chunk_id(self.chunk_id):
+            raise ValueError(f"chunk ref: {self.chunk_id!r} is not a chunk id")
+        if self.parent_id is not None and (
+            not is_chunk_id(self.parent_id) or self.parent_id == self.chunk_id
+        ):
+            raise ValueError(f"chunk ref {self.chunk_id[:12]}: bad parent {self.parent_id!r}")
+        if self.index < 0 or self.num_tokens <= 0:
+            raise ValueError(f"chunk ref {self.chunk_id[:12]}: index {self.index} and "
+                             f"{self.num_tokens} tokens")
+        if (self.index == 0) != (self.parent_id is None):
+            raise ValueError(f"chunk ref {self.chunk_id[:12]}: a parent exactly when the "
+                             f"index is not 0 (index {self.index})")
+
+
 def is_namespace(value: str) -> bool:
     return bool(_HEX32.match(value))
 

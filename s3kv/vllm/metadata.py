@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorMetadata
 
+from s3kv.keys import ChunkRef
 from s3kv.manifest import Manifest
 
 
@@ -31,10 +32,7 @@ class LoadRequest:
 
 @dataclass(frozen=True)
 class SaveChunk:
-    chunk_id: str
-    parent_id: str | None
-    chunk_index: int
-    num_tokens: int
+    ref: ChunkRef
     block_ids: tuple[int, ...]
 
 

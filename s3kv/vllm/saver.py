@@ -85,30 +85,24 @@ class Saver:
         if not meta.saves:
             return
         if not self.uploads:
-            self.committer.submit(meta.round_id, [
-                ChunkSave(s.chunk_id, s.parent_id, s.chunk_index, s.num_tokens, None)
-                for s in meta.saves
-            ])
+            self.committer.submit(meta.round_id, [ChunkSave(s.ref, None) for s in meta.saves])
             return
         n_heads = self.heads[1] - self.heads[0]
-        specs = [ShardSpec(s.chunk_id, self.tp_rank, self.heads[0], self.heads[1], self.payload)
-                 for s in meta.saves]
+        specs = [ShardSpec(s.ref.chunk_id, self.tp_rank, self.heads[0], self.heads[1],
+                           self.payload) for s in meta.saves]
         headers = [encode_header(sp) for sp in specs]
         sizes = [len(h) + sp.payload_bytes for h, sp in zip(headers, specs, strict=True)]
         if not self.committer.try_reserve(sum(sizes)):
-            self.committer.submit_dropped(meta.round_id, [
-                (s.chunk_id, s.parent_id, s.chunk_index, s.num_tokens) for s in meta.saves
-            ])
+            self.committer.submit_dropped(meta.round_id, [s.ref for s in meta.saves])
             return
         pinned = self.copy.side is not None
-        saves, dsts = [], []
+        bufs, dsts = [], []
         for s, header, total in zip(meta.saves, headers, sizes, strict=True):
             host = torch.empty(total, dtype=torch.uint8, pin_memory=pinned)
             mv = host.numpy().data
             mv[: len(header)] = header
             dsts.append(self.kv.payload_view(host[len(header):], n_heads, len(s.block_ids)))
-            saves.append(ChunkSave(s.chunk_id, s.parent_id, s.chunk_index, s.num_tokens, mv))
+            bufs.append(mv)
         wait = self.copy.start([s.block_ids for s in meta.saves], dsts)
-        for cs in saves:
-            cs.wait_ready = wait
+        saves = [ChunkSave(s.ref, mv, wait) for s, mv in zip(meta.saves, bufs, strict=True)]
         self.committer.submit(meta.round_id, saves, reserved=True)

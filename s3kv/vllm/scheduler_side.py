@@ -24,7 +24,7 @@ from s3kv.admission import REQUEST_FLAG
 from s3kv.aio import io_loop
 from s3kv.config import Settings
 from s3kv.index import CacheIndex
-from s3kv.keys import Fingerprint, chunk_id
+from s3kv.keys import ChunkRef, Fingerprint, chunk_id
 from s3kv.manifest import Manifest
 from s3kv.stats import Counters
 from s3kv.store import ObjectStore, open_store
@@ -259,9 +259,8 @@ class SchedulerSide:
             st.saved_upto = ci + 1
             if not self.index.plan_store(cid, _requested(st.request)):
                 continue
-            meta.saves.append(
-                SaveChunk(cid, ids[ci - 1] if ci else None, ci, self.chunk_tokens, tuple(blocks))
-            )
+            ref = ChunkRef(cid, ids[ci - 1] if ci else None, ci, self.chunk_tokens)
+            meta.saves.append(SaveChunk(ref, tuple(blocks)))
 
     # --- outcomes ---------------------------------------------------------------
 

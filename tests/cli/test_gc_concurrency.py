@@ -28,7 +28,7 @@ from s3kv.config import parse_settings
 from s3kv.errors import IntegrityError, NotFound
 from s3kv.gc import Planner, Policies
 from s3kv.gc_executor import Executor, GcResult
-from s3kv.keys import chain_chunk_ids, new_writer_id
+from s3kv.keys import ChunkRef, chain_chunk_ids, new_writer_id
 from s3kv.manifest import Manifest, ShardEntry, decode_manifest
 from s3kv.reader import read_shard
 from s3kv.store import ObjectStore, open_store
@@ -353,7 +353,7 @@ def test_free_running_writer_reader_and_gc(s3: Bucket) -> None:
                 saves, parent = [], None
                 for i, cid in enumerate(chain_chunk_ids(tokens, 4)):
                     buf, _, _ = shard_bytes(cid, 0)
-                    saves.append(ChunkSave(cid, parent, i, 4, buf))
+                    saves.append(ChunkSave(ChunkRef(cid, parent, i, 4), buf))
                     parent = cid
                 assert committer.submit(rnd, saves)
                 assert committer.flush(WAIT)

@@ -127,7 +127,7 @@ def worker(
     from s3kv.commit import ChunkSave, Committer
     from s3kv.config import StoreSettings
     from s3kv.heads import head_range, uploads_heads
-    from s3kv.keys import KeyLayout, new_writer_id
+    from s3kv.keys import ChunkRef, KeyLayout, new_writer_id
     from s3kv.shard import ShardSpec, allocate
     from s3kv.store import open_store
     from s3kv.vllm.gather import GlooGatherer
@@ -164,13 +164,14 @@ def worker(
     for (round_id, chunks), salt in zip(rounds, salts, strict=True):
         saves = []
         for cid, parent, idx in chunks:
+            ref = ChunkRef(cid, parent, idx, 16)
             if not uploads:  # a lower rank stores these heads: join empty-handed
-                saves.append(ChunkSave(cid, parent, idx, 16, None))
+                saves.append(ChunkSave(ref, None))
                 continue
             spec = ShardSpec(cid, rank, lo, hi, _payload())
             buf, payload = allocate(spec)
             payload[:] = random.Random(shard_bytes_seed(cid, rank, salt)).randbytes(len(payload))
-            saves.append(ChunkSave(cid, parent, idx, 16, buf))
+            saves.append(ChunkSave(ref, buf))
         if sc.resave_salt is not None and round_id == sc.rounds:
             # The first saves are committed before any re-save starts.
             committer.flush(sc.timeout_s * 3)

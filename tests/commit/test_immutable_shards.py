@@ -23,7 +23,7 @@ from s3kv.config import Backend, StoreSettings
 from s3kv.errors import NotFound
 from s3kv.gc import Planner, Policies
 from s3kv.gc_executor import Executor
-from s3kv.keys import KeyLayout, chain_chunk_ids, new_writer_id
+from s3kv.keys import ChunkRef, KeyLayout, chain_chunk_ids, new_writer_id
 from s3kv.manifest import Manifest, decode_manifest
 from s3kv.reader import read_heads
 from s3kv.shard import PayloadLayout, ShardSpec, allocate, seal
@@ -54,7 +54,7 @@ def shard(cid: str, salt: str) -> bytearray:
 
 
 def save(i: int, salt: str) -> ChunkSave:
-    return ChunkSave(CIDS[i], CIDS[i - 1] if i else None, i, 16, shard(CIDS[i], salt))
+    return ChunkSave(ChunkRef(CIDS[i], CIDS[i - 1] if i else None, i, 16), shard(CIDS[i], salt))
 
 
 @dataclass

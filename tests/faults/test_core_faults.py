@@ -14,7 +14,7 @@ import pytest
 from s3kv.aio import LoopThread
 from s3kv.commit import ChunkSave, Committer, LocalGatherer
 from s3kv.errors import IntegrityError, NotFound, StoreError
-from s3kv.keys import chain_chunk_ids, new_writer_id
+from s3kv.keys import ChunkRef, chain_chunk_ids, new_writer_id
 from s3kv.lookup import find_committed_prefix
 from s3kv.manifest import Manifest, decode_manifest
 from s3kv.reader import read_shard
@@ -207,7 +207,7 @@ class Rig:
             spec = ShardSpec(cid, 0, 0, RIG_HEADS, RIG_PAYLOAD)
             buf, payload = allocate(spec)
             payload[:] = random.Random(i).randbytes(len(payload))
-            out.append(ChunkSave(cid, CHUNK_IDS[i - 1] if i else None, i, 16, buf))
+            out.append(ChunkSave(ChunkRef(cid, CHUNK_IDS[i - 1] if i else None, i, 16), buf))
         return out
 
     def commit(self, n: int) -> None:

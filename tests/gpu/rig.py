@@ -17,7 +17,7 @@ import torch
 from devtools.memory_store import MemoryStore
 from s3kv.aio import io_loop
 from s3kv.config import parse_settings
-from s3kv.keys import Fingerprint, KeyLayout
+from s3kv.keys import ChunkRef, Fingerprint, KeyLayout
 from s3kv.manifest import Manifest, decode_manifest
 from s3kv.stats import Counters
 from tests.gpu.layouts import Layout
@@ -102,7 +102,7 @@ class Rig:
     def save_meta(self, saves: list[tuple[str, list[int]]]) -> S3KVMetadata:
         self._round += 1
         return S3KVMetadata(saves=[
-            SaveChunk(cid, None, 0, self.chunk_tokens, tuple(ids)) for cid, ids in saves
+            SaveChunk(ChunkRef(cid, None, 0, self.chunk_tokens), tuple(ids)) for cid, ids in saves
         ], round_id=self._round)
 
     def step(self, meta: S3KVMetadata, forward: Callable[[], None] | None = None) -> None:

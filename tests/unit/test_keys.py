@@ -4,6 +4,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import pickle
 import struct
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import pytest
 from s3kv.keys import (
     FORMAT_VERSION,
     HASH_SCHEME,
+    ChunkRef,
     Fingerprint,
     KeyLayout,
     ParsedKey,
@@ -334,3 +336,34 @@ def test_shard_rejects_what_no_key_can_carry(rank: int, round_id: int) -> None:
 )
 def test_parse_rejects_foreign_keys(key: str) -> None:
     assert LAYOUT.parse(key) is None
+
+
+REF_IDS = chain_chunk_ids(list(range(32)), 16)
+
+
+def test_chunk_ref_is_a_value_that_pickles_back_to_itself() -> None:
+    ref = ChunkRef(REF_IDS[1], REF_IDS[0], 1, 16)
+    back = pickle.loads(pickle.dumps(ref))
+    assert back == ref and hash(back) == hash(ref)
+    assert (back.chunk_id, back.parent_id, back.index, back.num_tokens) == (
+        REF_IDS[1], REF_IDS[0], 1, 16)
+    assert ChunkRef(REF_IDS[0], None, 0, 16) != ChunkRef(REF_IDS[0], None, 0, 8)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        ref.index = 2  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ((REF_IDS[0], REF_IDS[1], 0, 16), "a parent exactly when"),  # parent at index 0
+        ((REF_IDS[1], None, 1, 16), "a parent exactly when"),  # index 1 without one
+        ((REF_IDS[0], REF_IDS[0], 1, 16), "bad parent"),  # the chunk as its own parent
+        ((REF_IDS[1], "r-17", 1, 16), "bad parent"),  # a request id for the parent
+        (("tp1-abc", None, 0, 16), "is not a chunk id"),  # a writer id for the chunk
+        ((REF_IDS[1], REF_IDS[0], -1, 16), "index -1"),
+        ((REF_IDS[1], REF_IDS[0], 1, 0), "0 tokens"),
+    ],
+)
+def test_chunk_ref_refuses_mixed_up_fields(args: tuple[Any, ...], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        ChunkRef(*args)
