@@ -56,8 +56,11 @@ def run(job: dict[str, Any]) -> dict[str, Any]:
     startup = time.perf_counter() - t0
     extra = ({"kv_transfer_params": job["kv_transfer_params"]}
              if job.get("kv_transfer_params") else None)
+    # ``logprobs``: also record the best ``logprobs`` logprobs of every generated
+    # token (fp32 logits: the gap of the two best is the logit margin itself).
+    top = int(job.get("logprobs") or 0)
     params = SamplingParams(max_tokens=job.get("max_tokens", 8), temperature=0.0,
-                            ignore_eos=True, extra_args=extra)
+                            ignore_eos=True, extra_args=extra, logprobs=top or None)
     conn = _connector(llm)
     if job.get("warmup"):
         # One unrelated short request first, so one-time start-up costs of the
@@ -69,6 +72,7 @@ def run(job: dict[str, Any]) -> dict[str, Any]:
     ttfts: list[float] = []
     batches = job.get("batches") or [job["prompts"]]
     first_pass: dict[str, float] = {}
+    top_logprobs: list[list[list[float]]] = []
     if job.get("ttft"):
         # Time to first token: a one-token generation per batch, measured alone.
         for batch in batches:
@@ -83,6 +87,8 @@ def run(job: dict[str, Any]) -> dict[str, Any]:
                            use_tqdm=False)
         seconds.append(time.perf_counter() - t)
         outputs.extend(list(r.outputs[0].token_ids) for r in res)
+        if top:
+            top_logprobs.extend(_top_logprobs(r, top) for r in res)
     counters = conn.counters.snapshot() if conn is not None else {}
     if conn is not None:
         # The scheduler's connector holds only the scheduler-side counters; the
@@ -90,10 +96,22 @@ def run(job: dict[str, Any]) -> dict[str, Any]:
         counters.update(_worker_counters(llm))
     result = {"outputs": outputs, "batch_seconds": seconds, "ttft_seconds": ttfts,
               "startup_s": startup, "counters": counters, "first_pass_counters": first_pass,
+              "top_logprobs": top_logprobs,
               "namespace": (conn.fingerprint.namespace
                             if conn is not None and conn.fingerprint is not None else None)}
     _shutdown(llm)
     return result
+
+
+def _top_logprobs(res: Any, top: int) -> list[list[float]]:
+    """Per generated token: ``[token, best logprob, second logprob, ...]``."""
+    steps = []
+    for step in res.outputs[0].logprobs or []:
+        ranked = sorted(step.items(), key=lambda kv: kv[1].rank or 0)[:top]
+        if len(ranked) < top:
+            raise RuntimeError(f"vLLM returned {len(ranked)} logprobs, asked for {top}")
+        steps.append([ranked[0][0], *(lp.logprob for _, lp in ranked)])
+    return steps
 
 
 def _worker_counters(llm: Any) -> dict[str, float]:
