@@ -6,12 +6,16 @@ import contextlib
 import json
 import os
 import random
+import socket
 import subprocess
 import sys
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from tests.vllm.forker import socket_address
 
 ROOT = Path(__file__).resolve().parents[2]
 TMP = ROOT / ".tmp"
@@ -42,8 +46,52 @@ class EngineResult:
     raw: dict[str, Any]
 
 
+class _Forker:
+    """The session's :mod:`tests.vllm.forker`: started on first use, ended with
+    the session (its stdin closes when this process exits)."""
+
+    _proc: subprocess.Popen[bytes] | None = None
+    _name = f"s3kv-forker-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+    @classmethod
+    def submit(cls, req: dict[str, Any], base_env: dict[str, str]) -> tuple[socket.socket, int]:
+        if cls._proc is None or cls._proc.poll() is not None:
+            TMP.mkdir(exist_ok=True)
+            with (TMP / "forker-stderr.txt").open("wb") as err:
+                cls._proc = subprocess.Popen(
+                    [sys.executable, "-m", "tests.vllm.forker", cls._name],
+                    cwd=TMP, env=base_env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                    stderr=err)
+            out = cls._proc.stdout
+            if out is None or out.readline().strip() != b"ready":
+                raise RuntimeError("the engine forker did not start: see "
+                                   f"{TMP / 'forker-stderr.txt'}")
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.connect(socket_address(cls._name))
+        sock.sendall(json.dumps(req).encode() + b"\n")
+        return sock, int(_read_message(sock, 120)["pid"])
+
+
+def _read_message(sock: socket.socket, timeout: float | None) -> dict[str, Any]:
+    """One JSON line from the forker; TimeoutError if none within ``timeout``."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    buf = b""
+    while not buf.endswith(b"\n"):
+        sock.settimeout(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        part = sock.recv(4096)  # raises TimeoutError (socket.timeout) at the deadline
+        if not part:
+            raise ConnectionError("the engine forker closed the connection")
+        buf += part
+    msg: dict[str, Any] = json.loads(buf)
+    return msg
+
+
 class RunningEngine:
-    """An engine process started by :func:`start_engine`; :meth:`wait` reads its result."""
+    """An engine process started by :func:`start_engine`; :meth:`wait` reads its result.
+
+    Engines are forked from :mod:`tests.vllm.forker` (vLLM already imported);
+    ``S3KV_TEST_FRESH_ENGINES=1`` starts each as a fresh interpreter instead.
+    """
 
     def __init__(self, job: dict[str, Any], env_update: dict[str, str | None] | None) -> None:
         TMP.mkdir(exist_ok=True)
@@ -53,22 +101,51 @@ class RunningEngine:
         self._jp.write_text(json.dumps(job))
         # Models are local directories: never ask the Hugging Face hub (a lookup
         # that cannot connect cost one model 48 s at start-up).
-        env = dict(os.environ, TMPDIR=str(TMP), PYTHONPATH=str(ROOT),
-                   VLLM_ENABLE_V1_MULTIPROCESSING="0", HF_HUB_OFFLINE="1")
+        base = dict(os.environ, TMPDIR=str(TMP), PYTHONPATH=str(ROOT),
+                    VLLM_ENABLE_V1_MULTIPROCESSING="0", HF_HUB_OFFLINE="1")
+        env = dict(base)
         for k, v in (env_update or {}).items():
             if v is None:
                 env.pop(k, None)
             else:
                 env[k] = v
-        with self._err.open("wb") as err:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "devtools.engine_run", str(self._jp), str(self._rp)],
-                cwd=TMP, env=env, stdout=subprocess.DEVNULL, stderr=err,
-            )
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._sock: socket.socket | None = None
+        self.returncode: int | None = None
+        if os.environ.get("S3KV_TEST_FRESH_ENGINES") == "1":
+            with self._err.open("wb") as err:
+                self._proc = subprocess.Popen(
+                    [sys.executable, "-m", "devtools.engine_run", str(self._jp), str(self._rp)],
+                    cwd=TMP, env=env, stdout=subprocess.DEVNULL, stderr=err,
+                )
+            self._pid = self._proc.pid
+        else:
+            self._sock, self._pid = _Forker.submit(
+                {"job": str(self._jp), "result": str(self._rp), "stderr": str(self._err),
+                 "cwd": str(TMP), "env": env}, base)
+
+    def _wait_rc(self, timeout: float | None) -> int | None:
+        """The exit code, or None if the engine still runs after ``timeout``."""
+        if self.returncode is not None:
+            return self.returncode
+        if self._proc is not None:
+            try:
+                self.returncode = self._proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                return None
+            return self.returncode
+        if self._sock is None:
+            raise RuntimeError("engine has neither a process nor a forker connection")
+        try:
+            self.returncode = int(_read_message(self._sock, timeout)["rc"])
+        except TimeoutError:
+            return None
+        self._sock.close()
+        return self.returncode
 
     @property
     def pid(self) -> int:
-        return self.proc.pid
+        return self._pid
 
     def kill_all(self) -> None:
         """SIGKILL the engine and every process it started.
@@ -80,7 +157,7 @@ class RunningEngine:
         import psutil
 
         try:
-            procs = [psutil.Process(self.proc.pid)]
+            procs = [psutil.Process(self._pid)]
             procs += procs[0].children(recursive=True)
         except psutil.NoSuchProcess:
             return
@@ -89,14 +166,13 @@ class RunningEngine:
                 p.kill()
 
     def wait(self, timeout: float = 600, *, expect_ok: bool = True) -> EngineResult:
-        try:
-            self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
+        rc = self._wait_rc(timeout)
+        if rc is None:
             self.kill_all()
-            self.proc.wait()
+            rc = self._wait_rc(None)
         stderr = self._err.read_text(errors="replace")
-        if expect_ok and self.proc.returncode != 0:
-            raise AssertionError(f"engine failed ({self.proc.returncode}):\n{stderr[-6000:]}")
+        if expect_ok and rc != 0:
+            raise AssertionError(f"engine failed ({rc}):\n{stderr[-6000:]}")
         raw = json.loads(self._rp.read_text()) if self._rp.exists() else {}
         # Keep every engine's log for the last test session: the first place to
         # look when an end-to-end assertion fails.
@@ -106,7 +182,7 @@ class RunningEngine:
         for p in (self._jp, self._rp):
             p.unlink(missing_ok=True)
         return EngineResult(raw.get("outputs", []), raw.get("counters", {}),
-                            raw.get("namespace"), stderr, self.proc.returncode, raw)
+                            raw.get("namespace"), stderr, int(rc or 0), raw)
 
 
 def start_engine(job: dict[str, Any], *,
