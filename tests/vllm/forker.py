@@ -27,13 +27,13 @@ import signal
 import socket
 import sys
 import tempfile
+import time
 import traceback
 from typing import Any
 
 
 def preload() -> None:
     """Import what every engine job imports, so no fork pays for it again."""
-    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     import vllm  # noqa: F401
     from vllm import LLM, SamplingParams  # noqa: F401
     from vllm.inputs import TokensPrompt  # noqa: F401
@@ -42,16 +42,18 @@ def preload() -> None:
     import s3kv.vllm.connector  # noqa: F401
 
 
-def _read_request(conn: socket.socket) -> dict[str, Any]:
-    conn.settimeout(30)
+def read_message(sock: socket.socket, timeout: float | None) -> dict[str, Any]:
+    """One JSON line from ``sock``; TimeoutError if none within ``timeout``."""
+    deadline = None if timeout is None else time.monotonic() + timeout
     buf = b""
     while not buf.endswith(b"\n"):
-        part = conn.recv(65536)
+        sock.settimeout(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        part = sock.recv(65536)  # raises TimeoutError at the deadline
         if not part:
-            raise ConnectionError("client closed before sending its job")
+            raise ConnectionError("the other end closed the connection mid-message")
         buf += part
-    req: dict[str, Any] = json.loads(buf)
-    return req
+    msg: dict[str, Any] = json.loads(buf)
+    return msg
 
 
 def _send(conn: socket.socket, msg: dict[str, Any]) -> None:
@@ -88,14 +90,20 @@ def _engine(req: dict[str, Any]) -> None:
         os._exit(code)
 
 
-def _kill_engines(pids: list[int]) -> None:
+def kill_tree(pid: int) -> None:
+    """SIGKILL a process and every process it started.
+
+    Not by process group: a TP>1 CPU engine in a session of its own is a
+    scheduling group of its own, whose spinning workers starved its I/O
+    threads on a 2-core machine (see docs/faults.md).
+    """
     import psutil
 
-    procs: list[psutil.Process] = []
-    for pid in pids:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            p = psutil.Process(pid)
-            procs += [p, *p.children(recursive=True)]
+    try:
+        procs = [psutil.Process(pid)]
+        procs += procs[0].children(recursive=True)
+    except psutil.NoSuchProcess:
+        return
     for p in procs:
         with contextlib.suppress(psutil.NoSuchProcess):
             p.kill()
@@ -130,7 +138,7 @@ def serve(name: str) -> None:
                 if key.fileobj is listener:
                     conn, _ = listener.accept()
                     try:
-                        req = _read_request(conn)
+                        req = read_message(conn, 30)
                     except (OSError, ValueError):
                         conn.close()
                         continue
@@ -151,7 +159,8 @@ def serve(name: str) -> None:
                             pass
                     _reap(waiting)
     finally:
-        _kill_engines(list(waiting))
+        for pid in waiting:
+            kill_tree(pid)
 
 
 def _reap(waiting: dict[int, socket.socket]) -> None:

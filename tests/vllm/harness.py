@@ -2,20 +2,18 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import random
 import socket
 import subprocess
 import sys
-import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tests.vllm.forker import socket_address
+from tests.vllm.forker import kill_tree, read_message, socket_address
 
 ROOT = Path(__file__).resolve().parents[2]
 TMP = ROOT / ".tmp"
@@ -54,7 +52,7 @@ class _Forker:
     _name = f"s3kv-forker-{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
     @classmethod
-    def submit(cls, req: dict[str, Any], base_env: dict[str, str]) -> tuple[socket.socket, int]:
+    def submit(cls, req: dict[str, Any], base_env: dict[str, str]) -> _ForkedProcess:
         if cls._proc is None or cls._proc.poll() is not None:
             TMP.mkdir(exist_ok=True)
             with (TMP / "forker-stderr.txt").open("wb") as err:
@@ -69,21 +67,26 @@ class _Forker:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.connect(socket_address(cls._name))
         sock.sendall(json.dumps(req).encode() + b"\n")
-        return sock, int(_read_message(sock, 120)["pid"])
+        return _ForkedProcess(sock, int(read_message(sock, 120)["pid"]))
 
 
-def _read_message(sock: socket.socket, timeout: float | None) -> dict[str, Any]:
-    """One JSON line from the forker; TimeoutError if none within ``timeout``."""
-    deadline = None if timeout is None else time.monotonic() + timeout
-    buf = b""
-    while not buf.endswith(b"\n"):
-        sock.settimeout(None if deadline is None else max(0.0, deadline - time.monotonic()))
-        part = sock.recv(4096)  # raises TimeoutError (socket.timeout) at the deadline
-        if not part:
-            raise ConnectionError("the engine forker closed the connection")
-        buf += part
-    msg: dict[str, Any] = json.loads(buf)
-    return msg
+class _ForkedProcess:
+    """An engine the forker started, with the part of :class:`subprocess.Popen`'s
+    interface the harness uses (the forker, its parent, reports its exit code)."""
+
+    def __init__(self, sock: socket.socket, pid: int) -> None:
+        self._sock = sock
+        self.pid = pid
+        self.returncode: int | None = None
+
+    def wait(self, timeout: float | None = None) -> int:
+        if self.returncode is None:
+            try:
+                self.returncode = int(read_message(self._sock, timeout)["rc"])
+            except TimeoutError:
+                raise subprocess.TimeoutExpired(f"engine {self.pid}", timeout or 0) from None
+            self._sock.close()
+        return self.returncode
 
 
 class RunningEngine:
@@ -109,67 +112,32 @@ class RunningEngine:
                 env.pop(k, None)
             else:
                 env[k] = v
-        self._proc: subprocess.Popen[bytes] | None = None
-        self._sock: socket.socket | None = None
-        self.returncode: int | None = None
+        self.proc: subprocess.Popen[bytes] | _ForkedProcess
         if os.environ.get("S3KV_TEST_FRESH_ENGINES") == "1":
             with self._err.open("wb") as err:
-                self._proc = subprocess.Popen(
+                self.proc = subprocess.Popen(
                     [sys.executable, "-m", "devtools.engine_run", str(self._jp), str(self._rp)],
                     cwd=TMP, env=env, stdout=subprocess.DEVNULL, stderr=err,
                 )
-            self._pid = self._proc.pid
         else:
-            self._sock, self._pid = _Forker.submit(
+            self.proc = _Forker.submit(
                 {"job": str(self._jp), "result": str(self._rp), "stderr": str(self._err),
                  "cwd": str(TMP), "env": env}, base)
 
-    def _wait_rc(self, timeout: float | None) -> int | None:
-        """The exit code, or None if the engine still runs after ``timeout``."""
-        if self.returncode is not None:
-            return self.returncode
-        if self._proc is not None:
-            try:
-                self.returncode = self._proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                return None
-            return self.returncode
-        if self._sock is None:
-            raise RuntimeError("engine has neither a process nor a forker connection")
-        try:
-            self.returncode = int(_read_message(self._sock, timeout)["rc"])
-        except TimeoutError:
-            return None
-        self._sock.close()
-        return self.returncode
-
     @property
     def pid(self) -> int:
-        return self._pid
+        return self.proc.pid
 
     def kill_all(self) -> None:
-        """SIGKILL the engine and every process it started.
-
-        Not by process group: a TP>1 CPU engine in a session of its own is a
-        scheduling group of its own, whose spinning workers starved its I/O
-        threads on a 2-core machine (see docs/faults.md).
-        """
-        import psutil
-
-        try:
-            procs = [psutil.Process(self._pid)]
-            procs += procs[0].children(recursive=True)
-        except psutil.NoSuchProcess:
-            return
-        for p in procs:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                p.kill()
+        """SIGKILL the engine and every process it started."""
+        kill_tree(self.proc.pid)
 
     def wait(self, timeout: float = 600, *, expect_ok: bool = True) -> EngineResult:
-        rc = self._wait_rc(timeout)
-        if rc is None:
+        try:
+            rc = self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
             self.kill_all()
-            rc = self._wait_rc(None)
+            rc = self.proc.wait()
         stderr = self._err.read_text(errors="replace")
         if expect_ok and rc != 0:
             raise AssertionError(f"engine failed ({rc}):\n{stderr[-6000:]}")
@@ -182,7 +150,7 @@ class RunningEngine:
         for p in (self._jp, self._rp):
             p.unlink(missing_ok=True)
         return EngineResult(raw.get("outputs", []), raw.get("counters", {}),
-                            raw.get("namespace"), stderr, int(rc or 0), raw)
+                            raw.get("namespace"), stderr, rc, raw)
 
 
 def start_engine(job: dict[str, Any], *,
