@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import random
+import socket
 import subprocess
 import sys
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from tests.vllm.forker import kill_tree, read_message, socket_address
 
 ROOT = Path(__file__).resolve().parents[2]
 TMP = ROOT / ".tmp"
@@ -42,8 +44,57 @@ class EngineResult:
     raw: dict[str, Any]
 
 
+class _Forker:
+    """The session's :mod:`tests.vllm.forker`: started on first use, ended with
+    the session (its stdin closes when this process exits)."""
+
+    _proc: subprocess.Popen[bytes] | None = None
+    _name = f"s3kv-forker-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+    @classmethod
+    def submit(cls, req: dict[str, Any], base_env: dict[str, str]) -> _ForkedProcess:
+        if cls._proc is None or cls._proc.poll() is not None:
+            TMP.mkdir(exist_ok=True)
+            with (TMP / "forker-stderr.txt").open("wb") as err:
+                cls._proc = subprocess.Popen(
+                    [sys.executable, "-m", "tests.vllm.forker", cls._name],
+                    cwd=TMP, env=base_env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                    stderr=err)
+            out = cls._proc.stdout
+            if out is None or out.readline().strip() != b"ready":
+                raise RuntimeError("the engine forker did not start: see "
+                                   f"{TMP / 'forker-stderr.txt'}")
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.connect(socket_address(cls._name))
+        sock.sendall(json.dumps(req).encode() + b"\n")
+        return _ForkedProcess(sock, int(read_message(sock, 120)["pid"]))
+
+
+class _ForkedProcess:
+    """An engine the forker started, with the part of :class:`subprocess.Popen`'s
+    interface the harness uses (the forker, its parent, reports its exit code)."""
+
+    def __init__(self, sock: socket.socket, pid: int) -> None:
+        self._sock = sock
+        self.pid = pid
+        self.returncode: int | None = None
+
+    def wait(self, timeout: float | None = None) -> int:
+        if self.returncode is None:
+            try:
+                self.returncode = int(read_message(self._sock, timeout)["rc"])
+            except TimeoutError:
+                raise subprocess.TimeoutExpired(f"engine {self.pid}", timeout or 0) from None
+            self._sock.close()
+        return self.returncode
+
+
 class RunningEngine:
-    """An engine process started by :func:`start_engine`; :meth:`wait` reads its result."""
+    """An engine process started by :func:`start_engine`; :meth:`wait` reads its result.
+
+    Engines are forked from :mod:`tests.vllm.forker` (vLLM already imported);
+    ``S3KV_TEST_FRESH_ENGINES=1`` starts each as a fresh interpreter instead.
+    """
 
     def __init__(self, job: dict[str, Any], env_update: dict[str, str | None] | None) -> None:
         TMP.mkdir(exist_ok=True)
@@ -53,50 +104,43 @@ class RunningEngine:
         self._jp.write_text(json.dumps(job))
         # Models are local directories: never ask the Hugging Face hub (a lookup
         # that cannot connect cost one model 48 s at start-up).
-        env = dict(os.environ, TMPDIR=str(TMP), PYTHONPATH=str(ROOT),
-                   VLLM_ENABLE_V1_MULTIPROCESSING="0", HF_HUB_OFFLINE="1")
+        base = dict(os.environ, TMPDIR=str(TMP), PYTHONPATH=str(ROOT),
+                    VLLM_ENABLE_V1_MULTIPROCESSING="0", HF_HUB_OFFLINE="1")
+        env = dict(base)
         for k, v in (env_update or {}).items():
             if v is None:
                 env.pop(k, None)
             else:
                 env[k] = v
-        with self._err.open("wb") as err:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "devtools.engine_run", str(self._jp), str(self._rp)],
-                cwd=TMP, env=env, stdout=subprocess.DEVNULL, stderr=err,
-            )
+        self.proc: subprocess.Popen[bytes] | _ForkedProcess
+        if os.environ.get("S3KV_TEST_FRESH_ENGINES") == "1":
+            with self._err.open("wb") as err:
+                self.proc = subprocess.Popen(
+                    [sys.executable, "-m", "devtools.engine_run", str(self._jp), str(self._rp)],
+                    cwd=TMP, env=env, stdout=subprocess.DEVNULL, stderr=err,
+                )
+        else:
+            self.proc = _Forker.submit(
+                {"job": str(self._jp), "result": str(self._rp), "stderr": str(self._err),
+                 "cwd": str(TMP), "env": env}, base)
 
     @property
     def pid(self) -> int:
         return self.proc.pid
 
     def kill_all(self) -> None:
-        """SIGKILL the engine and every process it started.
-
-        Not by process group: a TP>1 CPU engine in a session of its own is a
-        scheduling group of its own, whose spinning workers starved its I/O
-        threads on a 2-core machine (see docs/faults.md).
-        """
-        import psutil
-
-        try:
-            procs = [psutil.Process(self.proc.pid)]
-            procs += procs[0].children(recursive=True)
-        except psutil.NoSuchProcess:
-            return
-        for p in procs:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                p.kill()
+        """SIGKILL the engine and every process it started."""
+        kill_tree(self.proc.pid)
 
     def wait(self, timeout: float = 600, *, expect_ok: bool = True) -> EngineResult:
         try:
-            self.proc.wait(timeout=timeout)
+            rc = self.proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             self.kill_all()
-            self.proc.wait()
+            rc = self.proc.wait()
         stderr = self._err.read_text(errors="replace")
-        if expect_ok and self.proc.returncode != 0:
-            raise AssertionError(f"engine failed ({self.proc.returncode}):\n{stderr[-6000:]}")
+        if expect_ok and rc != 0:
+            raise AssertionError(f"engine failed ({rc}):\n{stderr[-6000:]}")
         raw = json.loads(self._rp.read_text()) if self._rp.exists() else {}
         # Keep every engine's log for the last test session: the first place to
         # look when an end-to-end assertion fails.
@@ -106,7 +150,7 @@ class RunningEngine:
         for p in (self._jp, self._rp):
             p.unlink(missing_ok=True)
         return EngineResult(raw.get("outputs", []), raw.get("counters", {}),
-                            raw.get("namespace"), stderr, self.proc.returncode, raw)
+                            raw.get("namespace"), stderr, rc, raw)
 
 
 def start_engine(job: dict[str, Any], *,
