@@ -195,39 +195,10 @@ def bucket_keys(s3: Any, bucket: str) -> list[str]:
 def audit(endpoint_url: str, bucket: str, prefix: str = "s3kv") -> dict[str, str]:
     """Every manifest in the bucket, read back and every shard it names verified:
     chunk id -> ``"ok"`` or what is wrong with it."""
-    import asyncio
+    from tests.faults.kv_audit import read_bucket
 
-    from s3kv.config import StoreSettings
-    from s3kv.errors import IntegrityError, ManifestError
-    from s3kv.keys import KeyLayout
-    from s3kv.manifest import decode_manifest
-    from s3kv.reader import read_shard
-    from s3kv.store import open_store
-
-    layout = KeyLayout(prefix)
-
-    async def main() -> dict[str, str]:
-        store = await open_store(StoreSettings(bucket=bucket, endpoint_url=endpoint_url))
-        out: dict[str, str] = {}
-        try:
-            keys = [info.key async for page in store.list(prefix + "/") for info in page]
-            for key in keys:
-                if not key.endswith("/manifest.json"):
-                    continue
-                cid = key.rsplit("/", 2)[-2]
-                try:
-                    m = decode_manifest(await store.get(key), layout=layout,
-                                        expect_chunk_id=cid)
-                    for s in m.shards:
-                        await read_shard(store, m, s)
-                    out[cid] = "ok"
-                except (ManifestError, IntegrityError) as exc:
-                    out[cid] = f"{type(exc).__name__}: {exc}"
-        finally:
-            await store.close()
-        return out
-
-    return asyncio.run(main())
+    return {cid: got if isinstance(got, str) else "ok"
+            for cid, got in read_bucket(endpoint_url, bucket, prefix).items()}
 
 
 def committed_prefix(prompt: list[int], committed: set[str]) -> int:
