@@ -73,6 +73,7 @@ def run(job: dict[str, Any]) -> dict[str, Any]:
     batches = job.get("batches") or [job["prompts"]]
     first_pass: dict[str, float] = {}
     top_logprobs: list[list[list[float]]] = []
+    batch_counters: list[dict[str, float]] = []
     if job.get("ttft"):
         # Time to first token: a one-token generation per batch, measured alone.
         for batch in batches:
@@ -87,6 +88,8 @@ def run(job: dict[str, Any]) -> dict[str, Any]:
                            use_tqdm=False)
         seconds.append(time.perf_counter() - t)
         outputs.extend(list(r.outputs[0].token_ids) for r in res)
+        # The scheduler's counters after each batch: tests compare batches.
+        batch_counters.append(conn.counters.snapshot() if conn is not None else {})
         if top:
             top_logprobs.extend(_top_logprobs(r, top) for r in res)
     counters = conn.counters.snapshot() if conn is not None else {}
@@ -96,7 +99,7 @@ def run(job: dict[str, Any]) -> dict[str, Any]:
         counters.update(_worker_counters(llm))
     result = {"outputs": outputs, "batch_seconds": seconds, "ttft_seconds": ttfts,
               "startup_s": startup, "counters": counters, "first_pass_counters": first_pass,
-              "top_logprobs": top_logprobs,
+              "batch_counters": batch_counters, "top_logprobs": top_logprobs,
               "namespace": (conn.fingerprint.namespace
                             if conn is not None and conn.fingerprint is not None else None)}
     _shutdown(llm)

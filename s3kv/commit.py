@@ -26,8 +26,12 @@ forward path:
    already committed that chunk: success. Any rank failing, or a gather that
    times out, means no manifest; the shards are orphans for the GC.
 
-A round that cannot be accepted (upload memory full, committer broken) is
+A round that cannot be accepted (upload memory full, group re-forming) is
 still submitted as an empty-handed placeholder so ranks stay in step.
+
+Rank 0 reports how every chunk of every round ended (:meth:`Committer.take_outcomes`),
+so the scheduler can plan a failed save again; a failed gather is survived
+by re-forming the group (:mod:`s3kv.commit_group`).
 """
 
 from __future__ import annotations
@@ -40,12 +44,21 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 from typing_extensions import Buffer
 
 from s3kv.aio import LoopThread
-from s3kv.errors import AlreadyExists, ManifestError, StoreError
+from s3kv.commit_group import (
+    BACKOFF_S,
+    EventHook,
+    Gatherer,
+    LocalGatherer,
+    Outcomes,
+    Recovery,
+    RecoveryImpossible,
+)
+from s3kv.errors import AlreadyExists, ManifestError
 from s3kv.keys import ChunkRef, KeyLayout
 from s3kv.manifest import ShardEntry, new_manifest
 from s3kv.shard import seal
@@ -54,38 +67,8 @@ from s3kv.store.protocol import Get, Put
 
 log = logging.getLogger("s3kv.commit")
 
-EventHook = Callable[[str, dict[str, Any]], None]
-
-
-class Gatherer(Protocol):
-    """Collective transport for commit reports (GLOO in production)."""
-
-    rank: int
-    world_size: int
-
-    def gather(self, obj: Any) -> list[Any] | None:
-        """All ranks call in the same order; rank 0 gets every rank's object.
-
-        Raises on timeout or a dead peer.
-        """
-        ...
-
-    def broadcast(self, obj: Any) -> Any:
-        """Rank 0's ``obj`` on every rank (used once, at start-up)."""
-        ...
-
-
-class LocalGatherer:
-    """World size 1: the gather is the identity."""
-
-    rank = 0
-    world_size = 1
-
-    def gather(self, obj: Any) -> list[Any] | None:
-        return [obj]
-
-    def broadcast(self, obj: Any) -> Any:
-        return obj
+__all__ = ["ChunkSave", "Committer", "Gatherer", "LocalGatherer", "RecoveryImpossible",
+           "RoundReport", "ShardReport"]
 
 
 @dataclass(frozen=True)
@@ -123,8 +106,10 @@ class RoundReport:
 @dataclass
 class _Round:
     round_id: int
+    chunks: list[str] = field(default_factory=list)  # chunk ids, as submitted
     uploads: list[tuple[ChunkSave, Future[ShardReport]]] = field(default_factory=list)
     placeholders: list[ShardReport] = field(default_factory=list)
+    recovering: bool = False  # submitted while the group was broken: fails for that
 
 
 _STOP = object()
@@ -147,6 +132,7 @@ class Committer:
         num_heads: int | None = None,
         counters: Counters | None = None,
         on_event: EventHook | None = None,
+        reform_backoff: tuple[float, float] = BACKOFF_S,
     ) -> None:
         self.rank = gatherer.rank
         self.world_size = gatherer.world_size
@@ -165,7 +151,9 @@ class Committer:
         self.counters = counters or Counters()
         self._on_event = on_event
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        self._broken: str | None = None
+        self._recovery = Recovery(gatherer, self.counters, self._emit, reform_backoff)
+        self._outcomes = Outcomes()
+        self._seq = 0  # rounds consumed by the committer thread (its own counter)
         self._failures_unreported = 0
         self._next_failure_report = 0.0
         self._conflicts_unreported = 0
@@ -184,7 +172,7 @@ class Committer:
 
     def try_reserve(self, nbytes: int) -> bool:
         """Reserve upload memory before filling buffers; False means drop the round."""
-        if self._broken is not None:
+        if self._recovery.broken is not None:
             return False
         with self._inflight_lock:
             if self._inflight + nbytes > self._max_inflight:
@@ -201,10 +189,10 @@ class Committer:
         exactly these buffers. A round whose data is dropped is still queued,
         empty-handed, so this rank joins the round's gather and ranks stay in step.
         """
-        rnd = _Round(round_id)
+        rnd = _Round(round_id, [s.ref.chunk_id for s in saves])
         total = sum(memoryview(s.data).nbytes for s in saves if s.data is not None)
         accepted = reserved or self.try_reserve(total)
-        if accepted and self._broken is not None:
+        if accepted and self._recovery.broken is not None:
             with self._inflight_lock:
                 self._inflight -= total
             accepted = False
@@ -216,23 +204,27 @@ class Committer:
                     rnd.uploads.append(
                         (s, self._io.submit(self._upload(round_id, s, s.data))))
         else:
-            rnd.placeholders.extend(ShardReport(s.ref, False, error="dropped") for s in saves)
-            if saves:
-                self.counters.add("saves_dropped", len(saves))
-                self._emit("dropped", round_id=round_id, chunks=len(saves))
-        with self._progress:
-            self._submitted += 1
-        self._queue.put(rnd)
+            self._drop(rnd, [s.ref for s in saves])
+        self._enqueue(rnd)
         self._emit("submitted", round_id=round_id, chunks=len(saves), accepted=accepted)
         return accepted
 
     def submit_dropped(self, round_id: int, chunks: Sequence[ChunkRef]) -> None:
         """Join a round without data (no memory was reserved): keeps ranks in step."""
-        rnd = _Round(round_id)
-        rnd.placeholders = [ShardReport(ref, False, error="dropped") for ref in chunks]
-        if chunks:
+        rnd = _Round(round_id, [ref.chunk_id for ref in chunks])
+        self._drop(rnd, chunks)
+        self._enqueue(rnd)
+
+    def _drop(self, rnd: _Round, chunks: Sequence[ChunkRef]) -> None:
+        # While re-forming nothing is uploaded: the round cannot commit anyway.
+        rnd.recovering = self._recovery.broken is not None
+        error = "recovering" if rnd.recovering else "dropped"
+        rnd.placeholders.extend(ShardReport(ref, False, error=error) for ref in chunks)
+        if chunks and not rnd.recovering:
             self.counters.add("saves_dropped", len(chunks))
-            self._emit("dropped", round_id=round_id, chunks=len(chunks))
+            self._emit("dropped", round_id=rnd.round_id, chunks=len(chunks))
+
+    def _enqueue(self, rnd: _Round) -> None:
         with self._progress:
             self._submitted += 1
         self._queue.put(rnd)
@@ -321,72 +313,112 @@ class Committer:
             rnd = self._queue.get()
             if rnd is _STOP:
                 return
-            try:
+            self._consume(rnd, skip=False)
+            rec = self._recovery
+            if (rec.broken is not None and not rec.permanent
+                    and not rec.recover(lambda: self._seq, self._drain)):
+                return
+
+    def _consume(self, rnd: _Round, *, skip: bool) -> None:
+        seq = self._seq
+        self._seq += 1
+        try:
+            rec = self._recovery
+            if skip or rec.permanent or seq < rec.skip_until:
+                self.counters.add("commit_rounds_skipped")
+                self._report_failed(rnd)
+                self._emit("skipped", round_id=rnd.round_id, chunks=len(rnd.chunks))
+            else:
                 self._process(rnd)
-            finally:
-                with self._progress:
-                    self._processed += 1
-                    self._progress.notify_all()
+        except Exception:  # a bug; the thread must go on, or every later round stalls
+            log.exception("s3kv: commit round %d failed unexpectedly", rnd.round_id)
+        finally:
+            with self._progress:
+                self._processed += 1
+                self._progress.notify_all()
+
+    def _drain(self) -> bool:
+        """Consume every queued round as failed, while the group is re-forming;
+        False once the queue says stop."""
+        while True:
+            try:
+                rnd = self._queue.get_nowait()
+            except queue.Empty:
+                return True
+            if rnd is _STOP:
+                self._queue.put(_STOP)
+                return False
+            self._consume(rnd, skip=True)
+
+    def _report_failed(self, rnd: _Round) -> None:
+        if self.rank == 0:
+            self._outcomes.failed(dict.fromkeys(rnd.chunks))
 
     def _process(self, rnd: _Round) -> None:
         reports = list(rnd.placeholders)
         for _, fut in rnd.uploads:
             reports.append(fut.result())
-        if self._broken is not None:
-            return
+        if rnd.recovering:
+            self.counters.add("commit_rounds_skipped")
         report = RoundReport(rnd.round_id, self.rank, tuple(reports))
         try:
             gathered = self._gatherer.gather(report)
         except Exception as exc:
-            self._broken = f"gather of round {rnd.round_id} failed: {exc}"
             self.counters.add("commit_gather_failures")
-            log.warning("s3kv: commit group broken (%s); saving disabled, serving continues",
-                        self._broken)
-            self._emit("broken", round_id=rnd.round_id, error=str(exc))
+            self._report_failed(rnd)
+            self._recovery.fail(f"gather of round {rnd.round_id} failed: {exc}",
+                                round_id=rnd.round_id)
             return
         self._emit("gathered", round_id=rnd.round_id)
-        if self.rank == 0 and gathered is not None:
-            self._commit_round(rnd.round_id, gathered)
+        if self.rank == 0:
+            self._commit_round(rnd, gathered or [])
 
-    def _commit_round(self, round_id: int, gathered: list[RoundReport]) -> None:
+    def _commit_round(self, rnd: _Round, gathered: list[RoundReport]) -> None:
+        round_id = rnd.round_id
+        mine = set(rnd.chunks)  # outcomes are for what this rank was asked to save
         if sorted(r.rank for r in gathered) != list(range(self.world_size)) or any(
             r.round_id != round_id for r in gathered
         ):
-            self._broken = f"round {round_id}: ranks out of step"
-            log.warning("s3kv: %s; saving disabled", self._broken)
-            self._emit("broken", round_id=round_id, error=self._broken)
+            self._report_failed(rnd)
+            self._recovery.fail(f"round {round_id}: ranks out of step", round_id=round_id)
             return
         by_chunk: dict[str, list[ShardReport]] = {}
         for r in gathered:
             for s in r.shards:
                 by_chunk.setdefault(s.ref.chunk_id, []).append(s)
         for cid, shards in by_chunk.items():
-            entries = [s.entry for s in shards if s.ok and s.entry is not None]
-            if len(shards) != self.world_size or not all(s.ok for s in shards):
-                self.counters.add("chunks_not_committed")
-                self._emit("not_committed", chunk_id=cid)
-                continue
-            ref = shards[0].ref
-            try:
-                if any(s.ref != ref for s in shards):  # every rank got the same plan: a bug
-                    raise ManifestError("ranks disagree on the chunk's parent, index or tokens")
-                manifest = new_manifest(
-                    namespace=self._ns, chunk_id=cid, parent_id=ref.parent_id,
-                    chunk_index=ref.index, num_tokens=ref.num_tokens,
-                    writer=self._writer, shards=entries, tp_size=self.world_size,
-                )
-                if self._num_heads is not None and manifest.num_heads != self._num_heads:
-                    raise ManifestError(f"shards cover {manifest.num_heads} KV heads, "
-                                        f"the model has {self._num_heads}")
-            except ManifestError as exc:  # ranks disagree on the heads or on the chunk
-                self.counters.add("chunks_not_committed")
-                self._emit("not_committed", chunk_id=cid, error=str(exc))
-                log.warning("s3kv: chunk %s not committed: %s", cid[:12], exc)
-                continue
+            if not self._commit_chunk(cid, shards) and cid in mine:
+                self._outcomes.failed([cid])
+
+    def _commit_chunk(self, cid: str, shards: list[ShardReport]) -> bool:
+        """Start the manifest write; False if the chunk cannot commit."""
+        entries = [s.entry for s in shards if s.ok and s.entry is not None]
+        if len(shards) != self.world_size or not all(s.ok for s in shards):
+            self.counters.add("chunks_not_committed")
+            self._emit("not_committed", chunk_id=cid)
+            return False
+        ref = shards[0].ref
+        try:
+            if any(s.ref != ref for s in shards):  # every rank got the same plan: a bug
+                raise ManifestError("ranks disagree on the chunk's parent, index or tokens")
+            manifest = new_manifest(
+                namespace=self._ns, chunk_id=cid, parent_id=ref.parent_id,
+                chunk_index=ref.index, num_tokens=ref.num_tokens,
+                writer=self._writer, shards=entries, tp_size=self.world_size,
+            )
+            if self._num_heads is not None and manifest.num_heads != self._num_heads:
+                raise ManifestError(f"shards cover {manifest.num_heads} KV heads, "
+                                    f"the model has {self._num_heads}")
             fut = self._io.submit(self._put_manifest(cid, manifest.encode()))
-            with self._mf_lock:
-                self._manifest_futures = [f for f in self._manifest_futures if not f.done()]
-                self._manifest_futures.append(fut)
+        except Exception as exc:  # ranks disagree on the heads or on the chunk
+            self.counters.add("chunks_not_committed")
+            self._emit("not_committed", chunk_id=cid, error=str(exc))
+            log.warning("s3kv: chunk %s not committed: %s", cid[:12], exc)
+            return False
+        with self._mf_lock:
+            self._manifest_futures = [f for f in self._manifest_futures if not f.done()]
+            self._manifest_futures.append(fut)
+        return True
 
     async def _put_manifest(self, cid: str, doc: bytes) -> None:
         key = self._layout.manifest(self._ns, cid)
@@ -398,16 +430,34 @@ class Committer:
         except AlreadyExists:
             self.counters.add("chunks_already_committed")
             self._emit("commit_exists", chunk_id=cid, key=key)
-        except StoreError as exc:
+        except Exception as exc:
             self.counters.add("commit_failures")
             self._emit("commit_failed", chunk_id=cid, error=str(exc))
             log.warning("s3kv: manifest write for chunk %s failed: %s", cid[:12], exc)
+            self._outcomes.failed([cid])
+            return
+        self._outcomes.committed(cid)
 
     # --- lifecycle ------------------------------------------------------------
 
     @property
     def broken(self) -> str | None:
-        return self._broken
+        """Why saving is off (while the group re-forms, or for good); None when healthy."""
+        return self._recovery.broken
+
+    @property
+    def reforms(self) -> int:
+        return self._recovery.reforms
+
+    def take_outcomes(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """(committed, failed) chunk ids learned since the previous call.
+
+        Every chunk of every round submitted on rank 0 appears in exactly one
+        of the two, exactly once, once its save has ended; committed includes
+        a chunk another writer committed first. Only rank 0 learns outcomes:
+        other ranks always get ``((), ())``.
+        """
+        return self._outcomes.take()
 
     def flush(self, timeout: float) -> bool:
         """Wait until every round submitted so far is gathered and its manifests
@@ -427,6 +477,7 @@ class Committer:
         return True
 
     def close(self, timeout: float = 10.0) -> None:
+        self._recovery.stop()
         self._queue.put(_STOP)
         self._thread.join(timeout)
 

@@ -70,6 +70,9 @@ class Settings:
     namespace_tag: str = ""
     admission: Admission = "all"
     admission_window: int = 1_000_000
+    hedge_reads: bool = True
+    hedge_quantile: float = 0.95
+    hedge_budget: float = 0.1
 
 
 _STORE_KEYS = {f.name for f in fields(StoreSettings)}
@@ -94,6 +97,12 @@ def _check_type(key: str, value: Any, annotation: Any, default: Any) -> Any:
         choices = _literal_choices(base)
         if value not in choices:
             raise ConfigError(key, f"got {value!r}", choices=sorted(choices))
+        return value
+    if base is bool:
+        # Only a real JSON boolean: "false" or 0 reading as a truthy or falsy
+        # switch is exactly the silent fallback this parser exists to prevent.
+        if not isinstance(value, bool):
+            raise ConfigError(key, f"must be true or false, got {type(value).__name__} {value!r}")
         return value
     if base is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -178,6 +187,13 @@ def _validate_semantics(values: dict[str, Any]) -> None:
         if isinstance(frac, (int, float)) and not isinstance(frac, bool) and frac > 10:
             raise ConfigError(key, f"{frac!r} is a fraction of the recompute time; "
                               "use a value in (0, 10]")
+    for key, closed in (("hedge_quantile", False), ("hedge_budget", True)):
+        val = values.get(key)
+        # Written so that NaN fails too: every comparison with it is false.
+        if (isinstance(val, (int, float)) and not isinstance(val, bool)
+                and not (0 < val < 1 or (closed and val == 1))):
+            interval = "(0, 1]" if closed else "(0, 1)"
+            raise ConfigError(key, f"{val!r} is out of range; use a value in {interval}")
     tag = values.get("namespace_tag", "")
     if isinstance(tag, str) and len(tag) > 128:
         raise ConfigError("namespace_tag", "must be at most 128 characters")

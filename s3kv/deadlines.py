@@ -13,10 +13,22 @@ by
   so a store that has stalled is noticed long before the budget runs out;
 * a floor, ``min_wait_s`` for lookups and ``min_load_wait_s`` for loads, so
   that short prompts on fast engines still get a chance at a hit, and an
-  absolute bound, ``load_timeout_s``, for operators.
+  absolute bound, ``load_timeout_s``, for operators. A chance at a hit means
+  at least what the store takes to answer 99 rounds in 100 (hedged reads,
+  :mod:`s3kv.store.hedged`, have already cut its tail): against a store
+  that is slow but healthy (a bucket in another region, disks under load, a
+  share of slow answers), the lookup floor rises to ``TYPICAL_FACTOR``
+  times the 99th percentile of its round trips. Only so far, though: up to
+  ``FLOOR_STRETCH`` times ``min_wait_s``. A store whose usual round trip
+  is beyond ``STALLED_STRETCH`` times ``min_wait_s`` is not "slow but
+  healthy" for a lookup but stalled, and waiting for it is what the floor
+  exists to bound: the floor is ``min_wait_s`` again.
 
-Until there are measurements the wait is the floor: the conservative choice
-when nothing says a recompute would be slow.
+Before the engine has timed a prefill, the recompute side is unknown and
+the wait is the floor, which follows the store's latency from its first
+sample on: the engine reads its namespace document back at start-up, on the
+connection its write set up, so a healthy cold start against a slow but
+healthy store is not a miss.
 """
 
 from __future__ import annotations
@@ -31,6 +43,14 @@ from s3kv.config import Settings
 # about what a prefill costs per token.
 _MIN_STEP_TOKENS = 256
 _EWMA_ALPHA = 0.2
+# A round trip within this many times the store's 99th percentile is "as usual".
+TYPICAL_FACTOR = 1.25
+TYPICAL_QUANTILE = 0.99
+# The lookup floor follows a slow store up to this many times min_wait_s; a
+# store whose usual round trip is beyond STALLED_STRETCH times min_wait_s is
+# not slow but stalled, and gets min_wait_s.
+FLOOR_STRETCH = 4.0
+STALLED_STRETCH = 10.0
 
 
 class _Ewma:
@@ -67,9 +87,12 @@ class LatencyWindow:
         self._samples.append(seconds)
 
     def high(self, q: float = 0.95) -> float | None:
+        """The ``q`` quantile; with few samples, the slowest seen (None: no samples)."""
         samples = sorted(self._samples)
-        if len(samples) < self._min:
+        if not samples:
             return None
+        if len(samples) < self._min:
+            return samples[-1]
         return samples[min(len(samples) - 1, math.ceil(q * len(samples)) - 1)]
 
 
@@ -127,7 +150,26 @@ class Deadlines:
         budget = None if recompute is None else self._s.lookup_wait_fraction * recompute
         high = self.rounds.high()
         ceiling = None if high is None else self._s.latency_factor * high
-        return self._bounded(budget, ceiling)
+        floor = self.lookup_floor_s()
+        if budget is None:
+            # No prefill timed yet (the first requests): nothing says a recompute
+            # is slow, so the wait is the floor (what the store usually takes).
+            return min(self._s.load_timeout_s, floor)
+        return self._bounded(budget, ceiling, floor)
+
+    def lookup_floor_s(self) -> float:
+        """``min_wait_s``, or what the store usually takes if it is slower.
+
+        The first sample is the start-up read (s3kv.index), so the first
+        lookups of an engine already wait what this store takes."""
+        floor = self._s.min_wait_s
+        typical = self.rounds.high(TYPICAL_QUANTILE)
+        if typical is None:
+            return floor
+        usual = TYPICAL_FACTOR * typical
+        if usual <= floor or usual > STALLED_STRETCH * floor:
+            return floor
+        return min(usual, FLOOR_STRETCH * floor)
 
     def load_s(self, tokens: int, nbytes: int) -> float:
         """How long a request's loads of ``tokens`` tokens (``nbytes`` bytes) may take."""
@@ -141,7 +183,16 @@ class Deadlines:
         return self._bounded(budget, ceiling, self._s.min_load_wait_s)
 
     def probe_s(self) -> float:
-        """How fast a probe must be answered for the store to count as healthy."""
+        """How fast a probe must be answered for the store to count as healthy.
+
+        From the store's observed latency, never the lookup floor: a store
+        that is slow but answering is up, and a probe held to a lookup's
+        0.1 s would keep the cache off against a healthy far-away bucket."""
         high = self.rounds.high()
-        ceiling = None if high is None else self._s.latency_factor * high
-        return self._bounded(None, ceiling)
+        ceiling = 0.0 if high is None else self._s.latency_factor * high
+        return min(self._s.load_timeout_s, max(self._s.min_load_wait_s, ceiling))
+
+    def stall_s(self) -> float:
+        """How long the store may answer nothing at all, while lookups miss their
+        deadlines, before the breaker calls it down (see s3kv.breaker)."""
+        return self.probe_s()

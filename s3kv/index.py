@@ -12,12 +12,21 @@ interface is small and never blocks:
   for the next request.
 * :meth:`CacheIndex.load_started` / :meth:`CacheIndex.load_finished` bracket
   a request's loads: the first gives the loads' deadline, the second feeds
-  the transfer-time estimate and the breaker.
-* :meth:`CacheIndex.plan_store` decides whether a chunk is worth saving.
+  the transfer-time estimate. A failed load costs its request only: it is
+  never evidence of an outage (the time it took includes engine steps and
+  queueing; a 404 after GC is an answer).
+* :meth:`CacheIndex.plan_store` decides whether a chunk is worth saving, and
+  :meth:`CacheIndex.store_finished` closes that plan with the commit's
+  outcome: a chunk whose save was dropped or failed is planned again the
+  next time it is computed, and a chunk found missing (GC) is saved again.
+
+The breaker (:mod:`s3kv.breaker`) hears every answer the store gives and
+every lookup that went unanswered; one late answer never turns the cache off.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections import OrderedDict, deque
@@ -45,6 +54,10 @@ log = logging.getLogger("s3kv.index")
 # repeated prefix skip its lookup round trips.
 _MANIFEST_TTL_S = 300.0
 _MANIFEST_CACHE_ITEMS = 20_000
+# A planned save whose outcome never comes back (a worker that died, an
+# outcome lost) may be planned again after this long past the commit timeout.
+_PLAN_GRACE_S = 60.0
+_MAX_PLANNED = 200_000
 
 
 class _ManifestCache:
@@ -106,13 +119,16 @@ class CacheIndex:
         self.deadlines = Deadlines(settings)
         self.breaker = Breaker(
             probe=self._probe, io=io, probe_interval_s=settings.probe_interval_s,
-            probe_timeout_s=self.deadlines.probe_s, counters=counters,
+            probe_timeout_s=self.deadlines.probe_s, stall_s=self.deadlines.stall_s,
+            counters=counters, clock=clock,
         )
         self.admission = AdmissionPolicy(settings.admission, settings.admission_window)
         self._absent = TTLSet(settings.lookup_ttl_s)
         self._bad = TTLSet(max(60.0, settings.lookup_ttl_s))
         self._committed = LRUSet()
-        self._planned = LRUSet()
+        # Chunks being saved (chunk id -> when planned), until store_finished.
+        self._planned: OrderedDict[str, float] = OrderedDict()
+        self._plan_ttl = settings.commit_timeout_s + _PLAN_GRACE_S
         self._manifests = _ManifestCache(_MANIFEST_TTL_S, _MANIFEST_CACHE_ITEMS)
         self._pending: dict[str, _Pending] = {}
         # Lookups that outlived their deadline, finished on the I/O thread;
@@ -120,9 +136,26 @@ class CacheIndex:
         self._late: deque[tuple[list[str], Future[list[Manifest]]]] = deque()
         self._running_late = 0
         self._loads: dict[str, _Load] = {}
+        self._started: Future[None] | None = None
         if store is not None:
-            # Never awaited: start-up requests must not delay serving.
-            io.submit(self._describe_namespace(store))
+            # Awaited only by wait_started, and for a bounded time.
+            self._started = io.submit(self._describe_namespace(store))
+
+    def wait_started(self, timeout_s: float) -> bool:
+        """Give the start-up write and read-back up to ``timeout_s`` to answer.
+
+        Called once while the engine starts, never while serving: a store
+        that answers gives the first latency sample before the first request
+        (an engine can take its first request within milliseconds of building
+        its scheduler), so that request's lookup already waits what this store
+        takes; one that does not answer costs start-up that long, once."""
+        if self._started is None:
+            return False
+        try:
+            self._started.result(timeout_s)
+        except Exception:  # timed out; errors went to the breaker
+            return False
+        return True
 
     @property
     def available(self) -> bool:
@@ -132,14 +165,22 @@ class CacheIndex:
 
     async def _describe_namespace(self, store: ObjectStore) -> None:
         # Describe the namespace once (for `s3kv ls`); doubles as a start-up probe.
+        # Then read it back: on the connection the write set up, that GET is
+        # what a lookup round costs, the first latency sample, so an engine's
+        # first lookups wait what this store takes (s3kv.deadlines), not the
+        # connection set-up nor the start-up's busy CPU.
+        doc = self.layout.namespace_doc(self.ns)
         try:
-            await store.put(self.layout.namespace_doc(self.ns), self.fingerprint.document(),
-                            mode="create")
-            self.breaker.success()
-        except AlreadyExists:
-            self.breaker.success()
+            with contextlib.suppress(AlreadyExists):
+                await store.put(doc, self.fingerprint.document(), mode="create")
+            self.breaker.answered()
+            t0 = time.monotonic()
+            await store.get(doc)
         except StoreError as exc:
             self.breaker.failure(exc)
+            return
+        self.deadlines.observe_round(time.monotonic() - t0)
+        self.breaker.answered()
 
     async def _probe(self) -> object:
         if self.store is None:
@@ -188,7 +229,6 @@ class CacheIndex:
             self.counters.add("lookup_errors")
             self.breaker.failure(exc)
             return self._cached_prefix(candidates)
-        self.breaker.success()
         self._learn(pending.fetching, found)
         return self._answer(candidates, found)
 
@@ -214,10 +254,15 @@ class CacheIndex:
         progress: list[Manifest] = []
         future = self.io.submit(find_committed_prefix(
             store, self.layout, self.ns, fetching, num_heads=self.fingerprint.num_kv_heads,
-            progress=progress, on_round=self.deadlines.observe_round,
+            progress=progress, on_round=self._on_round,
         ))
         self._pending[key] = _Pending(future, fetching, now, wait, now + wait, progress)
         self.counters.add("lookups")
+
+    def _on_round(self, seconds: float) -> None:
+        # On the I/O thread: a round the store answered (404s included).
+        self.deadlines.observe_round(seconds)
+        self.breaker.answered()
 
     def _give_up(self, key: str, pending: _Pending, now: float, candidates: Sequence[str]
                  ) -> tuple[Manifest, ...]:
@@ -232,10 +277,10 @@ class CacheIndex:
             self.counters.add("lookups_truncated")
         else:
             # Not one round trip answered in the time a recompute can afford:
-            # stop asking until a probe says the store is back.
+            # this request goes on without the cache. One such miss is a tail;
+            # the breaker decides whether many of them are an outage.
             self.counters.add("lookup_deadline_misses")
-            self.breaker.failure(Unavailable(
-                f"no answer to a lookup within its {pending.wait:.3f}s deadline"))
+            self.breaker.missed(f"no answer within the lookup's {pending.wait:.3f}s deadline")
         for m in found:
             self._committed.add(m.chunk_id)
             self._manifests.add(m)
@@ -246,20 +291,31 @@ class CacheIndex:
 
     def _known_missing(self, cid: str) -> bool:
         # Recently missing; a chunk this engine has planned to save since is asked again.
-        return cid in self._bad or (cid in self._absent and cid not in self._planned)
+        return cid in self._bad or (cid in self._absent and not self._is_planned(cid))
 
     def _learn(self, fetching: list[str], found: list[Manifest]) -> None:
         for m in found:
             self._committed.add(m.chunk_id)
             self._manifests.add(m)
         if len(found) < len(fetching):
-            self._absent.add(fetching[len(found)])
+            missing = fetching[len(found)]
+            self._absent.add(missing)
+            # Committed once, gone now (GC, a lifecycle rule): save it again.
+            self._committed.discard(missing)
+            self._manifests.discard(missing)
 
     def _drain_late(self) -> None:
         while self._late:
             fetching, future = self._late.popleft()
             self._running_late -= 1
-            if future.cancelled() or future.exception() is not None:
+            if future.cancelled():
+                continue
+            exc = future.exception()
+            if exc is not None:
+                # The store failed the request in the end (client timeout,
+                # refused): that is evidence, where the missed deadline was not.
+                self.counters.add("lookup_errors")
+                self.breaker.failure(exc)
                 continue
             self._learn(fetching, future.result())
 
@@ -296,31 +352,68 @@ class CacheIndex:
             saved = self.deadlines.recompute_s(load.tokens)
             if saved is not None:
                 self.counters.add("recompute_seconds_saved_est", saved)
-        elif elapsed >= load.deadline_s:
-            # Loads abandoned at their deadline: the store stalled mid-transfer.
-            self.breaker.failure(Unavailable(
-                f"loads not done within their {load.deadline_s:.3f}s deadline"))
+        # A failed load costs its request, never the cache: the time it took
+        # runs on the scheduler's clock (steps, queueing behind other loads),
+        # and a 404 or a bad checksum is an answer, not an outage.
 
     def mark_bad(self, chunk_id: str) -> None:
-        """A chunk failed to load: never offer it again for a while."""
+        """A chunk failed to load: never offer it again for a while, and let a
+        recompute of it be saved again (its objects may be gone)."""
         self._bad.add(chunk_id)
         self._manifests.discard(chunk_id)
+        self._committed.discard(chunk_id)
 
     # --- saves -------------------------------------------------------------------------
 
     def plan_store(self, chunk_id: str, requested: bool) -> bool:
-        """Whether to save ``chunk_id`` now (and remember that it is being saved)."""
-        if chunk_id in self._committed or chunk_id in self._planned:
+        """Whether to save ``chunk_id`` now; a True opens a plan that
+        :meth:`store_finished` closes."""
+        if chunk_id in self._committed or self._is_planned(chunk_id):
             return False
-        if not self.breaker.allow():
-            # The store is not answering: uploads would only queue up in memory.
+        if not self.saves_allowed():
+            # The store is down: uploads would only queue up in memory. The
+            # chunk is not remembered, so it is planned again once it is back.
             self.counters.add("saves_skipped_store_down")
             return False
         if not self.admission.admit(chunk_id, requested):
             self.counters.add("admission_skipped")
             return False
-        self._planned.add(chunk_id)
+        self._planned[chunk_id] = self._clock()
+        self._planned.move_to_end(chunk_id)
+        while len(self._planned) > _MAX_PLANNED:
+            self._planned.popitem(last=False)
         return True
+
+    def saves_allowed(self) -> bool:
+        """Saves flow unless the breaker is open: slow lookups do not stop them
+        (they are off the forward path and bounded by upload memory)."""
+        return self.breaker.allow()
+
+    def store_finished(self, chunk_id: str, ok: bool) -> None:
+        """The commit's outcome for a planned chunk: committed, or not (dropped,
+        failed, its round lost); a chunk not committed may be planned again."""
+        self._planned.pop(chunk_id, None)
+        if ok:
+            self._committed.add(chunk_id)
+            self._absent.discard(chunk_id)
+        else:
+            self.counters.add("save_plans_failed")
+
+    def _is_planned(self, chunk_id: str) -> bool:
+        when = self._planned.get(chunk_id)
+        if when is None:
+            return False
+        if self._clock() - when < self._plan_ttl:
+            return True
+        # No outcome came back in time: plan it again (and expire older plans).
+        now = self._clock()
+        while self._planned:
+            cid, t = next(iter(self._planned.items()))
+            if now - t < self._plan_ttl:
+                break
+            del self._planned[cid]
+            self.counters.add("save_outcomes_lost")
+        return False
 
     def loaded(self, chunk_ids: Sequence[str]) -> None:
         """Chunks about to be loaded are committed: never plan to save them."""

@@ -99,6 +99,9 @@ class TTLSet:
             return False
         return True
 
+    def discard(self, key: str) -> None:
+        self._items.pop(key, None)
+
 
 class LRUSet:
     """Bounded membership set (chunks known committed or already saved)."""
@@ -115,3 +118,6 @@ class LRUSet:
 
     def __contains__(self, key: object) -> bool:
         return key in self._items
+
+    def discard(self, key: str) -> None:
+        self._items.pop(key, None)

@@ -65,6 +65,12 @@ _ALL: tuple[Metric, ...] = (
     _c("list_requests", "requests", BOTH, "S3 LIST requests issued (one per page)"),
     _c("delete_requests", "requests", BOTH,
        "S3 DeleteObjects requests issued (up to 1,000 keys each)"),
+    # --- hedged reads, counted by s3kv.store.hedged.HedgedStore on both sides ---
+    _c("hedged_gets", "requests", BOTH,
+       "Second GETs sent for a read not answered within the hedge delay "
+       "(also counted in get_requests)"),
+    _c("hedge_wins", "requests", BOTH,
+       "Reads answered by the hedged second GET rather than the first"),
     # --- scheduler: lookups ---
     _c("lookups", "lookups", SCHEDULER, "Manifest lookups started for a request's chunks"),
     _c("hit_chunks", "chunks", SCHEDULER, "Chunks found committed by a lookup"),
@@ -82,9 +88,19 @@ _ALL: tuple[Metric, ...] = (
     _c("lookups_skipped_store_down", "lookups", SCHEDULER,
        "Lookups not started because the circuit breaker is open (served as a miss)"),
     _c("breaker_opens", "events", SCHEDULER,
-       "Times the circuit breaker opened (S3 unreachable or slow: the cache is bypassed)"),
+       "Times the circuit breaker opened (S3 down or stalled: the cache is bypassed)"),
     _c("breaker_probes", "probes", SCHEDULER,
        "Background probes (one small GET each) sent while the circuit breaker is open"),
+    _c("breaker_opens_errors", "events", SCHEDULER,
+       "Breaker openings on S3 errors (refused, reset, 5xx or throttled after retries, "
+       "client timeouts, denied credentials)"),
+    _c("breaker_opens_stalled", "events", SCHEDULER,
+       "Breaker openings on a stall: lookups unanswered in a row and no answer at all "
+       "for longer than the store normally takes"),
+    _c("breaker_closes", "events", SCHEDULER,
+       "Times the circuit breaker closed again (a probe was answered)"),
+    _c("breaker_open_seconds", "seconds", SCHEDULER,
+       "Seconds the cache was off because the circuit breaker was open (counted at close)"),
     _c("cache_wait_seconds", "seconds", SCHEDULER,
        "Seconds requests spent waiting for lookups and loads before computing"),
     _c("recompute_seconds_saved_est", "seconds", SCHEDULER,
@@ -96,6 +112,12 @@ _ALL: tuple[Metric, ...] = (
     _c("admission_skipped", "chunks", SCHEDULER, "Full chunks the admission policy did not save"),
     _c("saves_skipped_store_down", "chunks", SCHEDULER,
        "Chunk saves not planned because the circuit breaker is open"),
+    _c("save_plans_failed", "chunks", SCHEDULER,
+       "Planned saves that did not commit (dropped, failed, round lost): planned again "
+       "the next time the chunk is computed"),
+    _c("save_outcomes_lost", "chunks", SCHEDULER,
+       "Planned saves whose outcome never came back within the commit timeout "
+       "(planned again)"),
     _c("failed_loads", "requests", SCHEDULER,
        "Requests with at least one chunk that failed to load (those blocks recompute)"),
     # --- worker: saves and commits ---
@@ -114,7 +136,11 @@ _ALL: tuple[Metric, ...] = (
        "Chunks not committed because a rank's upload failed or ranks disagreed"),
     _c("commit_failures", "chunks", WORKER, "Manifest writes that failed"),
     _c("commit_gather_failures", "events", WORKER,
-       "Commit gathers that timed out or lost a peer (saving stops on that rank)"),
+       "Commit gathers that timed out or lost a peer (saving pauses while the group re-forms)"),
+    _c("commit_group_reforms", "events", WORKER,
+       "Times the commit group was re-formed after a failed gather (saving resumed)"),
+    _c("commit_rounds_skipped", "rounds", WORKER,
+       "Save rounds reported failed because the commit group was re-forming or resyncing"),
     # --- worker: loads and the forward path ---
     _c("bytes_loaded", "bytes", WORKER, "Shard bytes loaded and verified"),
     _c("load_seconds", "seconds", WORKER, "Seconds spent fetching and verifying shards"),

@@ -17,6 +17,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorBase_V1,
     KVConnectorMetadata,
     KVConnectorRole,
+    KVConnectorWorkerMetadata,
 )
 from vllm.distributed.kv_transfer.kv_connector.v1.metrics import (
     KVConnectorPromMetrics,
@@ -157,6 +158,11 @@ class S3KVConnector(KVConnectorBase_V1):
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         return self._worker.take_load_errors() if self._worker is not None else set()
+
+    def build_connector_worker_meta(self) -> KVConnectorWorkerMetadata | None:
+        # Once per step on every rank, after wait_for_save: rank 0's commit
+        # outcomes (the scheduler closes its save plans) and late loads.
+        return self._worker.take_report() if self._worker is not None else None
 
     def get_kv_connector_stats(self) -> KVConnectorStats | None:
         if self._sched is not None:

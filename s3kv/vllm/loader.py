@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 import warnings
 from concurrent.futures import Future
@@ -52,6 +53,10 @@ class Loader:
         self.store: ObjectStore | None = None
         self._jobs: dict[str, tuple[Future[set[int]], set[int]]] = {}
         self._errors: set[int] = set()
+        # Chunks abandoned at their deadline: added on the I/O thread, taken
+        # on the worker's.
+        self._late: set[str] = set()
+        self._late_lock = threading.Lock()
         self._sem: asyncio.Semaphore | None = None
         self._stream: Any = None
 
@@ -107,6 +112,8 @@ class Loader:
                 pieces = await asyncio.wait_for(self._fetch(ch), max(0.0, until - loop.time()))
             except TimeoutError:
                 self.counters.add("load_deadline_misses")
+                with self._late_lock:
+                    self._late.add(ch.manifest.chunk_id)
                 raise
             await loop.run_in_executor(None, self._copy_in, pieces, ch, issued)
             self.counters.add("bytes_loaded", sum(len(p.payload) for p in pieces))
@@ -156,6 +163,12 @@ class Loader:
             done.add(req_id)
             del self._jobs[req_id]
         return done
+
+    def take_late(self) -> set[str]:
+        """Chunks whose loads were abandoned at their deadline since the last call."""
+        with self._late_lock:
+            out, self._late = self._late, set()
+        return out
 
     def take_errors(self) -> set[int]:
         out, self._errors = self._errors, set()

@@ -1,10 +1,14 @@
-"""What the scheduler sends every worker each step (identical on every rank)."""
+"""What the scheduler sends every worker each step (identical on every rank), and
+what the workers send back: the commit's outcome of each planned save."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorMetadata
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+    KVConnectorMetadata,
+    KVConnectorWorkerMetadata,
+)
 
 from s3kv.keys import ChunkRef
 from s3kv.manifest import Manifest
@@ -41,3 +45,28 @@ class S3KVMetadata(KVConnectorMetadata):
     loads: list[LoadRequest] = field(default_factory=list)
     saves: list[SaveChunk] = field(default_factory=list)
     round_id: int = -1
+
+
+@dataclass
+class WorkerReport(KVConnectorWorkerMetadata):
+    """What the scheduler cannot see from vLLM's own output.
+
+    ``committed`` / ``failed``: chunks whose planned save committed, or ended
+    without a commit. Only rank 0 writes manifests, so only rank 0 has these;
+    the scheduler closes its save plans with them (s3kv.index).
+    ``late_loads``: chunks whose loads were abandoned at their deadline. vLLM
+    hears of them only as failed blocks; they are slow, not damaged, so the
+    scheduler does not set them aside as bad.
+
+    vLLM merges every rank's report of a step with :meth:`aggregate` before
+    handing it to the scheduler."""
+
+    committed: tuple[str, ...] = ()
+    failed: tuple[str, ...] = ()
+    late_loads: tuple[str, ...] = ()
+
+    def aggregate(self, other: KVConnectorWorkerMetadata) -> KVConnectorWorkerMetadata:
+        if not isinstance(other, WorkerReport):
+            raise TypeError(f"cannot merge {type(other).__name__} into WorkerReport")
+        return WorkerReport(self.committed + other.committed, self.failed + other.failed,
+                            self.late_loads + other.late_loads)

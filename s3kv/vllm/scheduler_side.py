@@ -28,8 +28,8 @@ from s3kv.keys import ChunkRef, Fingerprint, chunk_id
 from s3kv.manifest import Manifest
 from s3kv.stats import Counters
 from s3kv.store import ObjectStore, open_store
-from s3kv.store.counting import CountingStore
-from s3kv.vllm.metadata import LoadChunk, LoadRequest, S3KVMetadata, SaveChunk
+from s3kv.store.hedged import hedged
+from s3kv.vllm.metadata import LoadChunk, LoadRequest, S3KVMetadata, SaveChunk, WorkerReport
 from s3kv.vllm.namespace import lora_identity
 
 if TYPE_CHECKING:
@@ -48,6 +48,7 @@ class _Req:
     chunk_ids: list[str] = field(default_factory=list)
     block_ids: list[int] = field(default_factory=list)
     saved_upto: int = 0  # chunks [0, saved_upto) are planned, committed or skipped
+    computed_chunks: int = 0  # full chunks computed so far (for the save accounting)
     hits: tuple[Manifest, ...] = ()
     hit_start_chunk: int = 0
     local_tokens: int = 0
@@ -237,7 +238,9 @@ class SchedulerSide:
             elif new_ids:
                 st.block_ids.extend(new_ids[0])
             computed[req_id] = cached.num_computed_tokens[i]
-        if self.can_save and self.index.available:
+        # While the store is down, saves wait where they are (saved_upto does not
+        # move): a request still running when it is back saves them then.
+        if self.can_save and self.index.available and self.index.saves_allowed():
             for req_id, before in computed.items():
                 self._plan_saves(req_id, before + so.num_scheduled_tokens.get(req_id, 0), meta)
         if meta.saves:
@@ -251,6 +254,7 @@ class SchedulerSide:
         if not st.cacheable:
             return
         ids = self._chunk_ids(st, computed_after)
+        st.computed_chunks = max(st.computed_chunks, len(ids))
         for ci in range(st.saved_upto, len(ids)):
             cid = ids[ci]
             blocks = st.block_ids[ci * self.blocks_per_chunk : (ci + 1) * self.blocks_per_chunk]
@@ -277,13 +281,22 @@ class SchedulerSide:
         self._last_step_done = now
 
     def update_connector_output(self, output: KVConnectorOutput) -> None:
+        report = getattr(output, "kv_connector_worker_meta", None)
+        late: set[str] = set()
+        if isinstance(report, WorkerReport):
+            for cid in report.committed:
+                self.index.store_finished(cid, ok=True)
+            for cid in report.failed:
+                self.index.store_finished(cid, ok=False)
+            late = set(report.late_loads)
         failed_blocks = getattr(output, "invalid_block_ids", None) or set()
         failed_reqs = set(getattr(output, "failed_recving", None) or ())
         for bid in failed_blocks:
             owner = self._load_blocks.get(bid)
             if owner is not None:
                 failed_reqs.add(owner[0])
-                self.index.mark_bad(owner[1])
+                if owner[1] not in late:  # slow is not damaged: offer it again
+                    self.index.mark_bad(owner[1])
         for req_id in failed_reqs:
             st = self._reqs.get(req_id)
             if st is not None:
@@ -291,6 +304,11 @@ class SchedulerSide:
                 # offer of the same blocks would loop forever.
                 st.load_failed = True
                 self.counters.add("failed_loads")
+                # vLLM recomputes the blocks that did not load: offer the
+                # chunks for saving again once they are computed. The index
+                # skips those it knows are committed; a chunk marked bad (its
+                # objects gone after GC, or damaged) is saved anew.
+                st.saved_upto = min(st.saved_upto, st.hit_start_chunk)
         for req_id in getattr(output, "finished_recving", None) or ():
             self.index.load_finished(req_id, ok=req_id not in failed_reqs)
             self._forget_load_blocks(req_id)
@@ -300,7 +318,10 @@ class SchedulerSide:
             del self._load_blocks[bid]
 
     def request_finished(self, request: Request) -> None:
-        self._reqs.pop(request.request_id, None)
+        st = self._reqs.pop(request.request_id, None)
+        if st is not None and st.cacheable and st.computed_chunks > st.saved_upto:
+            # Full chunks never planned: the store was down while this request ran.
+            self.counters.add("saves_skipped_store_down", st.computed_chunks - st.saved_upto)
         self.index.forget(request.request_id)
         self._pending_loads.pop(request.request_id, None)
         self._forget_load_blocks(request.request_id)
@@ -312,11 +333,15 @@ def _open_index(settings: Settings, fingerprint: Fingerprint, counters: Counters
     # loop may not). The index's namespace write is the first request.
     store: ObjectStore | None = None
     try:
-        store = CountingStore(io.run(open_store(settings.store), timeout=60), counters)
+        store = hedged(io.run(open_store(settings.store), timeout=60), settings, counters)
     except Exception as exc:  # missing credentials, bad endpoint: serve without cache
         log.warning("s3kv: cannot open the object store (%s: %s); serving without the cache",
                     type(exc).__name__, exc)
-    return CacheIndex(settings, fingerprint, counters, store, io)
+    index = CacheIndex(settings, fingerprint, counters, store, io)
+    if not index.wait_started(settings.min_load_wait_s) and store is not None:
+        log.info("s3kv: the object store did not answer within %.1fs at start-up; "
+                 "serving starts anyway", settings.min_load_wait_s)
+    return index
 
 
 def _requested(request: Request) -> bool:

@@ -25,10 +25,10 @@ from s3kv.keys import Fingerprint, KeyLayout, new_writer_id
 from s3kv.shard import PayloadLayout
 from s3kv.stats import Counters
 from s3kv.store import ObjectStore, open_store
-from s3kv.store.counting import CountingStore
+from s3kv.store.hedged import hedged
 from s3kv.vllm.kv_layout import KVBlocks
 from s3kv.vllm.loader import Loader
-from s3kv.vllm.metadata import S3KVMetadata
+from s3kv.vllm.metadata import S3KVMetadata, WorkerReport
 from s3kv.vllm.saver import Saver
 
 log = logging.getLogger("s3kv.vllm")
@@ -80,8 +80,8 @@ class WorkerSide:
                                      kv.token_elems)
         try:
             if self.store is None:
-                self.store = CountingStore(
-                    self.io.run(open_store(self.settings.store), timeout=60), self.counters)
+                self.store = hedged(self.io.run(open_store(self.settings.store), timeout=60),
+                                    self.settings, self.counters)
         except Exception as exc:
             log.warning("s3kv: cannot open the object store (%s: %s); serving without the cache",
                         type(exc).__name__, exc)
@@ -127,6 +127,17 @@ class WorkerSide:
 
     def take_load_errors(self) -> set[int]:
         return self.loader.take_errors()
+
+    def take_report(self) -> WorkerReport | None:
+        """Commit outcomes (rank 0) and late loads since the last step."""
+        committed: tuple[str, ...] = ()
+        failed: tuple[str, ...] = ()
+        if self.committer is not None:
+            committed, failed = self.committer.take_outcomes()
+        late = self.loader.take_late()
+        if not committed and not failed and not late:
+            return None
+        return WorkerReport(tuple(committed), tuple(failed), tuple(late))
 
     def flush(self, timeout: float) -> bool:
         """Wait until every save submitted so far is committed (or failed) and

@@ -1,8 +1,9 @@
 """Multi-process commit harness: real ``torch.distributed`` GLOO groups, each
 rank a spawned process, writing to a real HTTP S3 server.
 
-Each scenario is a small fault wrapper around the store on one rank; the
-worker reports the events it saw back to the test through a queue.
+Each scenario is a small fault wrapper around the store (or the gather) on
+one rank; the worker reports the events it saw, and rank 0 the outcomes
+``Committer.take_outcomes`` gave, back to the test through a queue.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import asyncio
 import os
 import random
 import socket
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -72,6 +74,11 @@ class Scenario:
     # Save every chunk again, recomputed with this salt, in as many later rounds
     # (as an engine whose memory of committed chunks has forgotten them).
     resave_salt: str | None = None
+    # fault_rank's committer holds before the gather of this round until rank 0's
+    # group has broken (rank 0 sets the gate when it reports the failure).
+    stall_round: int | None = None
+    # Rounds each rank saves once its group has re-formed, after the first ones.
+    after_rounds: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
 
     def heads(self, world: int) -> int:
@@ -114,21 +121,78 @@ class FaultyStore:
         return result
 
 
+class StallingGatherer:
+    """The real gatherer, except that the gather of one round first waits for ``gate``."""
+
+    def __init__(self, inner: Any, round_id: int, gate: Any, log: list[tuple[Any, ...]]) -> None:
+        self._inner = inner
+        self._round_id = round_id
+        self._gate = gate
+        self._log = log
+        self.rank = inner.rank
+        self.world_size = inner.world_size
+
+    def gather(self, obj: Any) -> list[Any] | None:
+        if getattr(obj, "round_id", None) == self._round_id:
+            self._log.append(("stalled", self._round_id, time.monotonic()))
+            released = self._gate.wait(60)
+            self._log.append(("released", bool(released), time.monotonic()))
+        out: list[Any] | None = self._inner.gather(obj)
+        return out
+
+    def broadcast(self, obj: Any) -> Any:
+        return self._inner.broadcast(obj)
+
+    def reform(self, wait_s: float) -> None:
+        self._inner.reform(wait_s)
+
+
+def _env() -> None:
+    os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
+    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing-secret")
+    os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+
+
+def _saves(rank: int, world: int, sc: Scenario, chunks: list[Step], salt: str) -> list[Any]:
+    """This rank's shards of one round's chunks (placeholders where a lower rank uploads)."""
+    from s3kv.commit import ChunkSave
+    from s3kv.heads import head_range, uploads_heads
+    from s3kv.keys import ChunkRef
+    from s3kv.shard import ShardSpec, allocate
+
+    heads = sc.heads(world)
+    lo, hi = head_range(heads, rank, world)
+    saves = []
+    for cid, parent, idx in chunks:
+        ref = ChunkRef(cid, parent, idx, 16)
+        if not uploads_heads(heads, rank, world):  # a lower rank stores these heads
+            saves.append(ChunkSave(ref, None))
+            continue
+        spec = ShardSpec(cid, rank, lo, hi, _payload())
+        buf, payload = allocate(spec)
+        payload[:] = random.Random(shard_bytes_seed(cid, rank, salt)).randbytes(len(payload))
+        saves.append(ChunkSave(ref, buf))
+    return saves
+
+
+def _report(results: Any, committer: Any, rank: int, **extra: Any) -> None:
+    committed, failed = committer.take_outcomes()
+    results.put(dict(extra, rank=rank, broken=committer.broken, reforms=committer.reforms,
+                     counters=committer.counters.snapshot(),
+                     outcomes={"committed": list(committed), "failed": list(failed)}))
+
+
 def worker(
     rank: int, world: int, port: int, endpoint: str, bucket: str, sc: Scenario,
     results: Any, gate: Any,
 ) -> None:
-    os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
-    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing-secret")
-    os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+    _env()
     import torch.distributed as dist
 
     from s3kv.aio import LoopThread
-    from s3kv.commit import ChunkSave, Committer
+    from s3kv.commit import Committer
     from s3kv.config import StoreSettings
-    from s3kv.heads import head_range, uploads_heads
-    from s3kv.keys import ChunkRef, KeyLayout, new_writer_id
-    from s3kv.shard import ShardSpec, allocate
+    from s3kv.keys import KeyLayout, new_writer_id
     from s3kv.store import open_store
     from s3kv.vllm.gather import GlooGatherer
 
@@ -136,56 +200,104 @@ def worker(
         "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
         timeout=timedelta(seconds=sc.timeout_s),
     )
-    gatherer = GlooGatherer(list(range(world)), sc.timeout_s)
+    log: list[tuple[Any, ...]] = []
+    gatherer: Any = GlooGatherer(list(range(world)), sc.timeout_s)
+    if sc.stall_round is not None and rank == sc.fault_rank:
+        gatherer = StallingGatherer(gatherer, sc.stall_round, gate, log)
     io = LoopThread()
     inner = io.run(open_store(StoreSettings(bucket=bucket, endpoint_url=endpoint)))
-    log: list[tuple[Any, ...]] = []
     store = FaultyStore(inner, rank, sc, gate if sc.name == "slow" else None, log)
     writer = gatherer.broadcast(new_writer_id(world, uuid.uuid4().hex[:12]) if rank == 0 else None)
-    heads = sc.heads(world)
-    lo, hi = head_range(heads, rank, world)
-    uploads = uploads_heads(heads, rank, world)
     events: list[tuple[str, dict[str, Any]]] = []
+    reformed = threading.Event()
+
+    def on_event(name: str, info: dict[str, Any]) -> None:
+        events.append((name, dict(info, t=time.monotonic())))
+        if name == "broken" and rank == 0 and sc.stall_round is not None:
+            gate.set()  # rank 0 has given up on the stalled round: release the staller
+        if name == "reformed":
+            reformed.set()
+
     committer = Committer(
         io=io, store=store, layout=KeyLayout(PREFIX), namespace=NAMESPACE, writer_id=writer,
-        gatherer=gatherer, max_inflight_bytes=64 << 20, num_heads=heads,
-        on_event=lambda name, info: events.append((name, dict(info, t=time.monotonic()))),
+        gatherer=gatherer, max_inflight_bytes=64 << 20, num_heads=sc.heads(world),
+        on_event=on_event,
     )
     if sc.name == "absent" and rank == sc.fault_rank:
         # Alive and connected, but never joins a gather: hold until the test
         # has the survivor's report, then leave without reporting.
         gate.wait(sc.timeout_s * 6 + 60)
         os._exit(0)
-    rounds = list(enumerate(plan(sc.rounds)))
+    steps = plan(sc.rounds + sc.after_rounds)
+    rounds = list(enumerate(steps[: sc.rounds]))
     salts = [sc.salt] * len(rounds)
     if sc.resave_salt is not None:
         rounds += [(len(rounds) + i, chunks) for i, chunks in rounds]
         salts += [sc.resave_salt] * len(salts)
+    rounds += [(sc.rounds + i, chunks) for i, chunks in enumerate(steps[sc.rounds:])]
+    salts += [sc.salt] * sc.after_rounds
+    submitted: list[str] = []
     for (round_id, chunks), salt in zip(rounds, salts, strict=True):
-        saves = []
-        for cid, parent, idx in chunks:
-            ref = ChunkRef(cid, parent, idx, 16)
-            if not uploads:  # a lower rank stores these heads: join empty-handed
-                saves.append(ChunkSave(ref, None))
-                continue
-            spec = ShardSpec(cid, rank, lo, hi, _payload())
-            buf, payload = allocate(spec)
-            payload[:] = random.Random(shard_bytes_seed(cid, rank, salt)).randbytes(len(payload))
-            saves.append(ChunkSave(ref, buf))
         if sc.resave_salt is not None and round_id == sc.rounds:
             # The first saves are committed before any re-save starts.
             committer.flush(sc.timeout_s * 3)
-        committer.submit(round_id, saves)
+        if sc.after_rounds and round_id == sc.rounds:
+            log.append(("reformed_before_after_rounds", reformed.wait(60)))
+        committer.submit(round_id, _saves(rank, world, sc, chunks, salt))
+        submitted += [cid for cid, _, _ in chunks]
         log.append(("submit_returned", round_id, time.monotonic()))
     if sc.name == "slow" and rank != sc.fault_rank:
         gate.set()  # only now may the slow rank's uploads proceed
     flushed = committer.flush(sc.timeout_s * 3)
-    results.put({
-        "rank": rank, "salt": sc.salt, "writer": writer, "log": log, "events": events,
-        "puts": store.puts,
-        "flushed": flushed, "broken": committer.broken,
-        "counters": committer.counters.snapshot(),
-    })
+    _report(results, committer, rank, salt=sc.salt, writer=writer, log=log, events=events,
+            puts=store.puts, flushed=flushed, submitted=submitted)
     results.close()
     results.join_thread()
     os._exit(0)  # skip process-group teardown, which can block on a dead peer
+
+
+def dp_worker(
+    grank: int, tp: int, engines: int, port: int, endpoint: str, bucket: str,
+    namespaces: list[str], results: Any, go: Any, done: Any,
+) -> None:
+    """One rank of ``engines`` data-parallel engines of ``tp`` ranks each, all in one
+    default process group, as vLLM puts them: each engine forms its own commit
+    group, engine 1 only once ``go`` is set (after engine 0 has committed)."""
+    _env()
+    import torch.distributed as dist
+
+    from s3kv.aio import LoopThread
+    from s3kv.commit import Committer
+    from s3kv.config import StoreSettings
+    from s3kv.keys import KeyLayout, new_writer_id
+    from s3kv.store import open_store
+    from s3kv.vllm.gather import GlooGatherer
+
+    sc = Scenario(timeout_s=10.0, rounds=2)
+    engine, rank = divmod(grank, tp)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=grank, world_size=engines * tp,
+        timeout=timedelta(seconds=60),
+    )
+    if engine > 0:
+        go.wait(120)
+    gatherer = GlooGatherer([engine * tp + r for r in range(tp)], sc.timeout_s)
+    io = LoopThread()
+    store = io.run(open_store(StoreSettings(bucket=bucket, endpoint_url=endpoint)))
+    writer = gatherer.broadcast(new_writer_id(tp, uuid.uuid4().hex[:12]) if rank == 0 else None)
+    committer = Committer(
+        io=io, store=store, layout=KeyLayout(PREFIX), namespace=namespaces[engine],
+        writer_id=writer, gatherer=gatherer, max_inflight_bytes=64 << 20,
+        num_heads=sc.heads(tp),
+    )
+    submitted: list[str] = []
+    for round_id, chunks in enumerate(plan(sc.rounds)):
+        committer.submit(round_id, _saves(rank, tp, sc, chunks, f"engine-{engine}"))
+        submitted += [cid for cid, _, _ in chunks]
+    flushed = committer.flush(sc.timeout_s * 3)
+    _report(results, committer, rank, engine=engine, grank=grank, flushed=flushed,
+            submitted=submitted, writer=writer)
+    done.wait(120)  # global rank 0 hosts the default group's store: stay until all reported
+    results.close()
+    results.join_thread()
+    os._exit(0)

@@ -83,7 +83,7 @@ def collect(procs: list[Any], results: Any, expected: int, sc: Scenario,
 
 
 async def _read_all(endpoint: S3Endpoint, bucket: str, world: int,
-                    heads: int | None = None) -> dict[str, Any]:
+                    heads: int | None = None, namespace: str = NAMESPACE) -> dict[str, Any]:
     """chunk_id -> manifest for every committed chunk, after verifying every shard
     and that each KV head is stored exactly once, by the lowest rank holding it."""
     heads = heads if heads is not None else world * HEADS_PER_RANK
@@ -93,10 +93,10 @@ async def _read_all(endpoint: S3Endpoint, bucket: str, world: int,
     for rnd in plan(6):
         for cid, _, _ in rnd:
             try:
-                body = await store.get(LAYOUT.manifest(NAMESPACE, cid))
+                body = await store.get(LAYOUT.manifest(namespace, cid))
             except NotFound:
                 continue
-            m = decode_manifest(body, layout=LAYOUT, expect_namespace=NAMESPACE,
+            m = decode_manifest(body, layout=LAYOUT, expect_namespace=namespace,
                                 expect_chunk_id=cid, expect_heads=heads)
             assert m.tp_size == world
             assert {s.rank: (s.head_start, s.head_end) for s in m.shards} == uploaders
@@ -108,8 +108,16 @@ async def _read_all(endpoint: S3Endpoint, bucket: str, world: int,
 
 
 def committed(endpoint: S3Endpoint, bucket: str, world: int,
-              heads: int | None = None) -> dict[str, Any]:
-    return asyncio.run(_read_all(endpoint, bucket, world, heads))
+              heads: int | None = None, namespace: str = NAMESPACE) -> dict[str, Any]:
+    return asyncio.run(_read_all(endpoint, bucket, world, heads, namespace))
+
+
+def outcomes(report: dict[str, Any]) -> tuple[set[str], set[str]]:
+    """Rank 0's (committed, failed) chunk ids, after checking that every chunk it
+    was asked to save is in exactly one of them, exactly once."""
+    got = report["outcomes"]["committed"] + report["outcomes"]["failed"]
+    assert sorted(got) == sorted(report["submitted"])
+    return set(report["outcomes"]["committed"]), set(report["outcomes"]["failed"])
 
 
 def all_chunks(rounds: int = 3) -> list[str]:
@@ -125,6 +133,8 @@ def test_a_normal_commit(s3_endpoint: S3Endpoint, bucket: str, world: int) -> No
     assert sorted(found) == sorted(all_chunks())
     rank0 = next(r for r in res if r["rank"] == 0)
     assert rank0["counters"]["chunks_committed"] == len(all_chunks())
+    assert outcomes(rank0) == (set(all_chunks()), set())
+    assert all(r["outcomes"] == {"committed": [], "failed": []} for r in res if r["rank"] != 0)
     # chains are recorded: every manifest names its parent
     chain = all_chunks()
     for i, cid in enumerate(chain):
@@ -139,6 +149,8 @@ def test_b_failed_rank_uploads_mean_no_manifest(s3_endpoint: S3Endpoint, bucket:
     assert len(res) == 2 and all(r["broken"] is None for r in res)
     found = committed(s3_endpoint, bucket, 2)
     assert set(found) == set(chunks) - failing
+    rank0 = next(r for r in res if r["rank"] == 0)
+    assert outcomes(rank0) == (set(chunks) - failing, set(failing))
     # the healthy rank's shards of the failed chunks exist but are not committed (GC's job)
     c = s3_endpoint.client()
     keys = {o["Key"] for o in c.list_objects_v2(Bucket=bucket).get("Contents", [])}
@@ -178,6 +190,8 @@ def test_d_rank_killed_mid_upload(s3_endpoint: S3Endpoint, bucket: str) -> None:
     # round 0 may or may not have committed before the death; round 1 and 2 must not
     assert not set(found) & set(chunks[2:])
     assert set(found) <= set(chunks[:2])
+    ok, failed = outcomes(survivor)
+    assert ok == set(found) and failed >= set(chunks[2:])
 
 
 @pytest.mark.parametrize(("world", "heads"), [(2, 1), (4, 1), (4, 2)])
@@ -229,7 +243,8 @@ def test_no_manifest_until_the_uploading_ranks_shards_are_stored(
 
 def test_gather_peer_that_never_arrives(s3_endpoint: S3Endpoint, bucket: str) -> None:
     """Rank 1 is alive but never gathers: rank 0's submits return at once, its
-    gather times out, it writes no manifest and disables saving, cleanly."""
+    gather times out, it writes no manifest, reports every chunk failed and
+    keeps trying to re-form the group (saving off meanwhile), cleanly."""
     sc = Scenario(name="absent", timeout_s=3.0)
     results, gate = CTX.Queue(), CTX.Event()
     procs = run_group(s3_endpoint, bucket, 2, sc, results, gate, join=False)
@@ -244,6 +259,9 @@ def test_gather_peer_that_never_arrives(s3_endpoint: S3Endpoint, bucket: str) ->
     assert res["broken"] is not None and "gather" in res["broken"]
     assert res["counters"].get("commit_gather_failures", 0) == 1
     assert res["counters"].get("chunks_committed", 0) == 0
+    assert res["counters"].get("commit_group_reforms", 0) == 0
+    assert res["counters"]["commit_rounds_skipped"] == sc.rounds - 1  # drained while waiting
+    assert outcomes(res) == (set(), set(all_chunks()))
     assert committed(s3_endpoint, bucket, 2) == {}
     # rank 0's own shards were stored, named by nothing: orphans for GC
     keys = [o["Key"] for o in s3_endpoint.client().list_objects_v2(

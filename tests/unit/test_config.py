@@ -215,6 +215,9 @@ def test_settings_to_mapping_round_trips() -> None:
         "namespace_tag": "blue",
         "admission": "second_sighting",
         "admission_window": 5000,
+        "hedge_reads": False,
+        "hedge_quantile": 0.9,
+        "hedge_budget": 1,
     }
     assert set(raw) == ALL_KEYS
     settings = parse_settings(raw)
@@ -224,6 +227,40 @@ def test_settings_to_mapping_round_trips() -> None:
     assert mapping["connect_timeout_s"] == 1.0
     assert parse_settings(mapping) == settings
     assert settings_to_mapping(parse_settings(mapping)) == mapping
+
+
+def test_hedging_defaults() -> None:
+    s = parse()
+    assert (s.hedge_reads, s.hedge_quantile, s.hedge_budget) == (True, 0.95, 0.1)
+
+
+@pytest.mark.parametrize("bad", ["false", "true", 0, 1, None, [True]])
+def test_booleans_must_be_json_booleans(bad: Any) -> None:
+    err = config_error(bucket="my-bucket", hedge_reads=bad)
+    assert err.key == "hedge_reads"
+    assert ("must not be null" if bad is None else repr(bad)) in str(err)
+
+
+def test_booleans_accepted_both_ways() -> None:
+    assert parse(hedge_reads=False).hedge_reads is False
+    assert parse(hedge_reads=True).hedge_reads is True
+    assert _check_type("k", False, bool, True) is False
+
+
+@pytest.mark.parametrize(
+    ("key", "good", "bad"),
+    [
+        ("hedge_quantile", [0.5, 0.99, 0.001], [0, 1, 1.5, -0.1, float("nan"), True, "0.9"]),
+        ("hedge_budget", [1, 0.05, 0.5], [0, 1.01, 2, -0.1, float("nan"), True, "0.1"]),
+    ],
+)
+def test_hedge_fractions_in_range(key: str, good: list[float], bad: list[Any]) -> None:
+    for value in good:
+        assert getattr(parse(**{key: value}), key) == value
+    for value in bad:
+        err = config_error(bucket="my-bucket", **{key: value})
+        assert err.key == key, value
+        assert f"'{key}'" in str(err)
 
 
 def test_defaults_round_trip() -> None:

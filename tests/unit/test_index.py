@@ -87,7 +87,8 @@ def wait_for(cond: Callable[[], bool], limit_s: float = 10.0) -> None:
 def make(io: LoopThread, store: MemoryStore) -> tuple[CacheIndex, Counters]:
     counters = Counters()
     index = CacheIndex(SETTINGS, FP, counters, store, io)
-    wait_for(lambda: bool(store.keys(LAYOUT.namespace_doc(FP.namespace))))
+    # The start-up write and read-back are answered: the first latency sample.
+    wait_for(lambda: index.deadlines.rounds.high() is not None)
     return index, counters
 
 
@@ -103,17 +104,24 @@ def test_healthy_store_hits_and_a_repeat_needs_no_round_trip(io: LoopThread) -> 
     assert counters.get("lookup_deadline_misses") == 0 and not index.breaker.is_open
 
 
-def test_no_answer_by_the_deadline_is_a_miss_and_opens_the_breaker(io: LoopThread) -> None:
+def test_a_stalled_store_costs_each_request_its_deadline_then_opens_the_breaker(
+        io: LoopThread) -> None:
     store = StallingStore()
     commit(store, 5)
     index, counters = make(io, store)
     store.delay = stall_everything
-    hits, waited = until_answer(index, "r1", IDS)
-    assert hits == ()
-    assert 0.2 <= waited < 1.0  # min_wait_s, not load_timeout_s (30 s)
-    assert counters.get("lookup_deadline_misses") == 1 and index.breaker.is_open
+    # One unanswered lookup is a tail, not an outage: that request is a miss,
+    # and the cache stays on. Lookups unanswered in a row, with nothing answered
+    # for longer than the store normally takes, are an outage.
+    for i in range(3):
+        hits, waited = until_answer(index, f"r{i}", IDS[i:])
+        assert hits == ()
+        assert 0.2 <= waited < 1.0  # min_wait_s, not load_timeout_s (30 s)
+        assert index.breaker.is_open == (i == 2)
+    assert counters.get("lookup_deadline_misses") == 3
+    assert counters.get("breaker_opens_stalled") == 1
     # Every later request is a miss at once; no save is planned while it is open.
-    hits, waited = until_answer(index, "r2", IDS[3:])
+    hits, waited = until_answer(index, "r9", IDS[3:])
     assert hits == () and waited < 0.05
     assert counters.get("lookups_skipped_store_down") == 1
     assert not index.plan_store(IDS[7], requested=False)
@@ -122,8 +130,55 @@ def test_no_answer_by_the_deadline_is_a_miss_and_opens_the_breaker(io: LoopThrea
     store.delay = lambda key: 0.0
     wait_for(lambda: not index.breaker.is_open)
     assert counters.get("breaker_probes") >= 1 and counters.get("breaker_opens") == 1
-    hits, _ = until_answer(index, "r3", IDS[:3])
+    assert counters.get("breaker_closes") == 1 and counters.get("breaker_open_seconds") > 0
+    hits, _ = until_answer(index, "r10", IDS[:3])
     assert hits == tuple(IDS[:3])
+
+
+def test_a_store_that_always_answers_late_never_turns_the_cache_off(io: LoopThread) -> None:
+    """Slow but healthy: every GET takes longer than the lookup may wait. Each
+    request that waits is a miss, its late answer warms the next request, and
+    the breaker stays closed (saves keep flowing)."""
+    store = StallingStore()
+    commit(store, 6)
+    index, counters = make(io, store)
+    # 0.9 s: beyond what the floor follows (4 x min_wait_s), so every lookup waits
+    # only the floor and misses.
+    store.delay = lambda key: 0.9 if "manifest" in key else 0.0
+    # A fast engine: recomputing these chunks costs less than a round trip, so
+    # the budget (not the store's latency) sets the wait: the floor, 0.2 s.
+    index.step_done(1000, 0.1)
+    for i in range(4):
+        assert until_answer(index, f"slow{i}", IDS[i + 6:])[0] == ()  # cold chunks: late
+        wait_for(lambda: index.background_lookups == 0)
+    assert counters.get("lookup_deadline_misses") == 4
+    assert not index.breaker.is_open and counters.get("breaker_opens") == 0
+    assert index.plan_store(IDS[11], requested=False)
+    # A late answer is learned: the same prefix asked again hits without a round trip.
+    assert until_answer(index, "warm0", IDS[:6])[0] == ()
+    wait_for(lambda: index.background_lookups == 0)
+    gets = store.gets
+    hits, waited = until_answer(index, "warm1", IDS[:6])
+    assert hits == tuple(IDS[:6]) and store.gets == gets and waited < 0.05
+
+
+def test_errors_open_the_breaker_at_once(io: LoopThread) -> None:
+    from s3kv.errors import Unavailable
+
+    class Refusing(StallingStore):
+        refusing = False
+
+        async def get(self, key: str) -> memoryview:
+            if self.refusing:
+                raise Unavailable("connection refused", key=key)
+            return await super().get(key)
+
+    store = Refusing()
+    index, counters = make(io, store)
+    store.refusing = True
+    assert until_answer(index, "r1", IDS)[0] == ()
+    assert index.breaker.is_open
+    assert counters.get("lookup_errors") == 1 and counters.get("breaker_opens_errors") == 1
 
 
 def test_deadline_with_a_partial_answer_uses_the_prefix_found(io: LoopThread) -> None:
@@ -165,13 +220,15 @@ def test_loads_deadline_and_outcome(io: LoopThread) -> None:
     index.load_finished("r1", ok=True)
     assert counters.get("cache_wait_seconds") > 0
     assert not index.breaker.is_open
-    # Loads that failed after their deadline mean the store stalled mid-transfer.
+    # A failed load costs its request, never the cache: not a corrupt shard, not
+    # a 404 after GC, not a load that ran past its deadline on the scheduler's
+    # clock (engine steps and queueing count there, not only the store).
     index.load_started("r2", 32, got)
-    index.load_finished("r2", ok=False, now=time.monotonic() + 0.1)  # failed in time
-    assert not index.breaker.is_open  # a corrupt shard is not an outage
+    index.load_finished("r2", ok=False, now=time.monotonic() + 0.1)
+    assert not index.breaker.is_open
     index.load_started("r3", 32, got)
     index.load_finished("r3", ok=False, now=time.monotonic() + 1.0)
-    assert index.breaker.is_open
+    assert not index.breaker.is_open and counters.get("breaker_opens") == 0
 
 
 def test_a_lookup_that_keeps_finding_chunks_is_not_cut_short(io: LoopThread) -> None:
@@ -185,3 +242,43 @@ def test_a_lookup_that_keeps_finding_chunks_is_not_cut_short(io: LoopThread) -> 
     hits, waited = until_answer(index, "r1", IDS)
     assert hits == tuple(IDS) and waited >= 0.22
     assert counters.get("lookups_truncated") == 0 and counters.get("lookup_deadline_misses") == 0
+
+
+def test_save_plans_close_with_their_outcome(io: LoopThread) -> None:
+    store = StallingStore()
+    index, counters = make(io, store)
+    a, b, c = IDS[:3]
+    assert index.plan_store(a, requested=False)
+    assert not index.plan_store(a, requested=False)  # being saved
+    # Dropped (upload memory full), failed, its round lost: planned again.
+    index.store_finished(a, ok=False)
+    assert counters.get("save_plans_failed") == 1
+    assert index.plan_store(a, requested=False)
+    index.store_finished(a, ok=True)
+    assert not index.plan_store(a, requested=False)  # committed
+    # A plan whose outcome never comes back is planned again after the
+    # commit timeout (plus a grace period).
+    now = [time.monotonic()]
+    index._clock = lambda: now[0]
+    assert index.plan_store(b, requested=False) and not index.plan_store(b, requested=False)
+    now[0] += SETTINGS.commit_timeout_s + 61
+    assert index.plan_store(b, requested=False)
+    assert counters.get("save_outcomes_lost") == 1
+    assert index.plan_store(c, requested=False)
+
+
+def test_a_chunk_gc_deleted_is_saved_again(io: LoopThread) -> None:
+    store = StallingStore()
+    commit(store, 3)
+    index, _counters = make(io, store)
+    assert until_answer(index, "r1", IDS[:3])[0] == tuple(IDS[:3])
+    assert not index.plan_store(IDS[2], requested=False)  # known committed
+    # GC deletes chunk 2's manifest; the next lookup that asks the store learns it.
+    del store._objects[LAYOUT.manifest(FP.namespace, IDS[2])]
+    index._manifests.discard(IDS[2])  # the manifest cache's TTL has run out
+    assert until_answer(index, "r2", IDS[:3])[0] == tuple(IDS[:2])
+    assert index.plan_store(IDS[2], requested=False)
+    # Found through the manifest cache instead, the load fails and marks it bad.
+    assert not index.plan_store(IDS[1], requested=False)
+    index.mark_bad(IDS[1])
+    assert index.plan_store(IDS[1], requested=False)
