@@ -61,8 +61,10 @@ def _copy(s3: Any, src: str, dst: str) -> None:
 
 def _reader(tiny_model: Path, proxy: FaultProxy, bucket: str, batch: list[list[int]],
             **extra: Any) -> Any:
-    return run_engine(job(tiny_model, batch, {"bucket": bucket, "endpoint_url": proxy.url},
-                          **extra))
+    # No hedged reads: a hedge of the delayed manifest GET would answer the
+    # lookup at once, and the interleavings below need it to wait.
+    return run_engine(job(tiny_model, batch, {"bucket": bucket, "endpoint_url": proxy.url,
+                                              "hedge_reads": False}, **extra))
 
 
 def test_local_hit_growing_while_the_lookup_waits(

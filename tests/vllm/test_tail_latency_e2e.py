@@ -40,13 +40,16 @@ def reads(seed: int) -> list[list[int]]:
     """One request per batch, as users arrive: the writer's prompts, and longer
     ones that start with them (their own tails are new to every reader, so one
     reader's saves never add to another's hits). The first can only hit the
-    writer's chunks. Twelve requests: an engine's very first lookups know the
-    store's latency only from its start-up read, and a tail it has not seen
-    yet may cost one of them (see docs/faults.md)."""
-    extra = distinct_prompts(seed, 6, chunks=2, tail=30)
+    writer's chunks. Twenty-four requests: an engine's very first lookups know
+    the store's latency only from its start-up read, and a tail it has not
+    seen yet may cost one of them, as a late load may cost another (a late
+    answer costs one request; see docs/faults.md)."""
+    extra = distinct_prompts(seed, 12, chunks=2, tail=30)
     w = WRITTEN
-    return [w[0], w[1] + extra[0], w[2], w[3] + extra[1], w[0] + extra[2], w[1],
-            w[2] + extra[3], w[3], w[0] + extra[4], w[1] + extra[5], w[2], w[3]]
+    out: list[list[int]] = []
+    for i in range(12):
+        out += [w[i % 4], w[(i + 1) % 4] + extra[i]]
+    return out
 
 
 # name: (delay in ms, share of requests delayed; None: all)
@@ -104,7 +107,11 @@ def test_slow_but_healthy_store_keeps_hitting(
         report[f"tp{tp} {name}"] = row
         report_file.write_text(json.dumps(report, indent=1))
         assert c.get("breaker_opens", 0) == 0, f"TP={tp} {name}: the cache turned off"
+        # Offered and loaded: a load abandoned at its deadline is recomputed.
+        loaded = c.get("workers.loaded_chunks", 0) / tp * CHUNK
+        row["loaded_tokens"] = loaded
+        report_file.write_text(json.dumps(report, indent=1))
         assert c.get("hit_tokens", 0) >= 0.9 * want, f"TP={tp} {name}: {row}"
-        assert c.get("failed_loads", 0) == 0
+        assert loaded >= 0.9 * want, f"TP={tp} {name}: {row}"
         n = len(res.outputs)
         assert res.outputs == base[k * n:(k + 1) * n], f"TP={tp} {name}: wrong outputs"
