@@ -20,39 +20,19 @@ from collections.abc import AsyncIterator, Sequence
 from typing_extensions import Buffer
 
 from s3kv.stats import Counters
-from s3kv.store.protocol import Capabilities, ObjectInfo, ObjectPage, ObjectStore, PutMode
+from s3kv.store.protocol import ObjectInfo, ObjectPage, ObjectStore, PutMode
+from s3kv.store.wrapper import StoreWrapper
 
 # DeleteObjects takes at most this many keys; the backends batch by it.
 _DELETE_BATCH = 1000
 
 
-class CountingStore:
+class CountingStore(StoreWrapper):
     """Wraps any :class:`ObjectStore`; every call is delegated unchanged."""
 
     def __init__(self, inner: ObjectStore, counters: Counters) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self._counters = counters
-
-    # Properties, not copies: what the wrapped store learns about its server
-    # later (capabilities) must show through.
-    @property
-    def bucket(self) -> str:
-        return self.inner.bucket
-
-    @bucket.setter
-    def bucket(self, value: str) -> None:
-        self.inner.bucket = value
-
-    @property
-    def capabilities(self) -> Capabilities:
-        return self.inner.capabilities
-
-    @capabilities.setter
-    def capabilities(self, value: Capabilities) -> None:
-        self.inner.capabilities = value
-
-    async def close(self) -> None:
-        await self.inner.close()
 
     async def put(self, key: str, data: Buffer, *, mode: PutMode = "overwrite") -> str | None:
         self._counters.add("put_requests")

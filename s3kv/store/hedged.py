@@ -51,12 +51,11 @@ every store call, so the bucket and the windows need no lock.
 from __future__ import annotations
 
 import asyncio
-import builtins
 import math
 import re
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
+from collections.abc import Awaitable, Callable, Collection
 from typing import Any
 
 from typing_extensions import Buffer
@@ -66,7 +65,8 @@ from s3kv.errors import NotFound, PreconditionFailed
 from s3kv.keys import MANIFEST_NAME, NAMESPACE_NAME
 from s3kv.stats import Counters
 from s3kv.store.counting import CountingStore
-from s3kv.store.protocol import Capabilities, ObjectInfo, ObjectPage, ObjectStore, PutMode
+from s3kv.store.protocol import ObjectStore, PutMode
+from s3kv.store.wrapper import StoreWrapper
 
 #: Objects below this size (every manifest) share the first latency window.
 SMALL_OBJECT_BYTES = 64 * 1024
@@ -183,7 +183,7 @@ def _wraps(store: object, kind: type) -> bool:
     return False
 
 
-class HedgedStore:
+class HedgedStore(StoreWrapper):
     """Wraps any :class:`ObjectStore`; ``get`` and ``get_range`` are hedged,
     everything else is delegated unchanged.
 
@@ -195,7 +195,7 @@ class HedgedStore:
                  budget: float = 0.1, clock: Clock = time.monotonic,
                  sleep: Sleep = asyncio.sleep, small_names: Collection[str] = (),
                  initial_tokens: float = INITIAL_TOKENS) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self._counters = counters
         self._budget = budget
         self._clock = clock
@@ -220,58 +220,25 @@ class HedgedStore:
         """The current delay for reads of ``nbytes`` bytes (None: not hedged yet)."""
         return self._delays[size_class(nbytes)].delay()
 
-    # --- pass-through ---------------------------------------------------------------
-
-    # Properties, not copies: what the wrapped store learns about its server
-    # later (capabilities) must show through.
-    @property
-    def bucket(self) -> str:
-        return self.inner.bucket
-
-    @bucket.setter
-    def bucket(self, value: str) -> None:
-        self.inner.bucket = value
-
-    @property
-    def capabilities(self) -> Capabilities:
-        return self.inner.capabilities
-
-    @capabilities.setter
-    def capabilities(self, value: Capabilities) -> None:
-        self.inner.capabilities = value
-
-    async def close(self) -> None:
-        await self.inner.close()
+    # --- writes: their answers time the store too --------------------------------
 
     async def put(self, key: str, data: Buffer, *, mode: PutMode = "overwrite") -> str | None:
         start = self._clock()
         try:
             etag = await self.inner.put(key, data, mode=mode)
         except PreconditionFailed:  # an answer: it says how fast the store is
-            self._small_answer(key, data, start)
+            self._small_answer(data, start)
             raise
-        self._small_answer(key, data, start)
+        self._small_answer(data, start)
         return etag
 
-    def _small_answer(self, key: str, data: Buffer, start: float) -> None:
+    def _small_answer(self, data: Buffer, start: float) -> None:
         if memoryview(data).nbytes < SMALL_OBJECT_BYTES:
             self._note_fast(self._clock() - start)
 
     def _note_fast(self, seconds: float) -> None:
         if self._fastest is None or seconds < self._fastest:
             self._fastest = seconds
-
-    async def head(self, key: str) -> ObjectInfo:
-        return await self.inner.head(key)
-
-    def list(self, prefix: str, *, page_size: int = 1000) -> AsyncIterator[ObjectPage]:
-        return self.inner.list(prefix, page_size=page_size)
-
-    async def list_dirs(self, prefix: str) -> builtins.list[str]:
-        return await self.inner.list_dirs(prefix)
-
-    async def delete_many(self, keys: Sequence[str]) -> None:
-        await self.inner.delete_many(keys)
 
     # --- hedged reads ---------------------------------------------------------------
 
