@@ -95,6 +95,11 @@ class Fingerprint:
     #: ``namespace.json``; documentation only, not hashed (``engine`` is).
     engine_settings: str = field(default="", compare=False, repr=False,
                                  metadata={"namespace": False})
+    #: vLLM's KV cache groups with its hybrid KV cache manager on
+    #: (``s3kv.groups.describe_groups``): which layers share a block table and
+    #: what they keep. Empty for one group of every layer, and then not hashed,
+    #: so those namespaces are the ones they always were.
+    groups: str = ""
 
     @property
     def token_elems(self) -> int:
@@ -104,7 +109,8 @@ class Fingerprint:
     def to_json(self) -> dict[str, Any]:
         """The fields the namespace hashes (every field but documentation)."""
         return {f.name: getattr(self, f.name) for f in fields(self)
-                if f.metadata.get("namespace", True)}
+                if f.metadata.get("namespace", True)
+                and not (f.name == "groups" and not self.groups)}
 
     def document(self) -> bytes:
         """The ``namespace.json`` written beside the chunks, for operators and ``s3kv ls``."""

@@ -40,7 +40,10 @@ class ShardEntry:
     head_start: int
     head_end: int
     payload_offset: int
+    # One digest per head, section after section (``s3kv.shard``).
     head_checksums: tuple[str, ...]
+    # Start token of each KV cache group's section; empty for a single group.
+    starts: tuple[int, ...] = ()
 
     @property
     def head_bytes(self) -> int:
@@ -64,6 +67,11 @@ class Manifest:
     def num_heads(self) -> int:
         """KV heads the shards cover (they tile ``[0, num_heads)``)."""
         return self.shards[-1].head_end
+
+    @property
+    def starts(self) -> tuple[int, ...]:
+        """Start token of each group's section (the same in every shard)."""
+        return self.shards[0].starts
 
     @property
     def total_bytes(self) -> int:
@@ -97,6 +105,7 @@ class Manifest:
                     "heads": [s.head_start, s.head_end],
                     "payload_offset": s.payload_offset,
                     "head_checksums": list(s.head_checksums),
+                    **({"starts": list(s.starts)} if s.starts else {}),
                 }
                 for s in self.shards
             ],
@@ -140,6 +149,8 @@ def new_manifest(
 def _check_tiling(shards: tuple[ShardEntry, ...], where: str) -> None:
     if not shards:
         raise ManifestError(f"{where}: no shards")
+    if len({s.starts for s in shards}) != 1:
+        raise ManifestError(f"{where}: shards disagree on their sections' start tokens")
     ranks = [s.rank for s in shards]
     if len(set(ranks)) != len(ranks):
         raise ManifestError(f"{where}: shard ranks repeat: {ranks}")
@@ -177,6 +188,7 @@ _SHARD_FIELDS = {
     "payload_offset": int,
     "head_checksums": list,
 }
+_SHARD_OPTIONAL = {"starts": list}
 
 
 def _typed(doc: Mapping[str, Any], spec: Mapping[str, Any], where: str) -> None:
@@ -273,7 +285,13 @@ def _decode_shard(raw: Any, i: int, chunk_prefix: str) -> ShardEntry:
     where = f"manifest shard[{i}]"
     if not isinstance(raw, dict):
         raise ManifestError(f"{where}: not an object")
-    _typed(raw, _SHARD_FIELDS, where)
+    optional = {k: raw[k] for k in _SHARD_OPTIONAL if k in raw}
+    _typed({k: v for k, v in raw.items() if k not in optional}, _SHARD_FIELDS, where)
+    _typed(optional, {k: _SHARD_OPTIONAL[k] for k in optional}, where)
+    starts = optional.get("starts", [])
+    if len(starts) == 1 or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0
+                                   for t in starts):
+        raise ManifestError(f"{where}: starts must list two or more token offsets")
     key = raw["key"]
     if not key.startswith(chunk_prefix) or ".." in key or "//" in key[len(chunk_prefix) - 1 :]:
         raise ManifestError(f"{where}: key {key!r} lies outside the chunk prefix {chunk_prefix!r}")
@@ -291,8 +309,9 @@ def _decode_shard(raw: Any, i: int, chunk_prefix: str) -> ShardEntry:
     if (size - off) % n_heads:
         raise ManifestError(f"{where}: payload does not split evenly into {n_heads} heads")
     head_sums = raw["head_checksums"]
-    if len(head_sums) != n_heads or not all(_is_hex(c, 32) for c in head_sums):
-        raise ManifestError(f"{where}: head_checksums must be {n_heads} xxh3-128 hex digests")
+    n_sums = n_heads * max(1, len(starts))
+    if len(head_sums) != n_sums or not all(_is_hex(c, 32) for c in head_sums):
+        raise ManifestError(f"{where}: head_checksums must be {n_sums} xxh3-128 hex digests")
     if not _is_hex(raw["checksum"], 32):
         raise ManifestError(f"{where}: checksum must be an xxh3-128 hex digest")
     return ShardEntry(
@@ -304,4 +323,5 @@ def _decode_shard(raw: Any, i: int, chunk_prefix: str) -> ShardEntry:
         head_end=heads[1],
         payload_offset=off,
         head_checksums=tuple(head_sums),
+        starts=tuple(starts),
     )

@@ -78,6 +78,9 @@ _ALL: tuple[Metric, ...] = (
     _c("hit_misalignments", "chunks", SCHEDULER,
        "Hit chunks dropped because their id was not the id of the blocks they would fill "
        "(a bug guard: must stay 0)"),
+    _c("window_short_hits", "requests", SCHEDULER,
+       "Hits cut short because a sliding-window group's stored blocks did not cover "
+       "its window at the hit's end"),
     _c("miss_requests", "requests", SCHEDULER,
        "Cache queries answered with no tokens (the request computes its prefill)"),
     _c("lookup_errors", "lookups", SCHEDULER, "Lookups that failed with an S3 error"),

@@ -14,11 +14,19 @@ recompute.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from s3kv.errors import IntegrityError, InvalidRange, NotFound
 from s3kv.manifest import Manifest, ShardEntry
-from s3kv.shard import PayloadLayout, parse_header, range_bounds, verify_range, verify_whole
+from s3kv.shard import (
+    PayloadLayout,
+    ShardSpec,
+    parse_header,
+    range_bounds,
+    verify_range,
+    verify_whole,
+)
 from s3kv.store.protocol import Get
 
 
@@ -37,11 +45,13 @@ class Read:
 
 @dataclass(frozen=True)
 class HeadBytes:
-    """Verified payload bytes of heads ``[head_start, head_end)``, head-major."""
+    """Verified payload bytes of heads ``[head_start, head_end)`` of one group's
+    section (``s3kv.shard``), head-major."""
 
     head_start: int
     head_end: int
     payload: memoryview
+    section: int = 0
 
 
 def plan_reads(manifest: Manifest, head_start: int, head_end: int) -> list[Read]:
@@ -70,24 +80,51 @@ def plan_reads(manifest: Manifest, head_start: int, head_end: int) -> list[Read]
 
 
 async def read_heads(store: Get, manifest: Manifest, head_start: int, head_end: int,
-                     expect: PayloadLayout) -> list[HeadBytes]:
-    """Fetch and verify heads ``[head_start, head_end)``; raises IntegrityError."""
+                     expect: PayloadLayout, sections: Sequence[int] | None = None
+                     ) -> list[HeadBytes]:
+    """Fetch and verify heads ``[head_start, head_end)`` of ``sections`` (all of
+    them by default); raises IntegrityError.
+
+    A shard whose heads and sections are all wanted is fetched whole (one
+    GET, every checksum); otherwise each wanted section's heads are one
+    ranged GET, so a section nobody needs (an early window section) costs
+    nothing."""
     reads = plan_reads(manifest, head_start, head_end)
-    return list(await asyncio.gather(*(_fetch(store, manifest, r, expect) for r in reads)))
+    wanted = tuple(range(expect.num_groups)) if sections is None else tuple(sections)
+    every = wanted == tuple(range(expect.num_groups))
+    parts = await asyncio.gather(*(
+        _fetch_whole(store, manifest, r, expect) if r.whole and every
+        else _fetch_sections(store, r, expect, wanted)
+        for r in reads))
+    return [piece for part in parts for piece in part]
 
 
-async def _fetch(store: Get, manifest: Manifest, r: Read, expect: PayloadLayout) -> HeadBytes:
+async def _fetch_whole(store: Get, manifest: Manifest, r: Read, expect: PayloadLayout
+                       ) -> list[HeadBytes]:
     entry = r.entry
-    if r.whole:
-        body = await _get(store, entry, None)
-        payload = verify_whole(body, entry, manifest.chunk_id, expect)
-        return HeadBytes(r.head_start, r.head_end, payload)
-    lo, hi = range_bounds(entry, r.head_start, r.head_end, expect)
-    body = await _get(store, entry, (lo, hi))
-    if len(body) != hi - lo:
-        raise IntegrityError(f"ranged read of {entry.key} returned {len(body)} of {hi - lo} bytes")
-    verify_range(body, entry, r.head_start, r.head_end)
-    return HeadBytes(r.head_start, r.head_end, memoryview(body).cast("B"))
+    body = await _get(store, entry, None)
+    payload = verify_whole(body, entry, manifest.chunk_id, expect)
+    spec = ShardSpec(manifest.chunk_id, entry.rank, entry.head_start, entry.head_end, expect,
+                     entry.starts)
+    return [HeadBytes(r.head_start, r.head_end, payload[lo:hi], g)
+            for g, (lo, hi) in enumerate(spec.section_bounds())]
+
+
+async def _fetch_sections(store: Get, r: Read, expect: PayloadLayout,
+                          sections: Sequence[int]) -> list[HeadBytes]:
+    async def one(section: int) -> HeadBytes:
+        entry = r.entry
+        lo, hi = range_bounds(entry, r.head_start, r.head_end, expect, section)
+        if hi == lo:  # an empty section (no tokens stored): nothing to fetch
+            return HeadBytes(r.head_start, r.head_end, memoryview(b""), section)
+        body = await _get(store, entry, (lo, hi))
+        if len(body) != hi - lo:
+            raise IntegrityError(
+                f"ranged read of {entry.key} returned {len(body)} of {hi - lo} bytes")
+        verify_range(body, entry, r.head_start, r.head_end, section)
+        return HeadBytes(r.head_start, r.head_end, memoryview(body).cast("B"), section)
+
+    return list(await asyncio.gather(*(one(g) for g in sections)))
 
 
 async def _get(store: Get, entry: ShardEntry, span: tuple[int, int] | None) -> memoryview:

@@ -65,20 +65,61 @@ ITEMSIZE = {
 @dataclass(frozen=True)
 class PayloadLayout:
     """What one head of a chunk looks like: the same for every shard of a
-    namespace, whatever the writer's or the reader's TP size or block size."""
+    namespace, whatever the writer's or the reader's TP size or block size.
+
+    ``groups``: layers per KV cache group, in order (``layer_names`` lists
+    them group by group); empty for one group of every layer. Each group is
+    a section of the payload, ``[heads, group layers, tokens, token_elems]``,
+    and a section may start at a later token of the chunk than 0
+    (``s3kv.groups``): what a shard holds is this layout plus its sections'
+    start tokens.
+    """
 
     dtype: str
     layer_names: tuple[str, ...]
     tokens: int
     token_elems: int
+    groups: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if self.dtype not in ITEMSIZE:
             raise ValueError(f"unsupported dtype {self.dtype!r}; valid: {sorted(ITEMSIZE)}")
+        if len(self.groups) == 1:
+            object.__setattr__(self, "groups", ())
+        if self.groups and (sum(self.groups) != len(self.layer_names)
+                            or min(self.groups) < 1):
+            raise ValueError(f"groups {self.groups} do not partition "
+                             f"{len(self.layer_names)} layers")
+
+    @property
+    def group_sizes(self) -> tuple[int, ...]:
+        return self.groups or (len(self.layer_names),)
+
+    @property
+    def num_groups(self) -> int:
+        return len(self.group_sizes)
+
+    def section_head_bytes(self, group: int, start: int = 0) -> int:
+        """Bytes of one head of group ``group``'s section, from token ``start``."""
+        return (self.group_sizes[group] * (self.tokens - start) * self.token_elems
+                * ITEMSIZE[self.dtype])
+
+    def head_bytes_for(self, starts: tuple[int, ...]) -> int:
+        """Bytes of one head over every section, given their start tokens."""
+        return sum(self.section_head_bytes(g, s) for g, s in enumerate(self.starts(starts)))
+
+    def starts(self, starts: tuple[int, ...]) -> tuple[int, ...]:
+        """``starts`` checked against this layout (``()``: every section from 0)."""
+        if not starts:
+            return (0,) * self.num_groups
+        if len(starts) != self.num_groups or not all(0 <= s <= self.tokens for s in starts):
+            raise IntegrityError(f"section starts {starts} do not fit {self.num_groups} "
+                                 f"groups of {self.tokens} tokens")
+        return tuple(starts)
 
     @property
     def head_bytes(self) -> int:
-        return len(self.layer_names) * self.tokens * self.token_elems * ITEMSIZE[self.dtype]
+        return self.head_bytes_for(())
 
 
 @dataclass(frozen=True)
@@ -88,6 +129,8 @@ class ShardSpec:
     head_start: int
     head_end: int
     layout: PayloadLayout
+    # Start token of each group's section (``()``: one group, or all from 0).
+    starts: tuple[int, ...] = ()
 
     @property
     def num_heads(self) -> int:
@@ -95,15 +138,24 @@ class ShardSpec:
 
     @property
     def head_bytes(self) -> int:
-        return self.layout.head_bytes
+        return self.layout.head_bytes_for(self.starts)
 
     @property
     def payload_bytes(self) -> int:
         return self.num_heads * self.head_bytes
 
+    def section_bounds(self) -> list[tuple[int, int]]:
+        """Each section's ``[lo, hi)`` inside the payload."""
+        out, at = [], 0
+        for g, s in enumerate(self.layout.starts(self.starts)):
+            n = self.num_heads * self.layout.section_head_bytes(g, s)
+            out.append((at, at + n))
+            at += n
+        return out
+
     def header_doc(self) -> dict[str, object]:
         lay = self.layout
-        return {
+        doc: dict[str, object] = {
             "v": SHARD_VERSION,
             "chunk_id": self.chunk_id,
             "rank": self.rank,
@@ -114,6 +166,10 @@ class ShardSpec:
             "token_elems": lay.token_elems,
             "order": ORDER,
         }
+        if lay.groups:  # one group: the header every single-group shard has had
+            doc["groups"] = list(lay.groups)
+            doc["starts"] = list(lay.starts(self.starts))
+        return doc
 
 
 # --- building -------------------------------------------------------------------
@@ -145,7 +201,8 @@ def seal(data: Buffer, key: str) -> ShardEntry:
     if len(mv) != off + spec.payload_bytes:
         raise IntegrityError(f"shard {key} is {len(mv)} bytes, its header says "
                              f"{off + spec.payload_bytes}")
-    heads = _head_digests(mv[off:], spec.num_heads)
+    heads = [d for lo, hi in spec.section_bounds()
+             for d in _head_digests(mv[off + lo : off + hi], spec.num_heads)]
     h = xxhash.xxh3_128()
     h.update(mv[:off])
     for d in heads:
@@ -154,6 +211,7 @@ def seal(data: Buffer, key: str) -> ShardEntry:
         rank=spec.rank, key=key, size=len(mv), checksum=h.hexdigest(),
         head_start=spec.head_start, head_end=spec.head_end, payload_offset=off,
         head_checksums=tuple(d.hex() for d in heads),
+        starts=spec.layout.starts(spec.starts) if spec.layout.groups else (),
     )
 
 
@@ -182,8 +240,11 @@ def parse_header(data: Buffer) -> tuple[ShardSpec, int]:
                 layer_names=tuple(doc["layers"]),
                 tokens=int(doc["tokens"]),
                 token_elems=int(doc["token_elems"]),
+                groups=tuple(int(k) for k in doc.get("groups", ())),
             ),
+            starts=tuple(int(t) for t in doc.get("starts", ())),
         )
+        spec.layout.starts(spec.starts)
     except (ValueError, KeyError, TypeError, IndexError) as exc:
         raise IntegrityError(f"shard header unreadable: {exc}") from None
     off = _PRELUDE.size + n
@@ -212,14 +273,18 @@ def verify_whole(body: Buffer, entry: ShardEntry, chunk_id: str,
     if spec.layout != expect:
         raise IntegrityError(f"shard {entry.key} layout {spec.layout} does not match this "
                              f"engine {expect}")
+    if spec.starts != entry.starts:
+        raise IntegrityError(f"shard {entry.key} sections start at {spec.starts}, the "
+                             f"manifest says {entry.starts}")
     if seal(mv, entry.key) != entry:
         raise IntegrityError(f"shard {entry.key} fails its checksum")
     return mv[off:]
 
 
 def range_bounds(entry: ShardEntry, head_start: int, head_end: int,
-                 expect: PayloadLayout) -> tuple[int, int]:
-    """Byte range ``[lo, hi)`` of heads ``[head_start, head_end)`` inside a shard object.
+                 expect: PayloadLayout, section: int = 0) -> tuple[int, int]:
+    """Byte range ``[lo, hi)`` of heads ``[head_start, head_end)`` of section
+    ``section`` inside a shard object.
 
     The size a reader expects per head comes from its own engine, never from
     the stored object, so a shard of another shape cannot be read as this one.
@@ -229,19 +294,30 @@ def range_bounds(entry: ShardEntry, head_start: int, head_end: int,
             f"heads [{head_start},{head_end}) not inside shard heads "
             f"[{entry.head_start},{entry.head_end})"
         )
-    per = expect.head_bytes
-    if entry.size - entry.payload_offset != per * (entry.head_end - entry.head_start):
-        raise IntegrityError(f"shard {entry.key} does not hold {per}-byte heads")
-    lo = entry.payload_offset + (head_start - entry.head_start) * per
+    starts = expect.starts(entry.starts)
+    if not 0 <= section < len(starts):
+        raise IntegrityError(f"no section {section} in shard {entry.key}")
+    n = entry.head_end - entry.head_start
+    if entry.size - entry.payload_offset != n * expect.head_bytes_for(entry.starts):
+        raise IntegrityError(f"shard {entry.key} does not hold "
+                             f"{expect.head_bytes_for(entry.starts)}-byte heads")
+    per = expect.section_head_bytes(section, starts[section])
+    base = entry.payload_offset + n * sum(
+        expect.section_head_bytes(g, starts[g]) for g in range(section))
+    lo = base + (head_start - entry.head_start) * per
     return lo, lo + (head_end - head_start) * per
 
 
-def verify_range(body: Buffer, entry: ShardEntry, head_start: int, head_end: int) -> None:
-    """Check the bytes of heads ``[head_start, head_end)`` against their digests."""
-    expected = entry.head_checksums[head_start - entry.head_start : head_end - entry.head_start]
+def verify_range(body: Buffer, entry: ShardEntry, head_start: int, head_end: int,
+                 section: int = 0) -> None:
+    """Check the bytes of heads ``[head_start, head_end)`` of one section against
+    their digests (``head_checksums`` lists each section's heads in turn)."""
+    n_entry = entry.head_end - entry.head_start
+    base = section * n_entry + head_start - entry.head_start
+    expected = entry.head_checksums[base : base + head_end - head_start]
     mv = memoryview(body).cast("B")
     n = len(expected)
-    if n == 0 or len(mv) % n:
+    if n != head_end - head_start or n == 0 or len(mv) % n:
         raise IntegrityError(f"{len(mv)} payload bytes do not split into {n} heads")
     for i, got in enumerate(_head_digests(mv, n)):
         if got.hex() != expected[i]:

@@ -8,6 +8,7 @@ fingerprint): the engine serves without the cache, and says how to enable it.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import sys
 import time
@@ -17,7 +18,9 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorBase_V1,
     KVConnectorMetadata,
     KVConnectorRole,
+    KVConnectorTransferResults,
     KVConnectorWorkerMetadata,
+    SupportsHMA,
 )
 from vllm.distributed.kv_transfer.kv_connector.v1.metrics import (
     KVConnectorPromMetrics,
@@ -26,7 +29,9 @@ from vllm.distributed.kv_transfer.kv_connector.v1.metrics import (
 
 from s3kv.config import parse_settings
 from s3kv.errors import WeightsUnresolved
+from s3kv.groups import describe_groups
 from s3kv.stats import Counters
+from s3kv.vllm.hybrid import group_specs
 from s3kv.vllm.metadata import S3KVMetadata
 from s3kv.vllm.namespace import build_fingerprint
 from s3kv.vllm.stats import S3KVPromMetrics, S3KVStats
@@ -71,7 +76,10 @@ def _backend_token_map(fp: Fingerprint, block_size: int) -> torch.Tensor | None:
     return cpu_token_map(getattr(torch, fp.dtype), block_size, fp.head_size)
 
 
-class S3KVConnector(KVConnectorBase_V1):
+class S3KVConnector(KVConnectorBase_V1, SupportsHMA):
+    """Subclasses ``SupportsHMA``: vLLM keeps its hybrid KV cache manager on,
+    and s3kv stores each KV cache group as its own section (``s3kv.groups``)."""
+
     def __init__(self, vllm_config: VllmConfig, role: KVConnectorRole,
                  kv_cache_config: KVCacheConfig):
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
@@ -85,6 +93,11 @@ class S3KVConnector(KVConnectorBase_V1):
             if role == KVConnectorRole.SCHEDULER:
                 log.info("s3kv: kv_load_failure_policy set to 'recompute' (s3kv is a cache)")
         self.settings = parse_settings(dict(ktc.kv_connector_extra_config or {}))
+        block_size = int(vllm_config.cache_config.block_size)
+        # A group kind s3kv cannot store stops start-up here, with its name.
+        groups = group_specs(kv_cache_config, block_size) if kv_cache_config is not None else ()
+        if len(groups) <= 1:
+            groups = ()  # one group of every layer: the layout s3kv always had
         self.counters = Counters()
         self._sched = None
         self._worker = None
@@ -97,15 +110,19 @@ class S3KVConnector(KVConnectorBase_V1):
             # scheduler speaks for the engine, once.
             (log.warning if role == KVConnectorRole.SCHEDULER else log.debug)("%s", exc)
             return
+        if groups:
+            # Which layers share a block table, and how much of it they keep,
+            # decides what a chunk's shards hold: part of the namespace.
+            fp = dataclasses.replace(fp, groups=describe_groups(groups))
         self.fingerprint = fp
+        self._groups = groups
         can_load = bool(ktc.is_kv_consumer)
         can_save = bool(ktc.is_kv_producer)
-        block_size = int(vllm_config.cache_config.block_size)
         if role == KVConnectorRole.SCHEDULER:
             from s3kv.vllm.scheduler_side import SchedulerSide
 
             self._sched = SchedulerSide(self.settings, fp, block_size, can_load,
-                                        can_save, self.counters)
+                                        can_save, self.counters, groups=groups)
             log.info("s3kv: namespace %s in s3://%s/%s", fp.namespace,
                      self.settings.store.bucket, self.settings.store.prefix)
         else:
@@ -118,7 +135,7 @@ class S3KVConnector(KVConnectorBase_V1):
             self._worker = WorkerSide(
                 self.settings, fp, num_blocks, block_size, tp.rank_in_group,
                 tp.world_size, list(tp.ranks), can_load, can_save, self.counters,
-                token_map=_backend_token_map(fp, block_size),
+                token_map=_backend_token_map(fp, block_size), groups=groups,
             )
 
     @property
@@ -155,6 +172,13 @@ class S3KVConnector(KVConnectorBase_V1):
         if self._worker is None:
             return None, None
         return None, self._worker.get_finished() or None
+
+    def get_transfer_results(self, finished_req_ids: set[str]) -> KVConnectorTransferResults:
+        results = super().get_transfer_results(finished_req_ids)
+        if self._worker is not None:
+            # Several KV cache groups: vLLM takes load failures per request.
+            results.failed_recving = self._worker.take_failed_requests()
+        return results
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         return self._worker.take_load_errors() if self._worker is not None else set()
@@ -238,3 +262,9 @@ class S3KVConnector(KVConnectorBase_V1):
         if self._sched is not None:
             self._sched.request_finished(request)
         return False, None
+
+    def request_finished_all_groups(self, request: Request, block_ids: tuple[list[int], ...]
+                                    ) -> tuple[bool, dict[str, Any] | None]:
+        # Saves copy their blocks out in the step that completes them, so the
+        # blocks may be freed at once in every group.
+        return self.request_finished(request, block_ids[0] if block_ids else [])

@@ -126,6 +126,11 @@ class KVBlocks:
         """Interpret a flat uint8 host tensor as ``[heads, layers, blocks, *block_shape]``."""
         return buf.view(self.dtype).view(heads, len(self.views), nblocks, *self.block_shape)
 
+    def section_view(self, buf: torch.Tensor, heads: int, tokens: int) -> torch.Tensor:
+        """Interpret a flat uint8 host tensor as ``[heads, layers, tokens, *token_shape]``:
+        a group's section of a chunk from its start token (``s3kv.shard``)."""
+        return buf.view(self.dtype).view(heads, len(self.views), tokens, *self.block_shape[1:])
+
     def _index(self, ids: Sequence[int]) -> torch.Tensor:
         """Block ids as a device tensor, without a host wait.
 

@@ -41,14 +41,14 @@ class Loader:
     vLLM recomputes and never waits for blocks nobody will write.
     """
 
-    def __init__(self, settings: Settings, heads: tuple[int, int], blocks_per_chunk: int,
+    def __init__(self, settings: Settings, heads: tuple[int, int], block_size: int,
                  counters: Counters, io: LoopThread) -> None:
         self.settings = settings
         self.heads = heads
-        self.blocks_per_chunk = blocks_per_chunk
+        self.block_size = block_size
         self.counters = counters
         self.io = io
-        self.kv: KVBlocks | None = None
+        self.kvs: list[KVBlocks] = []  # one per KV cache group
         self.payload: PayloadLayout | None = None
         self.store: ObjectStore | None = None
         self._jobs: dict[str, tuple[Future[set[int]], set[int]]] = {}
@@ -56,14 +56,18 @@ class Loader:
         # Chunks abandoned at their deadline: added on the I/O thread, taken
         # on the worker's.
         self._late: set[str] = set()
+        # Chunks that failed otherwise (missing, corrupt): the scheduler sets
+        # them aside.
+        self._bad: set[str] = set()
         self._late_lock = threading.Lock()
+        self._failed_reqs: set[str] = set()
         self._sem: asyncio.Semaphore | None = None
         self._stream: Any = None
 
-    def attach(self, kv: KVBlocks, payload: PayloadLayout, store: ObjectStore) -> None:
-        self.kv, self.payload, self.store = kv, payload, store
-        if kv.device.type == "cuda":
-            self._stream = torch.cuda.Stream(device=kv.device)
+    def attach(self, kvs: list[KVBlocks], payload: PayloadLayout, store: ObjectStore) -> None:
+        self.kvs, self.payload, self.store = list(kvs), payload, store
+        if kvs[0].device.type == "cuda":
+            self._stream = torch.cuda.Stream(device=kvs[0].device)
 
     def start(self, meta: S3KVMetadata) -> None:
         issued = None
@@ -76,8 +80,8 @@ class Loader:
             issued = torch.cuda.Event()
             issued.record(torch.cuda.current_stream())
         for lr in meta.loads:
-            blocks = {bid for ch in lr.chunks for _, bid in ch.blocks} | set(lr.refused_blocks)
-            if self.kv is None or self.payload is None or self.store is None:
+            blocks = {bid for ch in lr.chunks for bid in ch.block_ids} | set(lr.refused_blocks)
+            if not self.kvs or self.payload is None or self.store is None:
                 fut: Future[set[int]] = Future()
                 fut.set_result(blocks)
             else:
@@ -98,13 +102,14 @@ class Loader:
     async def _fetch(self, ch: LoadChunk) -> list[HeadBytes]:
         if self.store is None or self.payload is None or self._sem is None:
             raise IntegrityError("KV cache or store not ready")
+        wanted = [g for g, pairs in enumerate(ch.groups) if pairs]
         async with self._sem:
             return await read_heads(self.store, ch.manifest, self.heads[0], self.heads[1],
-                                    self.payload)
+                                    self.payload, wanted)
 
     async def _load_chunk(self, ch: LoadChunk, issued: Any, until: float) -> set[int]:
         """Returns the block ids that failed (empty on success)."""
-        failed = {bid for _, bid in ch.blocks}
+        failed = ch.block_ids
         t0 = time.perf_counter()
         loop = asyncio.get_running_loop()
         try:
@@ -121,6 +126,9 @@ class Loader:
             self.counters.add("loaded_chunks")
             return set()
         except Exception as exc:
+            if not isinstance(exc, TimeoutError):
+                with self._late_lock:
+                    self._bad.add(ch.manifest.chunk_id)
             self.counters.add("load_failures")
             log.warning("s3kv: load of chunk %s failed (%s: %s); recomputing",
                         ch.manifest.chunk_id[:12], type(exc).__name__,
@@ -128,29 +136,46 @@ class Loader:
             return failed
 
     def _copy_in(self, pieces: list[HeadBytes], ch: LoadChunk, issued: Any = None) -> None:
-        kv = self.kv
-        if kv is None:
+        if not self.kvs:
             raise IntegrityError("KV cache not registered")
-        offsets = [o for o, _ in ch.blocks]
-        block_ids = [b for _, b in ch.blocks]
-        srcs = [(p.head_start - self.heads[0],
-                 kv.payload_view(torch.frombuffer(p.payload, dtype=torch.uint8),
-                                 p.head_end - p.head_start, self.blocks_per_chunk))
-                for p in pieces]
+        copies = [self._source(p, ch) for p in pieces]
         if self._stream is not None:
             with torch.cuda.stream(self._stream):
                 if issued is not None:
                     self._stream.wait_event(issued)
-                for head_offset, src in srcs:
+                for kv, src, offsets, block_ids, head_offset in copies:
                     kv.copy_in(src, offsets, block_ids, head_offset)
             self._stream.synchronize()  # this executor thread only
         else:
-            for head_offset, src in srcs:
+            for kv, src, offsets, block_ids, head_offset in copies:
                 kv.copy_in(src, offsets, block_ids, head_offset)
+
+    def _source(self, p: HeadBytes, ch: LoadChunk
+                ) -> tuple[KVBlocks, torch.Tensor, list[int], list[int], int]:
+        """One piece's blocks as ``copy_in`` takes them: its section holds the
+        chunk's tokens from the section's start, and the blocks to fill begin
+        at or after it (the scheduler loads no block the section lacks)."""
+        if not 0 <= p.section < len(self.kvs):
+            raise IntegrityError(f"no KV cache group {p.section} in this engine")
+        if self.payload is None:
+            raise IntegrityError("KV cache not registered")
+        kv, pairs = self.kvs[p.section], ch.groups[p.section]
+        tokens = self.payload.tokens
+        start = ch.manifest.starts[p.section] if ch.manifest.starts else 0
+        bs = self.block_size
+        first = min(o for o, _ in pairs) * bs
+        if first < start or tokens % bs:
+            raise IntegrityError(f"chunk {ch.manifest.chunk_id[:12]} group {p.section} starts "
+                                 f"at token {start}, after block {first // bs}")
+        src = kv.section_view(torch.frombuffer(p.payload, dtype=torch.uint8),
+                              p.head_end - p.head_start, tokens - start)
+        src = src.narrow(2, first - start, tokens - first).unflatten(2, (-1, bs))
+        return (kv, src, [o - first // bs for o, _ in pairs], [b for _, b in pairs],
+                p.head_start - self.heads[0])
 
     def finished(self) -> set[str]:
         """Requests whose loads ended since the last call; their failed blocks go
-        to ``take_errors``."""
+        to ``take_errors``, and the requests with any to ``take_failed``."""
         done = set()
         for req_id, (fut, blocks) in list(self._jobs.items()):
             if not fut.done():
@@ -160,9 +185,23 @@ class Loader:
             except Exception:
                 failed = blocks
             self._errors |= failed
+            if failed:
+                self._failed_reqs.add(req_id)
             done.add(req_id)
             del self._jobs[req_id]
         return done
+
+    def take_failed(self) -> set[str]:
+        """Requests with a failed load since the last call (for engines with
+        several KV cache groups, where vLLM takes failures per request)."""
+        out, self._failed_reqs = self._failed_reqs, set()
+        return out
+
+    def take_bad(self) -> set[str]:
+        """Chunks whose loads failed other than by their deadline since the last call."""
+        with self._late_lock:
+            out, self._bad = self._bad, set()
+        return out
 
     def take_late(self) -> set[str]:
         """Chunks whose loads were abandoned at their deadline since the last call."""

@@ -17,8 +17,14 @@ from s3kv.manifest import Manifest
 @dataclass(frozen=True)
 class LoadChunk:
     manifest: Manifest
-    # (block offset inside the chunk, destination block id)
-    blocks: tuple[tuple[int, int], ...]
+    # Per KV cache group: (block offset inside the chunk, destination block id).
+    # A window group lists only the blocks its window still covers at the
+    # hit's end (vLLM's null blocks stand for the rest); often none.
+    groups: tuple[tuple[tuple[int, int], ...], ...]
+
+    @property
+    def block_ids(self) -> set[int]:
+        return {bid for pairs in self.groups for _, bid in pairs}
 
 
 @dataclass(frozen=True)
@@ -37,7 +43,11 @@ class LoadRequest:
 @dataclass(frozen=True)
 class SaveChunk:
     ref: ChunkRef
-    block_ids: tuple[int, ...]
+    # Per KV cache group: the blocks stored, the chunk's last ones from the
+    # group's start token on (``s3kv.groups``).
+    block_ids: tuple[tuple[int, ...], ...]
+    # Start token of each group's section; empty for a single group (from 0).
+    starts: tuple[int, ...] = ()
 
 
 @dataclass
@@ -57,6 +67,9 @@ class WorkerReport(KVConnectorWorkerMetadata):
     ``late_loads``: chunks whose loads were abandoned at their deadline. vLLM
     hears of them only as failed blocks; they are slow, not damaged, so the
     scheduler does not set them aside as bad.
+    ``bad_loads``: chunks whose loads failed otherwise (missing, corrupt,
+    refused): the scheduler sets them aside. With several KV cache groups
+    vLLM hears only which request failed, not which blocks.
 
     vLLM merges every rank's report of a step with :meth:`aggregate` before
     handing it to the scheduler."""
@@ -64,9 +77,11 @@ class WorkerReport(KVConnectorWorkerMetadata):
     committed: tuple[str, ...] = ()
     failed: tuple[str, ...] = ()
     late_loads: tuple[str, ...] = ()
+    bad_loads: tuple[str, ...] = ()
 
     def aggregate(self, other: KVConnectorWorkerMetadata) -> KVConnectorWorkerMetadata:
         if not isinstance(other, WorkerReport):
             raise TypeError(f"cannot merge {type(other).__name__} into WorkerReport")
         return WorkerReport(self.committed + other.committed, self.failed + other.failed,
-                            self.late_loads + other.late_loads)
+                            self.late_loads + other.late_loads,
+                            self.bad_loads + other.bad_loads)

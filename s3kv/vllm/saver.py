@@ -67,19 +67,21 @@ class CopyOut:
 class Saver:
     """Builds each step's shards (header + payload) and hands them to the committer.
 
-    ``heads`` is this rank's KV head range; ``uploads`` False when a lower rank
-    stores the same heads (the rank still joins every round, empty-handed).
+    ``kvs``: one view of the KV cache per KV cache group, in the group order
+    of ``payload`` (each group is a section of the payload). ``heads`` is this
+    rank's KV head range; ``uploads`` False when a lower rank stores the same
+    heads (the rank still joins every round, empty-handed).
     """
 
-    def __init__(self, kv: KVBlocks, payload: PayloadLayout, committer: Committer,
+    def __init__(self, kvs: Sequence[KVBlocks], payload: PayloadLayout, committer: Committer,
                  tp_rank: int, heads: tuple[int, int], uploads: bool) -> None:
-        self.kv = kv
+        self.kvs = list(kvs)
         self.payload = payload
         self.committer = committer
         self.tp_rank = tp_rank
         self.heads = heads
         self.uploads = uploads
-        self.copy = CopyOut(kv)
+        self.copies = [CopyOut(kv) for kv in self.kvs]
 
     def save(self, meta: S3KVMetadata) -> None:
         if not meta.saves:
@@ -89,20 +91,39 @@ class Saver:
             return
         n_heads = self.heads[1] - self.heads[0]
         specs = [ShardSpec(s.ref.chunk_id, self.tp_rank, self.heads[0], self.heads[1],
-                           self.payload) for s in meta.saves]
+                           self.payload, s.starts) for s in meta.saves]
         headers = [encode_header(sp) for sp in specs]
         sizes = [len(h) + sp.payload_bytes for h, sp in zip(headers, specs, strict=True)]
         if not self.committer.try_reserve(sum(sizes)):
             self.committer.submit_dropped(meta.round_id, [s.ref for s in meta.saves])
             return
-        pinned = self.copy.side is not None
-        bufs, dsts = [], []
-        for s, header, total in zip(meta.saves, headers, sizes, strict=True):
+        pinned = self.copies[0].side is not None
+        bufs = []
+        dsts: list[list[torch.Tensor]] = [[] for _ in self.kvs]  # per group, per save
+        for s, spec, header, total in zip(meta.saves, specs, headers, sizes, strict=True):
             host = torch.empty(total, dtype=torch.uint8, pin_memory=pinned)
             mv = host.numpy().data
             mv[: len(header)] = header
-            dsts.append(self.kv.payload_view(host[len(header):], n_heads, len(s.block_ids)))
+            payload = host[len(header):]
+            for g, (lo, hi) in enumerate(spec.section_bounds()):
+                dsts[g].append(self.kvs[g].payload_view(payload[lo:hi], n_heads,
+                                                        len(s.block_ids[g])))
             bufs.append(mv)
-        wait = self.copy.start([s.block_ids for s in meta.saves], dsts)
+        waits = [copy.start([s.block_ids[g] for s in meta.saves], dsts[g])
+                 for g, copy in enumerate(self.copies)
+                 if any(s.block_ids[g] for s in meta.saves)]
+        wait = _all([w for w in waits if w is not None])
         saves = [ChunkSave(s.ref, mv, wait) for s, mv in zip(meta.saves, bufs, strict=True)]
         self.committer.submit(meta.round_id, saves, reserved=True)
+
+
+def _all(waits: list[Callable[[], None]]) -> Callable[[], None] | None:
+    if not waits:
+        return None
+    if len(waits) == 1:
+        return waits[0]
+
+    def wait() -> None:
+        for w in waits:
+            w()
+    return wait

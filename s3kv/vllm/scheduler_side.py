@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 from s3kv.admission import REQUEST_FLAG
 from s3kv.aio import io_loop
 from s3kv.config import Settings
+from s3kv.groups import GroupSpec, covered, held_start, store_start
 from s3kv.index import CacheIndex
 from s3kv.keys import ChunkRef, Fingerprint, chunk_id
 from s3kv.manifest import Manifest
@@ -31,6 +32,11 @@ from s3kv.store import ObjectStore, open_store
 from s3kv.store.hedged import hedged
 from s3kv.vllm.metadata import LoadChunk, LoadRequest, S3KVMetadata, SaveChunk, WorkerReport
 from s3kv.vllm.namespace import lora_identity
+
+# vLLM's placeholder in a window group's block table for a block it freed or
+# never allocated (``vllm.v1.attention.backends.utils.NULL_BLOCK_ID``); this
+# module does not import vLLM, so tests can drive it without an engine.
+NULL_BLOCK_ID = 0
 
 if TYPE_CHECKING:
     from vllm.v1.core.kv_cache_manager import KVCacheBlocks
@@ -46,7 +52,7 @@ class _Req:
     request: Request
     extra_base: dict[str, Any]
     chunk_ids: list[str] = field(default_factory=list)
-    block_ids: list[int] = field(default_factory=list)
+    block_ids: list[list[int]] = field(default_factory=list)  # per KV cache group
     saved_upto: int = 0  # chunks [0, saved_upto) are planned, committed or skipped
     computed_chunks: int = 0  # full chunks computed so far (for the save accounting)
     hits: tuple[Manifest, ...] = ()
@@ -60,8 +66,12 @@ class SchedulerSide:
     def __init__(
         self, settings: Settings, fingerprint: Fingerprint, block_size: int,
         can_load: bool, can_save: bool, counters: Counters, index: CacheIndex | None = None,
+        groups: tuple[GroupSpec, ...] = (),
     ) -> None:
         self.settings = settings
+        # vLLM's KV cache groups (s3kv.vllm.hybrid); empty: one group of every layer.
+        self.groups = groups or (GroupSpec("full", ("*",)),)
+        self._windowed = any(g.kind == "window" for g in self.groups)
         self.fingerprint = fingerprint
         self.block_size = block_size
         self.chunk_tokens = settings.chunk_tokens
@@ -144,6 +154,8 @@ class SchedulerSide:
             return None, False
         hits = self._aligned(request.request_id, hits, ids, first)
         end = min((first + len(hits)) * self.chunk_tokens, limit)
+        if self._windowed:
+            end = self._window_end(hits, first, num_computed, end)
         new = end - num_computed
         if new <= 0:
             return self._miss(st)
@@ -170,6 +182,25 @@ class SchedulerSide:
                 return hits[:i]
         return hits
 
+    def _window_end(self, hits: tuple[Manifest, ...], first: int, local: int, end: int) -> int:
+        """The longest hit end, up to ``end``, at which the hits hold every block
+        the window groups still need (``s3kv.groups``); ``local`` if none."""
+        n = len(self.groups)
+        starts = [m.starts if len(m.starts) == n else (self.chunk_tokens,) * n for m in hits]
+        ends = [end] + [k * self.chunk_tokens for k in range(first + len(hits), first, -1)
+                        if k * self.chunk_tokens < end]
+        for e in ends:
+            if e <= local:
+                break
+            if covered(self.groups, starts, first, local, e, self.chunk_tokens,
+                       self.block_size):
+                if e < end:
+                    self.counters.add("window_short_hits")
+                return e
+        if end > local:
+            self.counters.add("window_short_hits")
+        return local
+
     def _miss(self, st: _Req) -> tuple[int, bool]:
         st.hits = ()
         self.counters.add("miss_requests")
@@ -180,31 +211,34 @@ class SchedulerSide:
         st = self._reqs.get(request.request_id)
         if st is None or num_external <= 0 or not st.hits:
             return
-        block_ids = list(blocks.get_block_ids()[0])
+        group_ids = blocks.get_block_ids()
         first_block = st.local_tokens // self.block_size
         last_block = (st.local_tokens + num_external) // self.block_size
-        per_chunk: dict[int, list[tuple[int, int]]] = {}
-        for bi in range(first_block, last_block):
-            ci = bi // self.blocks_per_chunk
-            per_chunk.setdefault(ci, []).append((bi % self.blocks_per_chunk, block_ids[bi]))
+        bpc = self.blocks_per_chunk
         # Each chunk's blocks get the manifest whose chunk id is that chunk's;
-        # from the first chunk without one, the blocks are refused (vLLM
-        # recomputes them) rather than filled with another chunk's KV.
+        # from the first chunk without one (or whose window section lacks a
+        # block vLLM kept), the blocks are refused (vLLM recomputes them)
+        # rather than filled with another chunk's KV.
         hits = {m.chunk_id: m for m in st.hits}
         chunks: list[LoadChunk] = []
         refused: list[int] = []
-        for ci, pairs in sorted(per_chunk.items()):
+        for ci in range(first_block // bpc, (last_block + bpc - 1) // bpc):
+            lo, hi = max(first_block, ci * bpc), min(last_block, (ci + 1) * bpc)
             m = hits.get(st.chunk_ids[ci]) if ci < len(st.chunk_ids) else None
-            if m is None or refused:
+            pairs = self._chunk_pairs(group_ids, m, lo, hi) if m is not None else None
+            if pairs is None or refused:
                 if not refused:
                     self.counters.add("hit_misalignments", 1)
-                    log.error("s3kv: request %s: no hit manifest for chunk %d; "
+                    log.error("s3kv: request %s: no usable hit manifest for chunk %d; "
                               "recomputing from it (please report)", request.request_id, ci)
-                refused.extend(bid for _, bid in pairs)
+                refused.extend(b for ids in group_ids for b in ids[lo:hi] if b != NULL_BLOCK_ID)
                 continue
-            chunks.append(LoadChunk(m, tuple(pairs)))
-            for _, bid in pairs:
-                self._load_blocks[bid] = (request.request_id, m.chunk_id)
+            if m is None:  # unreachable: pairs is None without a manifest
+                continue
+            chunks.append(LoadChunk(m, pairs))
+            if len(self.groups) == 1:
+                for _, bid in pairs[0]:
+                    self._load_blocks[bid] = (request.request_id, m.chunk_id)
         deadline = self.index.load_started(request.request_id, num_external,
                                            [c.manifest for c in chunks])
         self._pending_loads[request.request_id] = LoadRequest(
@@ -214,6 +248,28 @@ class SchedulerSide:
         self.index.loaded([m.chunk_id for m in st.hits])
         st.saved_upto = max(st.saved_upto, st.hit_start_chunk + len(st.hits))
         st.hits = ()
+
+    def _chunk_pairs(self, group_ids: tuple[list[int], ...], m: Manifest, lo: int, hi: int
+                     ) -> tuple[tuple[tuple[int, int], ...], ...] | None:
+        """Per group, (offset in the chunk, block id) of blocks ``[lo, hi)`` to
+        fill from ``m``; None if a block vLLM kept lies before its section."""
+        n = len(self.groups)
+        if len(group_ids) != n or (n > 1 and len(m.starts) != n):
+            return None
+        out = []
+        for g, spec in enumerate(self.groups):
+            start = m.starts[g] if n > 1 else 0
+            pairs = []
+            for bi in range(lo, hi):
+                bid = group_ids[g][bi]
+                if spec.kind == "window" and bid == NULL_BLOCK_ID:
+                    continue  # outside the window at the hit's end: nothing to load
+                off = bi % self.blocks_per_chunk
+                if off * self.block_size < start:
+                    return None
+                pairs.append((off, bid))
+            out.append(tuple(pairs))
+        return tuple(out)
 
     # --- per-step metadata ------------------------------------------------------
 
@@ -225,7 +281,7 @@ class SchedulerSide:
         for new in so.scheduled_new_reqs:
             st = self._reqs.get(new.req_id)
             if st is not None:
-                st.block_ids = list(new.block_ids[0]) if new.block_ids else []
+                st.block_ids = [list(ids) for ids in new.block_ids or ()]
                 computed[new.req_id] = new.num_computed_tokens
         cached = so.scheduled_cached_reqs
         for i, req_id in enumerate(cached.req_ids):
@@ -234,22 +290,27 @@ class SchedulerSide:
                 continue
             new_ids = cached.new_block_ids[i]
             if req_id in cached.resumed_req_ids:
-                st.block_ids = list(new_ids[0]) if new_ids else []
+                st.block_ids = [list(ids) for ids in new_ids or ()]
             elif new_ids:
-                st.block_ids.extend(new_ids[0])
+                if len(st.block_ids) < len(new_ids):
+                    st.block_ids += [[] for _ in range(len(new_ids) - len(st.block_ids))]
+                for row, ids in zip(st.block_ids, new_ids, strict=False):
+                    row.extend(ids)
             computed[req_id] = cached.num_computed_tokens[i]
         # While the store is down, saves wait where they are (saved_upto does not
         # move): a request still running when it is back saves them then.
         if self.can_save and self.index.available and self.index.saves_allowed():
             for req_id, before in computed.items():
-                self._plan_saves(req_id, before + so.num_scheduled_tokens.get(req_id, 0), meta)
+                self._plan_saves(req_id, before,
+                                 before + so.num_scheduled_tokens.get(req_id, 0), meta)
         if meta.saves:
             meta.round_id = self._round
             self._round += 1
             self.counters.add("planned_chunks", len(meta.saves))
         return meta
 
-    def _plan_saves(self, req_id: str, computed_after: int, meta: S3KVMetadata) -> None:
+    def _plan_saves(self, req_id: str, computed_before: int, computed_after: int,
+                    meta: S3KVMetadata) -> None:
         st = self._reqs[req_id]
         if not st.cacheable:
             return
@@ -257,14 +318,44 @@ class SchedulerSide:
         st.computed_chunks = max(st.computed_chunks, len(ids))
         for ci in range(st.saved_upto, len(ids)):
             cid = ids[ci]
-            blocks = st.block_ids[ci * self.blocks_per_chunk : (ci + 1) * self.blocks_per_chunk]
-            if len(blocks) < self.blocks_per_chunk:
+            stored = self._stored_blocks(st, ci, computed_before)
+            if stored is None:
                 break
             st.saved_upto = ci + 1
             if not self.index.plan_store(cid, _requested(st.request)):
                 continue
             ref = ChunkRef(cid, ids[ci - 1] if ci else None, ci, self.chunk_tokens)
-            meta.saves.append(SaveChunk(ref, tuple(blocks)))
+            blocks, starts = stored
+            meta.saves.append(SaveChunk(ref, blocks, starts if len(self.groups) > 1 else ()))
+
+    def _stored_blocks(self, st: _Req, ci: int, computed_before: int
+                       ) -> tuple[tuple[tuple[int, ...], ...], tuple[int, ...]] | None:
+        """Per group, the blocks of chunk ``ci`` to store and the token they start
+        at; None while the chunk's blocks are not all allocated yet.
+
+        A window group stores the chunk's last blocks from ``store_start`` on,
+        and only those the request still holds: a block vLLM freed during this
+        step may already hold another request's KV (``s3kv.groups``)."""
+        bpc, bs = self.blocks_per_chunk, self.block_size
+        if len(st.block_ids) != len(self.groups):
+            return None
+        blocks_out, starts = [], []
+        for g, spec in enumerate(self.groups):
+            blocks = st.block_ids[g][ci * bpc : (ci + 1) * bpc]
+            if len(blocks) < bpc:
+                return None
+            first = 0
+            if spec.kind == "window":
+                first = max(store_start(spec.window, self.chunk_tokens, bs),
+                            held_start(spec.window, computed_before, ci, self.chunk_tokens,
+                                       bs)) // bs
+                nulls = [k for k in range(first, bpc) if blocks[k] == NULL_BLOCK_ID]
+                first = max([first, *(k + 1 for k in nulls)])
+            elif NULL_BLOCK_ID in blocks and len(self.groups) > 1:
+                return None  # a full group never frees blocks; do not guess
+            blocks_out.append(tuple(blocks[first:]))
+            starts.append(first * bs)
+        return tuple(blocks_out), tuple(starts)
 
     # --- outcomes ---------------------------------------------------------------
 
@@ -289,6 +380,8 @@ class SchedulerSide:
             for cid in report.failed:
                 self.index.store_finished(cid, ok=False)
             late = set(report.late_loads)
+            for cid in set(report.bad_loads) - late:
+                self.index.mark_bad(cid)
         failed_blocks = getattr(output, "invalid_block_ids", None) or set()
         failed_reqs = set(getattr(output, "failed_recving", None) or ())
         for bid in failed_blocks:

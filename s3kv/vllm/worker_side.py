@@ -20,6 +20,7 @@ from s3kv.aio import io_loop
 from s3kv.commit import Committer, Gatherer, LocalGatherer
 from s3kv.config import Settings
 from s3kv.errors import Unavailable
+from s3kv.groups import GroupSpec
 from s3kv.heads import head_range, uploads_heads
 from s3kv.keys import Fingerprint, KeyLayout, new_writer_id
 from s3kv.shard import PayloadLayout
@@ -39,7 +40,7 @@ class WorkerSide:
         self, settings: Settings, fingerprint: Fingerprint, num_blocks: int, block_size: int,
         tp_rank: int, tp_size: int, tp_ranks: list[int], can_load: bool, can_save: bool,
         counters: Counters, store: ObjectStore | None = None,
-        token_map: torch.Tensor | None = None,
+        token_map: torch.Tensor | None = None, groups: tuple[GroupSpec, ...] = (),
     ) -> None:
         self.settings = settings
         self.fp = fingerprint
@@ -53,31 +54,45 @@ class WorkerSide:
         self.uploads = uploads_heads(fingerprint.num_kv_heads, tp_rank, tp_size)
         self.can_load, self.can_save = can_load, can_save
         self.token_map = token_map  # the backend's packing of a block (kv_layout.KVBlocks)
+        # vLLM's KV cache groups (s3kv.vllm.hybrid); empty: one group of every layer.
+        self.groups = groups
         self.counters = counters
         self.io = io_loop()
-        self.kv: KVBlocks | None = None
+        self.kvs: list[KVBlocks] = []  # one per group, in group order
         self.payload: PayloadLayout | None = None  # one head of one chunk, as stored
         # An already-open store (embedding, tests); otherwise the configured
         # one is opened when the caches are registered.
         self.store: ObjectStore | None = store
         self.committer: Committer | None = None
         self.saver: Saver | None = None
-        self.loader = Loader(settings, self.heads, self.blocks_per_chunk, counters, self.io)
+        self.loader = Loader(settings, self.heads, block_size, counters, self.io)
 
     # --- start-up ---------------------------------------------------------------
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         n_heads = self.heads[1] - self.heads[0]
-        kv = KVBlocks(kv_caches, self.num_blocks, n_heads, self.block_size,
-                      mla=self.fp.attention == "mla", token_map=self.token_map)
-        if kv.dtype_name != self.fp.dtype or kv.token_elems != self.fp.token_elems:
+        mla = self.fp.attention == "mla"
+        # One group: the engine's layer order, as every single-group shard has it.
+        layer_groups = ([g.layers for g in self.groups] if len(self.groups) > 1
+                        else [tuple(kv_caches)])
+        missing = [n for layers in layer_groups for n in layers if n not in kv_caches]
+        if missing:
+            log.warning("s3kv: layers %s have no KV cache tensor; cache disabled", missing[:3])
+            return
+        kvs = [KVBlocks({n: kv_caches[n] for n in layers}, self.num_blocks, n_heads,
+                        self.block_size, mla=mla, token_map=self.token_map)
+               for layers in layer_groups]
+        kv = kvs[0]
+        if any(k.dtype_name != self.fp.dtype or k.token_elems != self.fp.token_elems
+               for k in kvs):
             log.warning("s3kv: KV cache (%s, %d elements per token) differs from the model's "
                         "(%s, %d); cache disabled", kv.dtype_name, kv.token_elems,
                         self.fp.dtype, self.fp.token_elems)
             return
-        self.kv = kv
-        self.payload = PayloadLayout(kv.dtype_name, kv.names, self.settings.chunk_tokens,
-                                     kv.token_elems)
+        self.kvs = kvs
+        self.payload = PayloadLayout(kv.dtype_name, tuple(n for k in kvs for n in k.names),
+                                     self.settings.chunk_tokens, kv.token_elems,
+                                     groups=tuple(len(k.names) for k in kvs))
         try:
             if self.store is None:
                 self.store = hedged(self.io.run(open_store(self.settings.store), timeout=60),
@@ -86,7 +101,7 @@ class WorkerSide:
             log.warning("s3kv: cannot open the object store (%s: %s); serving without the cache",
                         type(exc).__name__, exc)
         if self.can_load and self.store is not None:
-            self.loader.attach(kv, self.payload, self.store)
+            self.loader.attach(kvs, self.payload, self.store)
         if not self.can_save:
             return
         gatherer: Gatherer
@@ -108,7 +123,7 @@ class WorkerSide:
             max_concurrency=self.settings.store.max_concurrency,
             num_heads=self.fp.num_kv_heads, counters=self.counters,
         )
-        self.saver = Saver(kv, self.payload, self.committer, self.tp_rank, self.heads,
+        self.saver = Saver(kvs, self.payload, self.committer, self.tp_rank, self.heads,
                            self.uploads)
 
     # --- forward path ------------------------------------------------------------
@@ -126,7 +141,15 @@ class WorkerSide:
         return self.loader.finished()
 
     def take_load_errors(self) -> set[int]:
-        return self.loader.take_errors()
+        """Blocks that failed to load. vLLM takes them only from an engine with
+        one KV cache group (block ids repeat across groups); with several, a
+        failed load fails its request (``take_failed_requests``)."""
+        errors = self.loader.take_errors()
+        return errors if len(self.groups) <= 1 else set()
+
+    def take_failed_requests(self) -> set[str]:
+        failed = self.loader.take_failed()
+        return failed if len(self.groups) > 1 else set()
 
     def take_report(self) -> WorkerReport | None:
         """Commit outcomes (rank 0) and late loads since the last step."""
@@ -135,9 +158,10 @@ class WorkerSide:
         if self.committer is not None:
             committed, failed = self.committer.take_outcomes()
         late = self.loader.take_late()
-        if not committed and not failed and not late:
+        bad = self.loader.take_bad()
+        if not committed and not failed and not late and not bad:
             return None
-        return WorkerReport(tuple(committed), tuple(failed), tuple(late))
+        return WorkerReport(tuple(committed), tuple(failed), tuple(late), tuple(bad))
 
     def flush(self, timeout: float) -> bool:
         """Wait until every save submitted so far is committed (or failed) and

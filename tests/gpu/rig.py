@@ -102,7 +102,8 @@ class Rig:
     def save_meta(self, saves: list[tuple[str, list[int]]]) -> S3KVMetadata:
         self._round += 1
         return S3KVMetadata(saves=[
-            SaveChunk(ChunkRef(cid, None, 0, self.chunk_tokens), tuple(ids)) for cid, ids in saves
+            SaveChunk(ChunkRef(cid, None, 0, self.chunk_tokens), (tuple(ids),))
+            for cid, ids in saves
         ], round_id=self._round)
 
     def step(self, meta: S3KVMetadata, forward: Callable[[], None] | None = None) -> None:
@@ -149,7 +150,7 @@ class Rig:
 
     def load_meta(self, req_id: str, cid: str, dest: list[int]) -> S3KVMetadata:
         m = self.manifest(cid)
-        chunk = LoadChunk(m, tuple(enumerate(dest)))
+        chunk = LoadChunk(m, (tuple(enumerate(dest)),))
         return S3KVMetadata(loads=[LoadRequest(req_id, (chunk,))])
 
     def flush(self) -> None:

@@ -249,7 +249,7 @@ class LookupInterleavings(RuleBasedStateMachine):
         assert len(loads) == 1
         filled = []
         for ch in loads[0].chunks:
-            for _, bid in ch.blocks:
+            for _, bid in ch.groups[0]:
                 ci = (bid % BLOCKS_PER_REQ) // (CT // BS)
                 assert ch.manifest.chunk_id == ids[ci], (
                     f"chunk {ci}'s blocks would receive another chunk's KV")

@@ -1,0 +1,103 @@
+"""KV cache groups: what each kind of layer needs stored and loaded.
+
+vLLM's hybrid KV cache manager puts layers that keep their KV differently in
+separate groups, each with its own block table. s3kv stores a chunk's groups
+as sections of one shard (``s3kv.shard``) and decides here, without vLLM,
+which tokens of each section to store and which a reader needs:
+
+- ``full``: every layer keeps every token. A chunk stores all of them and a
+  hit loads all of them.
+- ``window``: sliding-window layers attend only to the last ``window``
+  tokens, and vLLM frees (null-blocks) the blocks before that. A request that
+  resumes computing at token ``end`` needs only the blocks from
+  :func:`first_needed_token` on; a hit loads only those.
+
+What a window section stores. Hits end on chunk boundaries, or one block
+short of one (the last token of a prompt is always computed), so a reader
+never needs a window block more than ``window + block_size`` tokens before the
+end of the chunk it resumes after. The blocks before that (:func:`store_start`)
+would be loaded by no hit, however long the later request: it resumes at a
+later boundary and needs later tokens still. They are not stored.
+A block vLLM has already freed cannot be stored either (its memory may hold
+another request's KV by then): :func:`held_start` says where the request's
+blocks still begin. Each section records the token it starts at, and a
+reader uses a chunk only where the section holds every block it needs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+KINDS = ("full", "window")
+
+
+@dataclass(frozen=True)
+class GroupSpec:
+    kind: str  # one of KINDS
+    layers: tuple[str, ...]
+    window: int = 0  # tokens a query attends to, itself included ("window" only)
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"group kind {self.kind!r}; valid: {', '.join(KINDS)}")
+        if (self.kind == "window") != (self.window > 0):
+            raise ValueError("a window group needs window > 0, and only it")
+        if not self.layers:
+            raise ValueError("a KV cache group needs at least one layer")
+
+    def describe(self) -> str:
+        head = f"window{self.window}" if self.kind == "window" else "full"
+        return f"{head}:{','.join(self.layers)}"
+
+
+def describe_groups(groups: Sequence[GroupSpec]) -> str:
+    """The group layout as the namespace records it; empty for one full group
+    (the layout every namespace had before groups, whose keys stay the same)."""
+    if len(groups) == 1 and groups[0].kind == "full":
+        return ""
+    return ";".join(g.describe() for g in groups)
+
+
+def first_needed_token(window: int, end: int, block_size: int) -> int:
+    """First token of the first block a window group still holds when a request
+    resumes computing at token ``end``: vLLM frees the blocks wholly before
+    ``end - window + 1`` (``SlidingWindowManager.get_num_skipped_tokens``)."""
+    return max(0, end - window + 1) // block_size * block_size
+
+
+def store_start(window: int, chunk_tokens: int, block_size: int) -> int:
+    """Offset inside a chunk of the first window token worth storing: the
+    first block a hit ending at the chunk's end, or one block before it, needs."""
+    return first_needed_token(window, chunk_tokens - block_size, block_size)
+
+
+def held_start(window: int, computed_before: int, chunk_index: int, chunk_tokens: int,
+               block_size: int) -> int:
+    """Offset inside chunk ``chunk_index`` of the first block a request still
+    holds in a window group during a step that began with ``computed_before``
+    tokens computed (0 if it holds the whole chunk, ``chunk_tokens`` if none)."""
+    first = first_needed_token(window, computed_before, block_size)
+    return min(chunk_tokens, max(0, first - chunk_index * chunk_tokens))
+
+
+def covered(groups: Sequence[GroupSpec], starts: Sequence[Sequence[int]], first_chunk: int,
+            local_tokens: int, end: int, chunk_tokens: int, block_size: int) -> bool:
+    """Whether chunks ``first_chunk, first_chunk + 1, ...`` (their sections'
+    start tokens in ``starts``) hold every window block a request needs to
+    resume at ``end`` with tokens below ``local_tokens`` already in its own
+    cache. Full sections always start at 0."""
+    for g, spec in enumerate(groups):
+        if spec.kind != "window":
+            continue
+        need = max(first_needed_token(spec.window, end, block_size),
+                   local_tokens // block_size * block_size)
+        for i, chunk_starts in enumerate(starts):
+            lo = (first_chunk + i) * chunk_tokens
+            if lo >= end:
+                break
+            if lo + chunk_tokens <= need:
+                continue
+            if chunk_starts[g] > max(0, need - lo):
+                return False
+    return True
