@@ -24,6 +24,21 @@ def _connector(llm: Any) -> Any:
     return getattr(core.scheduler, "connector", None)
 
 
+def _kv_cache_report(llm: Any) -> dict[str, Any]:
+    """What vLLM sized its KV cache to: the capacity in tokens it reports and
+    one entry per KV cache group (spec kind, layer count, block size)."""
+    core = llm.llm_engine.engine_core
+    core = getattr(core, "engine_core", core)
+    cfg = core.scheduler.kv_cache_config
+    groups = [{"kind": type(g.kv_cache_spec).__name__, "layers": len(g.layer_names),
+               "block_size": g.kv_cache_spec.block_size,
+               "window": getattr(g.kv_cache_spec, "sliding_window", None)}
+              for g in cfg.kv_cache_groups]
+    tokens = getattr(llm.llm_engine.vllm_config.cache_config, "kv_cache_size_tokens", None)
+    return {"kv_cache_tokens": tokens, "kv_cache_blocks": cfg.num_blocks,
+            "kv_cache_groups": groups}
+
+
 def run(job: dict[str, Any]) -> dict[str, Any]:
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     if job.get("tp", 1) > 1:
@@ -62,6 +77,7 @@ def run(job: dict[str, Any]) -> dict[str, Any]:
     params = SamplingParams(max_tokens=job.get("max_tokens", 8), temperature=0.0,
                             ignore_eos=True, extra_args=extra, logprobs=top or None)
     conn = _connector(llm)
+    kv_cache = _kv_cache_report(llm)
     if job.get("warmup"):
         # One unrelated short request first, so one-time start-up costs of the
         # first forward pass are not counted as anyone's time to first token.
@@ -101,7 +117,8 @@ def run(job: dict[str, Any]) -> dict[str, Any]:
               "startup_s": startup, "counters": counters, "first_pass_counters": first_pass,
               "batch_counters": batch_counters, "top_logprobs": top_logprobs,
               "namespace": (conn.fingerprint.namespace
-                            if conn is not None and conn.fingerprint is not None else None)}
+                            if conn is not None and conn.fingerprint is not None else None),
+              **kv_cache}
     _shutdown(llm)
     return result
 
@@ -146,6 +163,10 @@ def _shutdown(llm: Any) -> None:
 
 
 def main(argv: list[str]) -> int:
+    # vLLM logs to stdout, which every runner of this script discards; its log
+    # (KV cache groups, capacity, warnings) belongs with the engine's stderr.
+    sys.stdout.flush()
+    os.dup2(2, 1)
     job = json.loads(Path(argv[0]).read_text())
     result = run(job)
     Path(argv[1]).write_text(json.dumps(result))

@@ -1,4 +1,5 @@
-"""Attention layouts end to end: fewer KV heads than TP ranks, MLA, sliding window.
+"""Attention layouts end to end: fewer KV heads than TP ranks, MLA (sliding
+windows: ``test_hybrid_e2e``).
 
 Each test writes with real engines at one TP size and reads at others; greedy
 outputs are judged against an engine without the connector at the reader's
@@ -15,7 +16,7 @@ import pytest
 from devtools.tiny_model import TinyModelSpec, create_tiny_model
 from s3kv.keys import chain_chunk_ids
 from tests.vllm.harness import CHUNK, TMP, bucket_keys, distinct_prompts, job, run_engine
-from tests.vllm.models import create_mla_model, create_sliding_window_model
+from tests.vllm.models import create_mla_model
 from tests.vllm.test_connector_e2e import manifests
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
@@ -108,23 +109,3 @@ def test_mla_one_latent_shard_per_chunk_across_tp_sizes(
     assert c.counters["hit_tokens"] == expected_hits(both, 16)
     assert c.counters["workers.loaded_chunks"] == 2 * chunks_of(both)
     assert c.counters.get("workers.load_failures", 0) == 0
-
-
-def test_sliding_window_model_hits_with_identical_output(
-    prompts: list[list[int]], conn: dict[str, Any], s3: Any, bucket: str,
-) -> None:
-    """Gemma-3 shape (sliding-window layers between full ones). With a connector
-    vLLM keeps every layer's blocks in one full-attention group, so the chunks
-    hold every layer and loading them reproduces the output exactly."""
-    model = create_sliding_window_model(TMP / "models" / "tiny-gemma3")
-    base = run_engine(job(model, prompts)).outputs
-    cold = run_engine(job(model, prompts, conn))
-    assert cold.outputs == base
-    found = manifests(s3, bucket)
-    assert found and all(len(m.shards) == 1 for m in found.values())
-    warm = run_engine(job(model, prompts, conn, prefix_caching=False, kv_role="kv_consumer"))
-    assert warm.outputs == base
-    assert warm.counters["hit_tokens"] == expected_hits(prompts, 128)
-    assert warm.counters["workers.loaded_chunks"] == chunks_of(prompts)
-    assert warm.counters.get("workers.load_failures", 0) == 0
-
