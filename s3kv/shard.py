@@ -16,13 +16,23 @@ and V (keys first, then values) and the latent width for MLA, where the one
 latent "head" is shared by every rank. The engine's tensor layout (NHD, HND,
 K/V or blocks first) is mapped to this order by ``s3kv.vllm.kv_layout``.
 
+Hybrid models (vLLM's hybrid KV cache manager: one KV cache group per kind
+of layer) store one section per group, one after the other, each
+``[heads, group layers, tokens from its start, token_elems]``. A section
+starts at the first token worth storing for its group (``s3kv.groups``: a
+sliding-window group skips the blocks no later hit needs); the header and
+the manifest entry record each section's start. Each section is head-major,
+so a reader takes a head range of the sections it needs with one ranged GET
+per section. A single-group engine writes one section starting at 0, and
+its shards carry exactly the bytes, header and manifest they always did.
+
 The header is padded to 64 bytes so the payload can be viewed as a tensor in
 place. The caller allocates the buffer (pinned host memory on GPU), writes
 the header into it, and the device copies the KV blocks straight into the
 payload; the same buffer is then uploaded: one copy from the device, none
 after.
 
-Checksums: XXH3-128 per head over the payload, and a shard checksum that is
+Checksums: XXH3-128 per head of each section over the payload, and a shard checksum that is
 XXH3-128 over the header bytes followed by the per-head digests. One pass
 over the data yields both, so either a whole-shard or a head-range read can
 be verified. 128 bits make an undetected random corruption vanishingly

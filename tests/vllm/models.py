@@ -68,3 +68,53 @@ def create_sliding_window_model(path: Path) -> Path:
         return Gemma3ForCausalLM(Gemma3TextConfig(**kwargs))
 
     return _write(path, key, build)
+
+
+def create_gpt_oss_model(path: Path) -> Path:
+    """gpt-oss shape: sliding (128) / full attention alternating, attention sinks,
+    MoE 4 experts top-2. Plain float32 weights (no mxfp4 quantization_config)."""
+    key = {"arch": "gpt_oss", "layers": 4, "hidden": 256, "window": 128, "experts": 4,
+           "seed": 0}
+
+    def build() -> Any:
+        from transformers import GptOssConfig, GptOssForCausalLM
+
+        kwargs: dict[str, Any] = dict(
+            vocab_size=1024, hidden_size=256, intermediate_size=256, num_hidden_layers=4,
+            num_attention_heads=4, num_key_value_heads=2, head_dim=64, sliding_window=128,
+            layer_types=["sliding_attention", "full_attention", "sliding_attention",
+                         "full_attention"],
+            num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=4096,
+            rope_parameters={"rope_type": "yarn", "rope_theta": 150000.0, "factor": 32.0,
+                             "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False,
+                             "original_max_position_embeddings": 4096},
+            torch_dtype="float32", bos_token_id=1, eos_token_id=2, pad_token_id=0,
+        )
+        config = GptOssConfig(**kwargs)
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        return GptOssForCausalLM(config)
+
+    return _write(path, key, build)
+
+
+# Mamba2 mixer: expand 2 -> d_inner 512 = 8 heads x head_dim 64, d_state 64,
+# n_groups 1, conv kernel 4, chunk_size 128.
+def create_falcon_h1_model(path: Path) -> Path:
+    """Falcon-H1 shape: every layer runs attention and Mamba2 in parallel."""
+    key = {"arch": "falcon_h1", "layers": 2, "hidden": 256, "d_state": 64, "seed": 0}
+
+    def build() -> Any:
+        from transformers import FalconH1Config, FalconH1ForCausalLM
+
+        kwargs: dict[str, Any] = dict(
+            vocab_size=1024, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, head_dim=64,
+            mamba_d_ssm=512, mamba_n_heads=8, mamba_d_head=64, mamba_n_groups=1,
+            mamba_d_state=64, mamba_d_conv=4, mamba_expand=2, mamba_chunk_size=128,
+            max_position_embeddings=4096, torch_dtype="float32", bos_token_id=1,
+            eos_token_id=2, pad_token_id=0,
+        )
+        return FalconH1ForCausalLM(FalconH1Config(**kwargs))
+
+    return _write(path, key, build)

@@ -15,9 +15,14 @@ from typing import Any
 import pytest
 
 from s3kv.groups import first_needed_token, store_start
+from s3kv.keys import chain_chunk_ids
 from tests.s3server import S3Endpoint
 from tests.vllm.harness import CHUNK, TMP, EngineResult, job, run_engine
-from tests.vllm.models import create_sliding_window_model
+from tests.vllm.models import (
+    create_falcon_h1_model,
+    create_gpt_oss_model,
+    create_sliding_window_model,
+)
 from tests.vllm.test_connector_e2e import manifests, unique_chunks
 from tests.vllm.test_layouts_e2e import chunks_of, expected_hits
 
@@ -91,6 +96,19 @@ def test_hma_on_outputs_match_and_hits_load_fewer_bytes(
     assert warm.counters.get("workers.load_failures", 0) == 0
     assert warm.counters.get("window_short_hits", 0) == 0
 
+    # One corrupt byte in the window section of prompt 0's last chunk: vLLM
+    # takes no per-block load errors with two groups, so that request fails
+    # its load as a whole and is recomputed; the other prompts still hit.
+    last = chain_chunk_ids(prompts[0], CHUNK)[-1]
+    shard = found[last].shards[0]
+    body = bytearray(s3.get_object(Bucket=on["bucket"], Key=shard.key)["Body"].read())
+    body[shard.payload_offset + 5] ^= 0x40
+    s3.put_object(Bucket=on["bucket"], Key=shard.key, Body=bytes(body))
+    bad = run_engine(job(model, prompts, on, prefix_caching=False, kv_role="kv_consumer"))
+    assert bad.outputs == base.outputs
+    assert bad.counters["workers.load_failures"] >= 1
+    assert bad.counters["workers.loaded_chunks"] < warm.counters["workers.loaded_chunks"]
+
     # The same engine with the hybrid manager off (how vLLM ran s3kv before it
     # supported hybrid groups): one group, every layer's every token loaded.
     off = {"bucket": s3_endpoint.new_bucket("hma-off"), "endpoint_url": s3_endpoint.url}
@@ -148,3 +166,38 @@ def test_long_chunks_store_only_the_window_tail_and_read_at_tp2(
     assert warm.counters["workers.loaded_chunks"] == 2 * len(prompts)
     assert warm.counters["workers.bytes_loaded"] == len(prompts) * stored
     assert warm.counters.get("workers.load_failures", 0) == 0
+
+
+def test_gpt_oss_shape_alternating_windows_with_sinks(
+    prompts: list[list[int]], s3_endpoint: S3Endpoint, s3: Any,
+) -> None:
+    """gpt-oss shape (128-token windows alternating with full attention, attention
+    sinks, MoE): two groups with s3kv too, identical output, hits."""
+    model = create_gpt_oss_model(TMP / "models" / "tiny-gpt-oss")
+    base = run_engine(job(model, prompts))
+    assert two_groups(base)
+    conn = {"bucket": s3_endpoint.new_bucket("gptoss"), "endpoint_url": s3_endpoint.url}
+    cold = run_engine(job(model, prompts, conn))
+    assert cold.outputs == base.outputs
+    assert two_groups(cold)
+    assert all(m.starts == (store_start(WINDOW, CHUNK, BLOCK), 0)
+               for m in manifests(s3, conn["bucket"]).values())
+    warm = run_engine(job(model, prompts, conn, prefix_caching=False, kv_role="kv_consumer"))
+    assert warm.outputs == base.outputs
+    assert warm.counters["hit_tokens"] == expected_hits(prompts, BLOCK) > 0
+    assert warm.counters["workers.loaded_chunks"] == chunks_of(prompts)
+    assert warm.counters.get("workers.load_failures", 0) == 0
+
+
+def test_mamba_hybrid_is_refused_at_start_up(
+    prompts: list[list[int]], conn: dict[str, Any],
+) -> None:
+    """Falcon-H1 shape (Mamba2 beside attention in every layer): vLLM runs it
+    on CPU with its hybrid manager, but s3kv does not store recurrent state,
+    so the engine stops at start-up naming the group, before any request."""
+    model = create_falcon_h1_model(TMP / "models" / "tiny-falcon-h1")
+    res = run_engine(job(model, prompts[:1], conn, max_num_batched_tokens=256),
+                     expect_ok=False)
+    assert res.returncode != 0 and not res.outputs
+    assert "MambaSpec" in res.stderr and "does not store SSM" in res.stderr
+    assert "without s3kv" in res.stderr
