@@ -17,6 +17,7 @@ import torch
 from devtools.memory_store import MemoryStore
 from s3kv.aio import io_loop
 from s3kv.config import parse_settings
+from s3kv.groups import GroupSpec, describe_groups
 from s3kv.keys import ChunkRef, Fingerprint, KeyLayout
 from s3kv.manifest import Manifest, decode_manifest
 from s3kv.stats import Counters
@@ -47,6 +48,8 @@ class Rig:
     num_blocks: int = 64
     dtype: str = "bfloat16"
     max_inflight_mib: int = 1024
+    # vLLM's KV cache groups (hybrid models); empty: one group of every layer.
+    groups: tuple[GroupSpec, ...] = ()
     store: MemoryStore = field(default_factory=MemoryStore)
     caches: dict[str, torch.Tensor] = field(default_factory=dict)
     worker: WorkerSide | None = None
@@ -63,6 +66,7 @@ class Rig:
             chunk_tokens=self.chunk_tokens, num_layers=self.layers,
             num_kv_heads=self.heads, head_size=self.head_size,
             attention="mla" if self.layout.mla else "mha",
+            groups=describe_groups(self.groups),
         )
         self.keys = KeyLayout(settings.store.prefix)
         self.caches = {
@@ -75,6 +79,7 @@ class Rig:
             settings, self.fp, self.num_blocks, self.block_size, tp_rank=0, tp_size=1,
             tp_ranks=[0], can_load=True, can_save=True, counters=Counters(), store=self.store,
             token_map=self.layout.token_map(self.block_size, self.head_size),
+            groups=self.groups,
         )
         self.worker.register_kv_caches(self.caches)
 

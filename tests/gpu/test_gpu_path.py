@@ -19,8 +19,10 @@ from functools import partial
 import pytest
 import torch
 
+from s3kv.groups import GroupSpec, store_start
+from s3kv.keys import ChunkRef
 from s3kv.vllm.kv_layout import KVBlocks
-from s3kv.vllm.metadata import S3KVMetadata
+from s3kv.vllm.metadata import LoadChunk, LoadRequest, S3KVMetadata, SaveChunk
 from s3kv.vllm.saver import CopyOut
 from tests.gpu.conftest import DEVICES, cuda
 from tests.gpu.layouts import (
@@ -315,3 +317,48 @@ def _canonical_of(layout: Layout, logical: torch.Tensor, ids: list[int],
     out = torch.empty(shape, dtype=torch.float64, device=logical.device)
     out.view(-1)[probe.reshape(-1).long().to(logical.device)] = picked.reshape(-1)
     return out
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", MHA_LAYOUTS, ids=lambda lay: lay.name)
+def test_hybrid_groups_store_and_load_their_own_sections(
+    make_rig: Callable[..., Rig], layout: Layout, device: str
+) -> None:
+    """Two KV cache groups (sliding window over layers 0 and 2, full attention
+    over 1 and 3), each with its own block ids: the window section holds only
+    the chunk's last blocks, and a load writes only the blocks each group lists."""
+    names = [f"model.layers.{i}.self_attn.attn" for i in range(4)]
+    window = GroupSpec("window", (names[0], names[2]), 16)
+    full = GroupSpec("full", (names[1], names[3]))
+    rig = make_rig(layout, device, groups=(window, full))
+    assert rig.worker is not None
+    canon = rig.canonical(seed=3)
+    start = store_start(16, rig.chunk_tokens, rig.block_size)
+    assert start == 2 * rig.block_size
+    cid = chunk_id(11)
+    full_src, window_src = [3, 7, 1, 12], [30, 31]  # the window's own block table
+    rig.step(S3KVMetadata(saves=[SaveChunk(ChunkRef(cid, None, 0, rig.chunk_tokens),
+                                           (tuple(window_src), tuple(full_src)),
+                                           (start, 0))], round_id=1))
+    rig.flush()
+    m = rig.manifest(cid)
+    assert m.starts == (start, 0)
+    entry = m.shard_for_rank(0)
+    per_token = rig.heads * rig.fp.token_elems * canon[0].element_size()
+    assert entry.size - entry.payload_offset == per_token * 2 * (
+        rig.chunk_tokens + rig.chunk_tokens - start)
+
+    before = {n: t.clone() for n, t in rig.caches.items()}
+    full_dst, window_dst = [20, 21, 40, 5], [44]  # the hit needs the window's last block only
+    load = LoadChunk(m, (((3, window_dst[0]),), tuple(enumerate(full_dst))))
+    rig.step(S3KVMetadata(loads=[LoadRequest("r", (load,))], round_id=2))
+    rig.flush()
+    assert rig.worker.get_finished() == {"r"}
+    assert rig.worker.take_failed_requests() == set()
+    for i, name in enumerate(names):
+        t = rig.caches[name]
+        src, dst = ((full_src, full_dst) if i % 2 else ([window_src[1]], window_dst))
+        assert torch.equal(_bits(layout.blocks(t, dst)), _bits(layout.blocks(t, src))), name
+        untouched = [b for b in range(rig.num_blocks) if b not in dst]
+        assert torch.equal(_bits(layout.blocks(t, untouched)),
+                           _bits(layout.blocks(before[name], untouched))), name
