@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 from collections.abc import (
     AsyncGenerator,
@@ -44,6 +43,7 @@ from s3kv.inventory import (
     chunk_usage,
     timestamp,
 )
+from s3kv.jsondoc import loads_strict
 from s3kv.keys import KeyLayout, is_namespace
 from s3kv.manifest import Manifest, decode_manifest
 from s3kv.store.protocol import Get, List, ObjectInfo
@@ -184,8 +184,8 @@ class Catalog:
             log.warning("namespace document of %s is %d bytes; ignored", ns, len(data))
             return None
         try:
-            doc = json.loads(bytes(data))
-        except (ValueError, UnicodeDecodeError):
+            doc = loads_strict(data)
+        except ValueError:
             log.warning("namespace document of %s is not JSON; ignored", ns)
             return None
         if not isinstance(doc, dict):

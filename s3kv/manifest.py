@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from s3kv.errors import ManifestError
+from s3kv.jsondoc import loads_strict
 from s3kv.keys import KeyLayout, is_chunk_id, is_namespace, is_writer_id
 
 MANIFEST_FORMAT = "s3kv.manifest"
@@ -226,8 +227,8 @@ def decode_manifest(
     if len(data) > MAX_MANIFEST_BYTES:
         raise ManifestError(f"manifest is {len(data)} bytes, over the {MAX_MANIFEST_BYTES} cap")
     try:
-        doc = json.loads(bytes(data))
-    except (ValueError, UnicodeDecodeError) as exc:
+        doc = loads_strict(data)
+    except ValueError as exc:
         raise ManifestError(f"manifest is not JSON: {exc}") from None
     if not isinstance(doc, dict):
         raise ManifestError("manifest is not a JSON object")

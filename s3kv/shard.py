@@ -53,6 +53,7 @@ import xxhash
 from typing_extensions import Buffer
 
 from s3kv.errors import IntegrityError
+from s3kv.jsondoc import loads_strict
 from s3kv.manifest import ShardEntry
 
 MAGIC = b"S3KVSHRD"
@@ -237,7 +238,7 @@ def parse_header(data: Buffer) -> tuple[ShardSpec, int]:
     if magic != MAGIC or version != SHARD_VERSION:
         raise IntegrityError(f"not an s3kv shard v{SHARD_VERSION} (magic={magic!r} v={version})")
     try:
-        doc = json.loads(bytes(mv[_PRELUDE.size : _PRELUDE.size + n]))
+        doc = loads_strict(mv[_PRELUDE.size : _PRELUDE.size + n])
         if doc["order"] != ORDER:
             raise ValueError(f"payload order {doc['order']!r}")
         spec = ShardSpec(
