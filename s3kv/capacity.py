@@ -37,6 +37,15 @@ DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float8_e4m3fn": 1, "f
 # The same choices as types, so the command line offers exactly these.
 Dtype = Literal["bfloat16", "float16", "float32", "float8_e4m3fn", "fp8"]
 StorageClass = Literal["express", "standard"]
+#: Well-known model shapes as (layers, KV heads, head size, dtype) from their
+#: published ``config.json``, for sizing without the config file at hand.
+MODEL_PRESETS: dict[str, tuple[int, int, int, str]] = {
+    "llama-3-8b": (32, 8, 128, "bfloat16"),
+    "llama-3-70b": (80, 8, 128, "bfloat16"),
+    "llama-3.1-405b": (126, 8, 128, "bfloat16"),
+    "qwen2.5-7b": (28, 4, 128, "bfloat16"),
+    "qwen2.5-72b": (80, 8, 128, "bfloat16"),
+}
 
 
 @dataclass(frozen=True)
@@ -216,5 +225,5 @@ def render(w: Workload, r: dict[str, object]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["DTYPE_BYTES", "PRICES", "Dtype", "InputError", "StorageClass", "Workload",
-           "build_workload", "estimate", "render"]
+__all__ = ["DTYPE_BYTES", "MODEL_PRESETS", "PRICES", "Dtype", "InputError", "StorageClass",
+           "Workload", "build_workload", "estimate", "render"]

@@ -133,6 +133,84 @@ class Plan:
 
 
 
+# --- chain policies -------------------------------------------------------------
+
+
+def select_chain_deletions(
+    records: dict[str, list[ChunkRecord]], policies: Policies, now: float
+) -> dict[tuple[str, str], PlannedChunk]:
+    """The committed chunks ``--older-than`` and ``--max-size`` delete, by (namespace, chunk).
+
+    Pure: it reads only the records (one list per namespace) and the clock
+    given, so the planner and anything replaying a bucket's history (the
+    fleet simulation in :mod:`s3kv.replay`) apply exactly the same rules.
+    ``--older-than`` goes first, leaves first: a chunk is old only when every
+    chunk extending it is (its newest descendant was written by someone who
+    had just read the whole prefix). ``--max-size`` then evicts the oldest
+    leaf until the rest fits (:func:`evict_oldest_leaves`).
+    """
+    doomed: dict[tuple[str, str], PlannedChunk] = {}
+
+    def doom(rec: ChunkRecord, reason: Reason) -> None:
+        doomed[(rec.namespace, rec.chunk_id)] = PlannedChunk(
+            rec.namespace, rec.chunk_id, reason, True, rec.modified, rec.objects, rec.bytes
+        )
+
+    if policies.older_than_s is not None:
+        cutoff = now - policies.older_than_s
+        for recs in records.values():
+            newest = subtree_newest(recs)
+            # Leaves first: a chunk is old only if all its descendants are.
+            for rec in sorted(recs, key=lambda r: r.chunk_index, reverse=True):
+                if newest[rec.chunk_id] <= cutoff:
+                    doom(rec, "older-than")
+    if policies.max_bytes is not None:
+        committed = sum(r.bytes for recs in records.values() for r in recs)
+        evict_oldest_leaves(records, doomed, doom, policies.max_bytes, committed)
+    return doomed
+
+
+def evict_oldest_leaves(
+    records: dict[str, list[ChunkRecord]],
+    doomed: dict[tuple[str, str], PlannedChunk],
+    doom: Callable[[ChunkRecord, Reason], None],
+    budget: int,
+    committed: int,
+) -> None:
+    """Oldest leaf first until the committed bytes fit the budget.
+
+    Only a chunk nothing live extends is ever a candidate, so evicting
+    never leaves a hole in a cached prefix; a parent becomes a candidate
+    once its last child is gone. ``doomed`` holds what earlier policies
+    already delete (their bytes are gone from the total), ``committed`` the
+    bytes of every record.
+    """
+    live: dict[tuple[str, str], ChunkRecord] = {}
+    for ns, recs in records.items():
+        for r in recs:
+            if (ns, r.chunk_id) not in doomed:
+                live[(ns, r.chunk_id)] = r
+    total = committed - sum(p.bytes for p in doomed.values())
+    if total <= budget:
+        return
+    children: dict[tuple[str, str], int] = {}
+    for (ns, _), r in live.items():
+        if r.parent_id is not None and (ns, r.parent_id) in live:
+            children[(ns, r.parent_id)] = children.get((ns, r.parent_id), 0) + 1
+    heap = [(r.modified, ns, cid) for (ns, cid), r in live.items()
+            if children.get((ns, cid), 0) == 0]
+    heapq.heapify(heap)
+    while total > budget and heap:
+        _, ns, cid = heapq.heappop(heap)
+        rec = live.pop((ns, cid))
+        doom(rec, "max-size")
+        total -= rec.bytes
+        if rec.parent_id is not None and (parent := (ns, rec.parent_id)) in live:
+            children[parent] -= 1
+            if children[parent] == 0:
+                heapq.heappush(heap, (live[parent].modified, ns, rec.parent_id))
+
+
 # --- planning -----------------------------------------------------------------
 
 
@@ -225,67 +303,11 @@ class Planner:
     def _chain_policies(
         self, records: dict[str, list[ChunkRecord]], plan: Plan
     ) -> dict[tuple[str, str], PlannedChunk]:
-        pol = self._policies
         plan.committed_bytes = sum(r.bytes for recs in records.values() for r in recs)
-        doomed: dict[tuple[str, str], PlannedChunk] = {}
-
-        def doom(rec: ChunkRecord, reason: Reason) -> None:
-            doomed[(rec.namespace, rec.chunk_id)] = PlannedChunk(
-                rec.namespace, rec.chunk_id, reason, True, rec.modified, rec.objects, rec.bytes
-            )
-
-        if pol.older_than_s is not None:
-            cutoff = self._now - pol.older_than_s
-            for recs in records.values():
-                newest = subtree_newest(recs)
-                # Leaves first: a chunk is old only if all its descendants are.
-                for rec in sorted(recs, key=lambda r: r.chunk_index, reverse=True):
-                    if newest[rec.chunk_id] <= cutoff:
-                        doom(rec, "older-than")
-        if pol.max_bytes is not None:
-            self._evict(records, doomed, doom, pol.max_bytes, plan.committed_bytes)
+        doomed = select_chain_deletions(records, self._policies, self._now)
         plan.committed_bytes_after = plan.committed_bytes - sum(p.bytes for p in doomed.values())
         plan.chunks.extend(doomed.values())
         return doomed
-
-    def _evict(
-        self,
-        records: dict[str, list[ChunkRecord]],
-        doomed: dict[tuple[str, str], PlannedChunk],
-        doom: Callable[[ChunkRecord, Reason], None],
-        budget: int,
-        committed: int,
-    ) -> None:
-        """Oldest leaf first until the committed bytes fit the budget.
-
-        Only a chunk nothing live extends is ever a candidate, so evicting
-        never leaves a hole in a cached prefix; a parent becomes a candidate
-        once its last child is gone.
-        """
-        live: dict[tuple[str, str], ChunkRecord] = {}
-        for ns, recs in records.items():
-            for r in recs:
-                if (ns, r.chunk_id) not in doomed:
-                    live[(ns, r.chunk_id)] = r
-        total = committed - sum(p.bytes for p in doomed.values())
-        if total <= budget:
-            return
-        children: dict[tuple[str, str], int] = {}
-        for (ns, _), r in live.items():
-            if r.parent_id is not None and (ns, r.parent_id) in live:
-                children[(ns, r.parent_id)] = children.get((ns, r.parent_id), 0) + 1
-        heap = [(r.modified, ns, cid) for (ns, cid), r in live.items()
-                if children.get((ns, cid), 0) == 0]
-        heapq.heapify(heap)
-        while total > budget and heap:
-            _, ns, cid = heapq.heappop(heap)
-            rec = live.pop((ns, cid))
-            doom(rec, "max-size")
-            total -= rec.bytes
-            if rec.parent_id is not None and (parent := (ns, rec.parent_id)) in live:
-                children[parent] -= 1
-                if children[parent] == 0:
-                    heapq.heappush(heap, (live[parent].modified, ns, rec.parent_id))
 
     async def _plan_uploads(self, plan: Plan) -> None:
         if self._uploads is None:

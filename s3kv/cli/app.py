@@ -13,7 +13,7 @@ from typing import Annotated
 
 import typer
 
-from s3kv.cli import capacity_cmd, doctor, gc_cmd, ls, verify
+from s3kv.cli import capacity_cmd, doctor, gc_cmd, ls, replay_cmd, verify
 
 app = typer.Typer(
     name="s3kv",
@@ -48,6 +48,7 @@ gc_cmd.register(app)
 verify.register(app)
 doctor.register(app)
 capacity_cmd.register(app)
+replay_cmd.register(app)
 
 
 def main() -> None:

@@ -7,12 +7,10 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from devtools.memory_store import MemoryStore
-from s3kv.catalog import Catalog, bounded_map
+from s3kv.catalog import bounded_map
 from s3kv.cli.common import format_age, format_size, parse_duration, parse_size, redact
-from s3kv.gc import Planner, Policies
+from s3kv.gc import Policies, evict_oldest_leaves, select_chain_deletions
 from s3kv.inventory import ChunkRecord, build_prefixes, subtree_newest
-from s3kv.keys import KeyLayout
 
 
 @pytest.mark.parametrize(("text", "seconds"), [
@@ -121,11 +119,13 @@ def test_eviction_takes_leaves_first() -> None:
     # root r (oldest) <- m <- leaf l (newest); a lone old chunk o.
     records = {ns: [rec("r", None, 0, 1.0, 100), rec("m", "r", 1, 2.0, 100),
                     rec("l", "m", 2, 9.0, 100), rec("o", None, 0, 5.0, 100)]}
-    planner = Planner(Catalog(MemoryStore(), KeyLayout("p")), Policies(max_bytes=150), now=10.0)
     doomed: list[str] = []
-    planner._evict(records, {}, lambda r, reason: doomed.append(r.chunk_id), 150, 400)
+    evict_oldest_leaves(records, {}, lambda r, reason: doomed.append(r.chunk_id), 150, 400)
     # Leaves are o (t=5) and l (t=9): o goes first, then l, then m; r stays.
     assert doomed == ["o", "l", "m"]
+    chosen = select_chain_deletions(records, Policies(max_bytes=150), now=10.0)
+    assert [cid for _, cid in chosen] == ["o", "l", "m"]
+    assert {p.reason for p in chosen.values()} == {"max-size"}
 
 
 def test_progress_draws_only_when_enabled(capsys: pytest.CaptureFixture[str]) -> None:
