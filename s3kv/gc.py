@@ -181,7 +181,8 @@ def evict_oldest_leaves(
 
     Only a chunk nothing live extends is ever a candidate, so evicting
     never leaves a hole in a cached prefix; a parent becomes a candidate
-    once its last child is gone. ``doomed`` holds what earlier policies
+    once its last child is gone. Corrupt chunks (``ChunkRecord.corrupt``)
+    go before any other: no reader loads them. ``doomed`` holds what earlier policies
     already delete (their bytes are gone from the total), ``committed`` the
     bytes of every record.
     """
@@ -193,6 +194,15 @@ def evict_oldest_leaves(
     total = committed - sum(p.bytes for p in doomed.values())
     if total <= budget:
         return
+    # Chunks no reader can load (a named shard missing or of another size)
+    # go first, whatever their age or descendants: those cannot load either.
+    for key, r in sorted(live.items(), key=lambda kv: kv[1].modified):
+        if total <= budget:
+            return
+        if r.corrupt:
+            del live[key]
+            doom(r, "max-size")
+            total -= r.bytes
     children: dict[tuple[str, str], int] = {}
     for (ns, _), r in live.items():
         if r.parent_id is not None and (ns, r.parent_id) in live:

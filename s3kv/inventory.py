@@ -104,6 +104,9 @@ class ChunkRecord:
     objects: int
     modified: float
     tp_size: int = 1  # the committing writer's
+    # A shard the manifest names is missing from the listing or listed at
+    # another size: no reader will load the chunk, and GC frees it first.
+    corrupt: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -224,16 +227,22 @@ def chunk_record(item: ScannedChunk) -> ChunkRecord | None:
     m, group = item.manifest, item.objects
     if m is None or group.manifest is None:
         return None
+    # Bytes as LIST reports them, never as the manifest claims: anyone who can
+    # write a manifest can claim any size, and a claim of 10^15 bytes would
+    # make a size budget evict everything else.
+    listed = {s.key: s.size for s in group.shards}
+    named = [listed.get(s.key) for s in m.shards]
     return ChunkRecord(
         namespace=group.namespace,
         chunk_id=m.chunk_id,
         parent_id=m.parent_id,
         chunk_index=m.chunk_index,
         tokens=m.num_tokens,
-        bytes=group.manifest.size + m.total_bytes,
-        objects=1 + len(m.shards),
+        bytes=group.manifest.size + sum(n or 0 for n in named),
+        objects=1 + sum(n is not None for n in named),
         modified=timestamp(group.manifest),
         tp_size=m.tp_size,
+        corrupt=any(n != s.size for n, s in zip(named, m.shards, strict=True)),
     )
 
 

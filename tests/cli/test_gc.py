@@ -229,6 +229,36 @@ def test_max_size_evicts_oldest_leaves_first(s3: Bucket) -> None:
     assert s3.json("gc", "--dry-run", "--max-size", "1GiB")["plan"]["total"]["chunks"] == 0
 
 
+def test_max_size_counts_listed_bytes_and_frees_a_lying_chunk_first(s3: Bucket) -> None:
+    """A manifest claiming a 10^15-byte shard: GC accounts with the sizes LIST
+    reports (the claim would otherwise evict every chunk), and over budget the
+    lying chunk, which no reader would load, goes before any honest one."""
+    w = s3.writer()
+    a = w.commit_chain(A)
+    s3.age(3 * DAY)
+    b = w.commit_chain(B)
+    liar = a[0]  # the oldest chunk, with descendants: never a leaf-first candidate
+    doc = json.loads(liar.encode())
+    shard = doc["shards"][0]
+    shard["size"] = shard["payload_offset"] + (shard["heads"][1] - shard["heads"][0]) * 10**15
+    s3.client.put_object(Bucket=s3.name, Key=s3.layout.manifest(w.ns, liar.chunk_id),
+                         Body=json.dumps(doc).encode())
+    real = {m.chunk_id: m.total_bytes + len(m.encode()) for m in [*a, *b]}
+    real[liar.chunk_id] += len(json.dumps(doc).encode()) - len(liar.encode())
+    total = sum(real.values())
+
+    plan = s3.json("gc", "--dry-run", "--max-size", str(total))
+    assert plan["plan"]["committed_bytes"] == total
+    assert plan["plan"]["total"]["chunks"] == 0
+    plan = s3.json("gc", "--dry-run", "--max-size", str(total - 1))
+    assert plan["plan"]["by_policy"]["max-size"]["chunks"] == 1
+    res = s3.cli("gc", "--max-size", f"{total - 1}B", "--yes")
+    assert res.exit_code == 0, res.stderr
+    assert w.read_manifest(liar.chunk_id) is None
+    for m in [*a[1:], *b[2:]]:
+        assert w.read_manifest(m.chunk_id) is not None
+
+
 def test_namespace_policy(s3: Bucket) -> None:
     doomed = s3.writer("doomed", tp=2)
     doomed.commit_chain(A)
