@@ -107,10 +107,6 @@ class IntegrityError(S3KVError):
     """
 
 
-class CommitTimeout(S3KVError):
-    """A commit round's gather did not complete in time (a peer never came)."""
-
-
 # One table: S3 error code (or bare HTTP status) -> exception type.
 S3_ERROR_TABLE: dict[str, type[StoreError]] = {
     "NoSuchKey": NotFound,

@@ -1,7 +1,7 @@
 """Carrying out a GC plan: re-check each chunk right before its deletes.
 
-Split from :mod:`s3kv.gc`, whose docstring holds the safety argument this
-module implements: the planner decides *which chunks* from one scan, and
+:mod:`s3kv.gc` holds the safety argument this module implements: its
+planner decides *which chunks* from one scan, and
 this module decides *which keys*, per chunk, from a fresh listing taken
 just before each delete batch. Keeping the two apart keeps the planner free
 of deletes and this module free of policies.

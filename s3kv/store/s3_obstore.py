@@ -26,7 +26,6 @@ from s3kv.config import StoreSettings
 from s3kv.errors import (
     AccessDenied,
     AlreadyExists,
-    NotFound,
     PreconditionFailed,
     StoreError,
     Unavailable,
@@ -197,4 +196,4 @@ def _custom_endpoint(url: str | None) -> bool:
     return bool(url) and not re.match(r"^https://s3[.\-]([a-z0-9\-]+\.)?amazonaws\.com", url or "")
 
 
-__all__ = ["NotFound", "ObstoreStore"]
+__all__ = ["ObstoreStore"]
