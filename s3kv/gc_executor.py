@@ -21,13 +21,10 @@ from s3kv.gc import Plan, PlannedChunk, PlannedUpload
 from s3kv.inventory import ShardObject, named_keys
 from s3kv.keys import KeyLayout
 from s3kv.manifest import decode_manifest
-from s3kv.store.protocol import Delete, Get, List, MultipartAdmin
+from s3kv.store.protocol import DELETE_BATCH, Delete, Get, List, MultipartAdmin
 
 log = logging.getLogger("s3kv.gc")
 T = TypeVar("T")
-
-#: S3 DeleteObjects takes at most this many keys per request.
-DELETE_BATCH = 1000
 
 EventHook = Callable[[str, dict[str, Any]], None]
 

@@ -42,7 +42,7 @@ from s3kv.cli.common import (
 )
 from s3kv.errors import IntegrityError, ManifestError
 from s3kv.reader import read_shard
-from s3kv.store.protocol import Delete
+from s3kv.store.protocol import DELETE_BATCH, Delete
 
 
 def register(app: typer.Typer) -> None:
@@ -207,7 +207,7 @@ async def _verify(cat: Catalog, names: list[str], sample: int | None,
 
 async def _repair(cat: Catalog, store: Delete, report: VerifyReport) -> None:
     keys = [cat.layout.manifest(b.namespace, b.chunk_id) for b in report.broken]
-    for i in range(0, len(keys), 1000):
-        await store.delete_many(keys[i : i + 1000])
-        for b in report.broken[i : i + 1000]:
+    for i in range(0, len(keys), DELETE_BATCH):
+        await store.delete_many(keys[i : i + DELETE_BATCH])
+        for b in report.broken[i : i + DELETE_BATCH]:
             b.repaired = True

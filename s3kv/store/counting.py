@@ -20,11 +20,8 @@ from collections.abc import AsyncIterator, Sequence
 from typing_extensions import Buffer
 
 from s3kv.stats import Counters
-from s3kv.store.protocol import ObjectInfo, ObjectPage, ObjectStore, PutMode
+from s3kv.store.protocol import DELETE_BATCH, ObjectInfo, ObjectPage, ObjectStore, PutMode
 from s3kv.store.wrapper import StoreWrapper
-
-# DeleteObjects takes at most this many keys; the backends batch by it.
-_DELETE_BATCH = 1000
 
 
 class CountingStore(StoreWrapper):
@@ -69,7 +66,7 @@ class CountingStore(StoreWrapper):
         return await self.inner.list_dirs(prefix)
 
     async def delete_many(self, keys: Sequence[str]) -> None:
-        batches = -(-len(keys) // _DELETE_BATCH)
+        batches = -(-len(keys) // DELETE_BATCH)
         if batches:
             self._counters.add("delete_requests", batches)
         await self.inner.delete_many(keys)

@@ -95,8 +95,14 @@ class List(Protocol):
 @runtime_checkable
 class Delete(Protocol):
     async def delete_many(self, keys: Sequence[str]) -> None:
-        """Delete keys in batches of at most 1,000; missing keys are not errors."""
+        """Delete keys in batches of at most :data:`DELETE_BATCH`; missing keys
+        are not errors."""
         ...
+
+
+#: S3 DeleteObjects takes at most this many keys per request: ``delete_many``
+#: batches by it, and callers that group deletes (GC) size their groups by it.
+DELETE_BATCH = 1000
 
 
 @runtime_checkable

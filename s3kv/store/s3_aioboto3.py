@@ -36,7 +36,14 @@ from s3kv.errors import (
     Unavailable,
     from_s3_error,
 )
-from s3kv.store.protocol import Capabilities, ObjectInfo, ObjectPage, PutMode, UploadInfo
+from s3kv.store.protocol import (
+    DELETE_BATCH,
+    Capabilities,
+    ObjectInfo,
+    ObjectPage,
+    PutMode,
+    UploadInfo,
+)
 
 
 def _addressing(settings: StoreSettings) -> str:
@@ -185,8 +192,8 @@ class Aioboto3Store:
                 for p in resp.get("CommonPrefixes", [])]
 
     async def delete_many(self, keys: Sequence[str]) -> None:
-        for i in range(0, len(keys), 1000):
-            batch = [{"Key": k} for k in keys[i : i + 1000]]
+        for i in range(0, len(keys), DELETE_BATCH):
+            batch = [{"Key": k} for k in keys[i : i + DELETE_BATCH]]
             try:
                 resp = await self._client.delete_objects(
                     Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True}

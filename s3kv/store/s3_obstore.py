@@ -31,7 +31,7 @@ from s3kv.errors import (
     Unavailable,
     from_s3_error,
 )
-from s3kv.store.protocol import Capabilities, ObjectInfo, ObjectPage, PutMode
+from s3kv.store.protocol import DELETE_BATCH, Capabilities, ObjectInfo, ObjectPage, PutMode
 
 _CODE_RE = re.compile(r"<Code>([A-Za-z]+)</Code>")
 _STATUS_RE = re.compile(r"(?:status(?: code)?:?\s*|HTTP status server error \()(\d{3})")
@@ -183,9 +183,9 @@ class ObstoreStore:
         return [p if p.endswith("/") else p + "/" for p in res["common_prefixes"]]
 
     async def delete_many(self, keys: Sequence[str]) -> None:
-        for i in range(0, len(keys), 1000):
+        for i in range(0, len(keys), DELETE_BATCH):
             try:
-                await obstore.delete_async(self._store, list(keys[i : i + 1000]))
+                await obstore.delete_async(self._store, list(keys[i : i + DELETE_BATCH]))
             except oe.NotFoundError:
                 continue
             except Exception as exc:
