@@ -45,7 +45,7 @@ from s3kv.inventory import (
 )
 from s3kv.jsondoc import loads_strict
 from s3kv.keys import KeyLayout, is_namespace
-from s3kv.manifest import Manifest, decode_manifest
+from s3kv.manifest import Manifest, fetch_manifest
 from s3kv.store.protocol import Get, List, ObjectInfo
 
 log = logging.getLogger("s3kv.catalog")
@@ -341,11 +341,10 @@ class Catalog:
 
     async def read_manifest(self, ns: str, cid: str) -> Manifest | None:
         """The decoded manifest, ``None`` if absent; ManifestError if malformed."""
-        try:
-            data = await self.store.get(self.layout.manifest(ns, cid))
-        except NotFound:
-            return None
-        return decode_manifest(data, layout=self.layout, expect_namespace=ns, expect_chunk_id=cid)
+        got = await fetch_manifest(self.store, self.layout, ns, cid)
+        if got.error is not None:
+            raise got.error
+        return got.manifest
 
     async def scan(
         self, ns: str, *, want_manifest: Callable[[ChunkObjects], bool]

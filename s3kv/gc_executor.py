@@ -20,7 +20,7 @@ from s3kv.errors import AccessDenied, ManifestError, NoSuchBucket, NotFound, Sto
 from s3kv.gc import Plan, PlannedChunk, PlannedUpload
 from s3kv.inventory import ShardObject, named_keys
 from s3kv.keys import KeyLayout
-from s3kv.manifest import decode_manifest
+from s3kv.manifest import fetch_manifest
 from s3kv.store.protocol import DELETE_BATCH, Delete, Get, List, MultipartAdmin
 
 log = logging.getLogger("s3kv.gc")
@@ -142,17 +142,9 @@ class Executor:
         deleted_named: dict[tuple[str, str], frozenset[str]] = {}
 
         async def read(p: PlannedChunk) -> tuple[PlannedChunk, frozenset[str], int]:
-            key = self._layout.manifest(p.namespace, p.chunk_id)
-            try:
-                data = await self._store.get(key)
-            except NotFound:
-                return p, frozenset(), -1
-            try:
-                m = decode_manifest(data, layout=self._layout, expect_namespace=p.namespace,
-                                    expect_chunk_id=p.chunk_id)
-            except ManifestError:
-                return p, frozenset(), len(data)
-            return p, named_keys(m), len(data)
+            got = await fetch_manifest(self._store, self._layout, p.namespace, p.chunk_id)
+            named = named_keys(got.manifest) if got.manifest is not None else frozenset()
+            return p, named, got.size
 
         manifest_bytes: dict[tuple[str, str], int] = {}
         async for p, named, size in bounded_map(_aiter(doomed), read, self._concurrency):

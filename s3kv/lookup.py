@@ -14,9 +14,9 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 
-from s3kv.errors import ManifestError, NotFound, StoreError
+from s3kv.errors import NotFound, StoreError
 from s3kv.keys import KeyLayout
-from s3kv.manifest import Manifest, decode_manifest
+from s3kv.manifest import Manifest, fetch_manifest
 from s3kv.store.protocol import Get
 
 log = logging.getLogger("s3kv.lookup")
@@ -62,16 +62,10 @@ async def find_committed_prefix(
 
 async def _fetch(store: Get, layout: KeyLayout, ns: str, cid: str,
                  num_heads: int | None) -> Manifest | None:
-    try:
-        body = await store.get(layout.manifest(ns, cid))
-    except NotFound:
-        return None
-    try:
-        return decode_manifest(body, layout=layout, expect_namespace=ns, expect_chunk_id=cid,
-                               expect_heads=num_heads)
-    except ManifestError as exc:
-        log.warning("s3kv: ignoring invalid manifest for chunk %s: %s", cid[:12], exc)
-        return None
+    got = await fetch_manifest(store, layout, ns, cid, expect_heads=num_heads)
+    if got.error is not None:
+        log.warning("s3kv: ignoring invalid manifest for chunk %s: %s", cid[:12], got.error)
+    return got.manifest
 
 
 class TTLSet:

@@ -21,9 +21,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from s3kv.errors import ManifestError
+from s3kv.errors import ManifestError, NotFound
 from s3kv.jsondoc import loads_strict
 from s3kv.keys import KeyLayout, is_chunk_id, is_namespace, is_writer_id
+from s3kv.store.protocol import Get
 
 MANIFEST_FORMAT = "s3kv.manifest"
 MANIFEST_VERSION = 2
@@ -326,3 +327,31 @@ def _decode_shard(raw: Any, i: int, chunk_prefix: str) -> ShardEntry:
         head_checksums=tuple(head_sums),
         starts=tuple(starts),
     )
+
+
+@dataclass(frozen=True)
+class FetchedManifest:
+    """One chunk's manifest as read from the store: ``manifest`` when it is
+    there and valid, ``error`` when it is there and not, ``size`` the bytes
+    read (-1: absent)."""
+
+    manifest: Manifest | None
+    size: int
+    error: ManifestError | None = None
+
+
+async def fetch_manifest(store: Get, layout: KeyLayout, ns: str, chunk_id: str, *,
+                         expect_heads: int | None = None) -> FetchedManifest:
+    """GET and strictly decode a chunk's manifest: the one way every reader
+    (lookups, listings, GC, verify) reads a commit record, so all of them
+    apply the same checks (namespace, chunk id, and for an engine its heads)."""
+    try:
+        data = await store.get(layout.manifest(ns, chunk_id))
+    except NotFound:
+        return FetchedManifest(None, -1)
+    try:
+        m = decode_manifest(data, layout=layout, expect_namespace=ns,
+                            expect_chunk_id=chunk_id, expect_heads=expect_heads)
+    except ManifestError as exc:
+        return FetchedManifest(None, len(data), exc)
+    return FetchedManifest(m, len(data))
