@@ -41,7 +41,7 @@ from s3kv.config import Settings
 from s3kv.deadlines import Deadlines
 from s3kv.errors import AlreadyExists, StoreError, Unavailable
 from s3kv.keys import Fingerprint, KeyLayout
-from s3kv.lookup import LRUSet, TTLSet, find_committed_prefix
+from s3kv.lookup import BoundedCache, LRUSet, TTLSet, find_committed_prefix
 from s3kv.manifest import Manifest
 from s3kv.stats import Counters
 from s3kv.store import ObjectStore
@@ -58,30 +58,6 @@ _MANIFEST_CACHE_ITEMS = 20_000
 # outcome lost) may be planned again after this long past the commit timeout.
 _PLAN_GRACE_S = 60.0
 _MAX_PLANNED = 200_000
-
-
-class _ManifestCache:
-    def __init__(self, ttl_s: float, max_items: int) -> None:
-        self._ttl, self._max = ttl_s, max_items
-        self._items: OrderedDict[str, tuple[float, Manifest]] = OrderedDict()
-
-    def add(self, m: Manifest) -> None:
-        self._items[m.chunk_id] = (time.monotonic() + self._ttl, m)
-        self._items.move_to_end(m.chunk_id)
-        while len(self._items) > self._max:
-            self._items.popitem(last=False)
-
-    def get(self, chunk_id: str) -> Manifest | None:
-        item = self._items.get(chunk_id)
-        if item is None:
-            return None
-        if item[0] < time.monotonic():
-            del self._items[chunk_id]
-            return None
-        return item[1]
-
-    def discard(self, chunk_id: str) -> None:
-        self._items.pop(chunk_id, None)
 
 
 @dataclass
@@ -129,7 +105,8 @@ class CacheIndex:
         # Chunks being saved (chunk id -> when planned), until store_finished.
         self._planned: OrderedDict[str, float] = OrderedDict()
         self._plan_ttl = settings.commit_timeout_s + _PLAN_GRACE_S
-        self._manifests = _ManifestCache(_MANIFEST_TTL_S, _MANIFEST_CACHE_ITEMS)
+        self._manifests: BoundedCache[Manifest] = BoundedCache(_MANIFEST_CACHE_ITEMS,
+                                                             _MANIFEST_TTL_S)
         self._pending: dict[str, _Pending] = {}
         # Lookups that outlived their deadline, finished on the I/O thread;
         # drained on the scheduler's thread, which owns every set above.
@@ -283,7 +260,7 @@ class CacheIndex:
             self.breaker.missed(f"no answer within the lookup's {pending.wait:.3f}s deadline")
         for m in found:
             self._committed.add(m.chunk_id)
-            self._manifests.add(m)
+            self._manifests.put(m.chunk_id, m)
         return self._answer(candidates, found)
 
     def _cached_prefix(self, candidates: Sequence[str]) -> tuple[Manifest, ...]:
@@ -296,7 +273,7 @@ class CacheIndex:
     def _learn(self, fetching: list[str], found: list[Manifest]) -> None:
         for m in found:
             self._committed.add(m.chunk_id)
-            self._manifests.add(m)
+            self._manifests.put(m.chunk_id, m)
         if len(found) < len(fetching):
             missing = fetching[len(found)]
             self._absent.add(missing)

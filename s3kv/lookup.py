@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
+from typing import Generic, TypeVar
 
 from s3kv.errors import NotFound, StoreError
 from s3kv.keys import KeyLayout
@@ -20,6 +22,7 @@ from s3kv.manifest import Manifest, fetch_manifest
 from s3kv.store.protocol import Get
 
 log = logging.getLogger("s3kv.lookup")
+V = TypeVar("V")
 
 
 async def find_committed_prefix(
@@ -68,50 +71,55 @@ async def _fetch(store: Get, layout: KeyLayout, ns: str, cid: str,
     return got.manifest
 
 
-class TTLSet:
+class BoundedCache(Generic[V]):
+    """The scheduler's bounded caches (manifests, chunks known missing, bad or
+    committed): least recently added out first, and with ``ttl_s`` entries
+    that expire, so a cache never outgrows ``max_items`` nor outlives what it
+    may assume about the bucket."""
+
+    def __init__(self, max_items: int, ttl_s: float | None = None) -> None:
+        self._ttl = ttl_s
+        self._max = max_items
+        self._items: OrderedDict[str, tuple[float, V]] = OrderedDict()
+
+    def put(self, key: str, value: V) -> None:
+        expires = math.inf if self._ttl is None else time.monotonic() + self._ttl
+        self._items[key] = (expires, value)
+        self._items.move_to_end(key)
+        while len(self._items) > self._max:
+            self._items.popitem(last=False)
+
+    def get(self, key: str) -> V | None:
+        item = self._items.get(key)
+        if item is None:
+            return None
+        if item[0] < time.monotonic():
+            del self._items[key]
+            return None
+        return item[1]
+
+    def __contains__(self, key: object) -> bool:
+        return isinstance(key, str) and self.get(key) is not None
+
+    def discard(self, key: str) -> None:
+        self._items.pop(key, None)
+
+
+class TTLSet(BoundedCache[bool]):
     """Bounded set whose members expire: negative lookups, known-bad chunks."""
 
     def __init__(self, ttl_s: float, max_items: int = 100_000) -> None:
-        self._ttl = ttl_s
-        self._max = max_items
-        self._items: OrderedDict[str, float] = OrderedDict()
+        super().__init__(max_items, ttl_s)
 
     def add(self, key: str) -> None:
-        self._items[key] = time.monotonic() + self._ttl
-        self._items.move_to_end(key)
-        while len(self._items) > self._max:
-            self._items.popitem(last=False)
-
-    def __contains__(self, key: object) -> bool:
-        if not isinstance(key, str):
-            return False
-        exp = self._items.get(key)
-        if exp is None:
-            return False
-        if exp < time.monotonic():
-            del self._items[key]
-            return False
-        return True
-
-    def discard(self, key: str) -> None:
-        self._items.pop(key, None)
+        self.put(key, True)
 
 
-class LRUSet:
+class LRUSet(BoundedCache[bool]):
     """Bounded membership set (chunks known committed or already saved)."""
 
     def __init__(self, max_items: int = 200_000) -> None:
-        self._max = max_items
-        self._items: OrderedDict[str, None] = OrderedDict()
+        super().__init__(max_items)
 
     def add(self, key: str) -> None:
-        self._items[key] = None
-        self._items.move_to_end(key)
-        while len(self._items) > self._max:
-            self._items.popitem(last=False)
-
-    def __contains__(self, key: object) -> bool:
-        return key in self._items
-
-    def discard(self, key: str) -> None:
-        self._items.pop(key, None)
+        self.put(key, True)
