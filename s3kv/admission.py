@@ -23,10 +23,10 @@ positive only admits a chunk early (one extra PUT), never a wrong read.
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Literal, get_args
 
 Mode = Literal["all", "second_sighting", "requested"]
-MODES: tuple[Mode, ...] = ("all", "second_sighting", "requested")
+MODES: tuple[Mode, ...] = get_args(Mode)
 REQUEST_FLAG = "s3kv_save"
 
 

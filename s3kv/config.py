@@ -21,11 +21,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
+from s3kv.admission import Mode as Admission
 from s3kv.errors import ConfigError
 
 Backend = Literal["obstore", "aioboto3"]
 AddressingStyle = Literal["auto", "path", "virtual"]
-Admission = Literal["all", "second_sighting", "requested"]
 
 DEFAULT_BACKEND: Backend = "obstore"
 DEFAULT_CHUNK_TOKENS = 256

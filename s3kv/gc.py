@@ -53,7 +53,7 @@ import heapq
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from s3kv.catalog import Catalog
 from s3kv.errors import AccessDenied, NoSuchBucket, StoreError
@@ -61,7 +61,7 @@ from s3kv.inventory import ChunkRecord, chunk_record, named_keys, subtree_newest
 from s3kv.store.protocol import MultipartAdmin
 
 Reason = Literal["orphans", "namespace", "older-than", "max-size"]
-REASONS: tuple[Reason, ...] = ("orphans", "namespace", "older-than", "max-size")
+REASONS: tuple[Reason, ...] = get_args(Reason)
 DEFAULT_GRACE_S = 3600.0
 
 
