@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import enum
 import json
 import math
@@ -40,7 +41,7 @@ from s3kv.errors import (
     Unavailable,
 )
 from s3kv.keys import KeyLayout
-from s3kv.store import ObjectStore, open_store
+from s3kv.store import MultipartAdmin, ObjectStore, open_store
 
 T = TypeVar("T")
 
@@ -344,6 +345,24 @@ async def opened(conn: Conn) -> AsyncIterator[ObjectStore]:
     finally:
         with contextlib.suppress(Exception):
             await store.close()
+
+
+@contextlib.asynccontextmanager
+async def multipart_admin(conn: Conn, store: ObjectStore) -> AsyncIterator[MultipartAdmin]:
+    """A store that can list and abort multipart uploads: ``store`` itself if
+    its backend can (aioboto3), otherwise an aioboto3 store opened for that
+    part alone (obstore has no multipart listing), closed on exit."""
+    if isinstance(store, MultipartAdmin):
+        yield store
+        return
+    side = await open_store(dataclasses.replace(conn.settings.store, backend="aioboto3"))
+    try:
+        if not isinstance(side, MultipartAdmin):  # pragma: no cover - aioboto3 always is
+            raise CliError("no backend can list multipart uploads")
+        yield side
+    finally:
+        with contextlib.suppress(Exception):
+            await side.close()
 
 
 def make_catalog(conn: Conn, store: ObjectStore) -> Catalog:

@@ -13,7 +13,6 @@ Last-Modified against the local clock.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import http.client
 import time
 import urllib.parse
@@ -37,6 +36,7 @@ from s3kv.cli.common import (
     connection,
     echo,
     emit_json,
+    multipart_admin,
     one_line,
     run,
 )
@@ -47,7 +47,7 @@ from s3kv.errors import (
     NoSuchBucket,
     NotFound,
 )
-from s3kv.store import MultipartAdmin, ObjectStore, open_store
+from s3kv.store import ObjectStore, open_store
 
 Status = Literal["ok", "FAIL", "warn", "skip"]
 #: Beyond this, GC ages and grace periods are off by more than a rounding error.
@@ -238,22 +238,10 @@ async def _with_store(doc: Doctor, conn: Conn, store: ObjectStore, key: str) -> 
 
 async def _multipart(doc: Doctor, conn: Conn, store: ObjectStore) -> None:
     """GC aborts stale multipart uploads; a policy without the permission only warns."""
-    admin: MultipartAdmin
-    side: ObjectStore | None = None
-    if isinstance(store, MultipartAdmin):
-        admin = store
-    else:
-        side = await open_store(dataclasses.replace(conn.settings.store, backend="aioboto3"))
-        if not isinstance(side, MultipartAdmin):  # pragma: no cover - aioboto3 always is
-            await side.close()
-            return
-        admin = side
     try:
-        uploads = await admin.list_multipart_uploads(conn.layout.root())
+        async with multipart_admin(conn, store) as admin:
+            uploads = await admin.list_multipart_uploads(conn.layout.root())
         doc.add("uploads", "ok", f"multipart uploads can be listed ({len(uploads)} open)")
     except Exception as exc:
         doc.add("uploads", "warn", f"cannot list multipart uploads, gc will not abort stale "
                 f"ones: {type(exc).__name__}: {one_line(str(exc))}")
-    finally:
-        if side is not None:
-            await side.close()

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
 import typer
@@ -18,7 +17,6 @@ import typer
 from s3kv.cli.common import (
     BackendOpt,
     BucketOpt,
-    CliError,
     Conn,
     EndpointOpt,
     ExitCode,
@@ -36,6 +34,7 @@ from s3kv.cli.common import (
     format_age,
     format_size,
     make_catalog,
+    multipart_admin,
     note,
     opened,
     render_table,
@@ -44,7 +43,6 @@ from s3kv.cli.common import (
 )
 from s3kv.gc import DEFAULT_GRACE_S, Plan, Planner, Policies
 from s3kv.gc_executor import Executor, GcResult
-from s3kv.store import MultipartAdmin, ObjectStore, open_store
 
 
 def register(app: typer.Typer) -> None:
@@ -99,32 +97,13 @@ def gc(
         run(lambda: _gc(conn, policies, list(namespaces or []), dry_run, yes, fmt))
 
 
-@contextlib.asynccontextmanager
-async def _uploads_store(
-    conn: Conn, store: ObjectStore, wanted: bool
-) -> AsyncIterator[MultipartAdmin | None]:
-    """The store itself if it can list uploads; otherwise an aioboto3 one for that part."""
-    if not wanted:
-        yield None
-        return
-    if isinstance(store, MultipartAdmin):
-        yield store
-        return
-    side = await open_store(dataclasses.replace(conn.settings.store, backend="aioboto3"))
-    try:
-        if not isinstance(side, MultipartAdmin):  # pragma: no cover - aioboto3 always is
-            raise CliError("no backend can list multipart uploads")
-        yield side
-    finally:
-        with contextlib.suppress(Exception):
-            await side.close()
-
-
 async def _gc(
     conn: Conn, policies: Policies, ns_args: list[str], dry_run: bool, yes: bool,
     fmt: OutputFormat,
 ) -> None:
-    async with opened(conn) as store, _uploads_store(conn, store, policies.uploads) as admin:
+    async with opened(conn) as store, (
+            multipart_admin(conn, store) if policies.uploads
+            else contextlib.nullcontext(None)) as admin:
         cat = make_catalog(conn, store)
         resolved = tuple(dict.fromkeys([await cat.resolve_namespace(n) for n in ns_args]))
         policies = dataclasses.replace(policies, namespaces=resolved)
