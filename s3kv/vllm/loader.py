@@ -53,13 +53,12 @@ class Loader:
         self.store: ObjectStore | None = None
         self._jobs: dict[str, tuple[Future[set[int]], set[int]]] = {}
         self._errors: set[int] = set()
-        # Chunks abandoned at their deadline: added on the I/O thread, taken
-        # on the worker's.
+        # Chunks abandoned at their deadline, and chunks that failed otherwise
+        # (missing, corrupt: the scheduler sets those aside). Both are added
+        # on the I/O thread and taken on the worker's, under ``_lock``.
         self._late: set[str] = set()
-        # Chunks that failed otherwise (missing, corrupt): the scheduler sets
-        # them aside.
         self._bad: set[str] = set()
-        self._late_lock = threading.Lock()
+        self._lock = threading.Lock()
         self._failed_reqs: set[str] = set()
         self._sem: asyncio.Semaphore | None = None
         self._stream: Any = None
@@ -117,7 +116,7 @@ class Loader:
                 pieces = await asyncio.wait_for(self._fetch(ch), max(0.0, until - loop.time()))
             except TimeoutError:
                 self.counters.add("load_deadline_misses")
-                with self._late_lock:
+                with self._lock:
                     self._late.add(ch.manifest.chunk_id)
                 raise
             await loop.run_in_executor(None, self._copy_in, pieces, ch, issued)
@@ -127,7 +126,7 @@ class Loader:
             return set()
         except Exception as exc:
             if not isinstance(exc, TimeoutError):
-                with self._late_lock:
+                with self._lock:
                     self._bad.add(ch.manifest.chunk_id)
             self.counters.add("load_failures")
             log.warning("s3kv: load of chunk %s failed (%s: %s); recomputing",
@@ -199,13 +198,13 @@ class Loader:
 
     def take_bad(self) -> set[str]:
         """Chunks whose loads failed other than by their deadline since the last call."""
-        with self._late_lock:
+        with self._lock:
             out, self._bad = self._bad, set()
         return out
 
     def take_late(self) -> set[str]:
         """Chunks whose loads were abandoned at their deadline since the last call."""
-        with self._late_lock:
+        with self._lock:
             out, self._late = self._late, set()
         return out
 

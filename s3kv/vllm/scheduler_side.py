@@ -84,7 +84,7 @@ class SchedulerSide:
         self.index = index or _open_index(settings, fingerprint, counters)
         self._reqs: dict[str, _Req] = {}
         self._pending_loads: dict[str, LoadRequest] = {}
-        self._load_blocks: dict[int, tuple[str, str]] = {}  # block id -> (req id, chunk id)
+        self._load_blocks: dict[int, str] = {}  # block id -> the request loading into it
         self._round = 0
         # (when built, tokens scheduled) of steps whose output has not come back.
         self._steps: deque[tuple[float, int]] = deque()
@@ -226,19 +226,17 @@ class SchedulerSide:
             lo, hi = max(first_block, ci * bpc), min(last_block, (ci + 1) * bpc)
             m = hits.get(st.chunk_ids[ci]) if ci < len(st.chunk_ids) else None
             pairs = self._chunk_pairs(group_ids, m, lo, hi) if m is not None else None
-            if pairs is None or refused:
+            if m is None or pairs is None or refused:
                 if not refused:
                     self.counters.add("hit_misalignments", 1)
                     log.error("s3kv: request %s: no usable hit manifest for chunk %d; "
                               "recomputing from it (please report)", request.request_id, ci)
                 refused.extend(b for ids in group_ids for b in ids[lo:hi] if b != NULL_BLOCK_ID)
                 continue
-            if m is None:  # unreachable: pairs is None without a manifest
-                continue
             chunks.append(LoadChunk(m, pairs))
             if len(self.groups) == 1:
                 for _, bid in pairs[0]:
-                    self._load_blocks[bid] = (request.request_id, m.chunk_id)
+                    self._load_blocks[bid] = request.request_id
         deadline = self.index.load_started(request.request_id, num_external,
                                            [c.manifest for c in chunks])
         self._pending_loads[request.request_id] = LoadRequest(
@@ -373,23 +371,22 @@ class SchedulerSide:
 
     def update_connector_output(self, output: KVConnectorOutput) -> None:
         report = getattr(output, "kv_connector_worker_meta", None)
-        late: set[str] = set()
         if isinstance(report, WorkerReport):
             for cid in report.committed:
                 self.index.store_finished(cid, ok=True)
             for cid in report.failed:
                 self.index.store_finished(cid, ok=False)
-            late = set(report.late_loads)
-            for cid in set(report.bad_loads) - late:
+            # The workers name the chunks that failed to load other than by
+            # their deadline (slow is not damaged: those are offered again),
+            # with one KV cache group or several alike.
+            for cid in report.bad_loads:
                 self.index.mark_bad(cid)
         failed_blocks = getattr(output, "invalid_block_ids", None) or set()
         failed_reqs = set(getattr(output, "failed_recving", None) or ())
         for bid in failed_blocks:
             owner = self._load_blocks.get(bid)
             if owner is not None:
-                failed_reqs.add(owner[0])
-                if owner[1] not in late:  # slow is not damaged: offer it again
-                    self.index.mark_bad(owner[1])
+                failed_reqs.add(owner)
         for req_id in failed_reqs:
             st = self._reqs.get(req_id)
             if st is not None:
@@ -407,7 +404,7 @@ class SchedulerSide:
             self._forget_load_blocks(req_id)
 
     def _forget_load_blocks(self, req_id: str) -> None:
-        for bid in [b for b, (r, _) in self._load_blocks.items() if r == req_id]:
+        for bid in [b for b, r in self._load_blocks.items() if r == req_id]:
             del self._load_blocks[bid]
 
     def request_finished(self, request: Request) -> None:

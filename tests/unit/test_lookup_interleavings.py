@@ -50,6 +50,7 @@ from s3kv.index import CacheIndex
 from s3kv.keys import Fingerprint, KeyLayout, chain_chunk_ids
 from s3kv.manifest import ShardEntry, new_manifest
 from s3kv.stats import Counters
+from s3kv.vllm.metadata import WorkerReport
 from s3kv.vllm.scheduler_side import SchedulerSide
 
 T = TypeVar("T")
@@ -263,12 +264,16 @@ class LookupInterleavings(RuleBasedStateMachine):
         loading = [lv for lv in self.live.values() if lv.load_blocks]
         lv = loading[pick % len(loading)]
         invalid: set[int] = set()
+        report = None
         if fail:
+            # As a worker reports it: the blocks to vLLM, the chunk to the scheduler.
             bid = sorted(lv.load_blocks)[which % len(lv.load_blocks)]
             invalid = {bid}
             self.bad.add(lv.load_blocks[bid])
+            report = WorkerReport(bad_loads=(lv.load_blocks[bid],))
         out = SimpleNamespace(invalid_block_ids=invalid, failed_recving=None,
-                              finished_recving={lv.request.request_id})
+                              finished_recving={lv.request.request_id},
+                              kv_connector_worker_meta=report)
         self.sched.update_connector_output(out)  # type: ignore[arg-type]
         self.sched.request_finished(lv.request)  # type: ignore[arg-type]
         del self.live[lv.request.request_id]
