@@ -10,6 +10,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from devtools.hybrid_model import HybridSpec, create_hybrid_model
+
 
 def _write(path: Path, key: dict[str, Any], build: Any) -> Path:
     marker = path / "s3kv-test-model.json"
@@ -52,22 +54,8 @@ def create_mla_model(path: Path) -> Path:
 
 def create_sliding_window_model(path: Path) -> Path:
     """Gemma-3 shape: sliding-window layers (window 128) between full-attention ones."""
-    key = {"arch": "gemma3_text", "layers": 4, "hidden": 256, "window": 128, "seed": 0}
-
-    def build() -> Any:
-        from transformers import Gemma3ForCausalLM, Gemma3TextConfig
-
-        kwargs: dict[str, Any] = dict(
-            vocab_size=1024, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
-            num_attention_heads=4, num_key_value_heads=2, head_dim=64, sliding_window=128,
-            layer_types=["sliding_attention", "full_attention", "sliding_attention",
-                         "full_attention"],
-            max_position_embeddings=4096, torch_dtype="float32", bos_token_id=1,
-            eos_token_id=2, pad_token_id=0,
-        )
-        return Gemma3ForCausalLM(Gemma3TextConfig(**kwargs))
-
-    return _write(path, key, build)
+    return create_hybrid_model(path, HybridSpec(
+        ("sliding_attention", "full_attention") * 2, 128, max_position_embeddings=4096))
 
 
 def create_gpt_oss_model(path: Path) -> Path:
