@@ -70,13 +70,42 @@ class Workload:
 
     @property
     def kv_bytes_per_token(self) -> int:
-        return 2 * self.num_layers * self.num_kv_heads * self.head_size * self.dtype_bytes
+        return kv_bytes_per_token(self.num_layers, self.num_kv_heads, self.head_size,
+                                  self.dtype_bytes)
+
+
+def kv_bytes_per_token(layers: int, kv_heads: int, head_size: int, dtype_bytes: int) -> int:
+    """KV bytes of one token over every layer: a key and a value per KV head."""
+    return 2 * layers * kv_heads * head_size * dtype_bytes
+
+
+SECONDS_PER_MONTH = 30 * 86400  # storage is priced per GB-month of 30 days
+EXPRESS_FREE_SHARD_BYTES = 512 * 1024  # Express charges per GB beyond this, per request
+
+
+def s3_dollars(storage_class: str, *, puts: float, gets: float, gb_months: float,
+               shard_bytes: float, shards_put: float, shards_got: float) -> dict[str, float]:
+    """S3's bill by kind (``put``, ``get``, ``storage``, ``transfer``,
+    ``total``) for a number of requests, GB-months stored, and shards of
+    ``shard_bytes`` uploaded and downloaded (Express bills the bytes of each
+    beyond 512 KiB). The one place prices are applied: the calculator and
+    ``s3kv replay`` both call it."""
+    p = PRICES[storage_class]
+    over_gb = max(0.0, shard_bytes - EXPRESS_FREE_SHARD_BYTES) / 1e9
+    out = {
+        "put": puts / 1000 * p["put_per_1k"],
+        "get": gets / 1000 * p["get_per_1k"],
+        "storage": gb_months * p["storage_gb_month"],
+        "transfer": over_gb * (shards_put * p["upload_per_gb_over_512k"]
+                               + shards_got * p["retrieval_per_gb_over_512k"]),
+    }
+    out["total"] = sum(out.values())
+    return out
 
 
 def estimate(w: Workload) -> dict[str, object]:
     if w.storage_class not in PRICES:
         raise ValueError(f"storage_class {w.storage_class!r}; valid: {sorted(PRICES)}")
-    p = PRICES[w.storage_class]
     chunk_bytes = w.kv_bytes_per_token * w.chunk_tokens
     shard_bytes = chunk_bytes / w.shards
     # Computed tokens become new chunks; reused tokens arrive as hits.
@@ -93,16 +122,11 @@ def estimate(w: Workload) -> dict[str, object]:
     }
     fleet = {k: v * w.engines for k, v in per_engine.items()}
     stored_bytes = fleet["write_mib_s"] * 2**20 * 86400 * w.ttl_days
-    over = max(0.0, shard_bytes - 512 * 1024) / 1e9  # Express per-GB charge beyond 512 KiB
-    day = {
-        "put": fleet["put_per_s"] * 86400 / 1000 * p["put_per_1k"],
-        "get": fleet["get_per_s"] * 86400 / 1000 * p["get_per_1k"],
-        "storage": stored_bytes / 1e9 * p["storage_gb_month"] / 30,
-        "transfer": 86400 * w.shards * (commits_s * over * p["upload_per_gb_over_512k"]
-                                        + hits_s * over * p["retrieval_per_gb_over_512k"])
-        * w.engines,
-    }
-    day["total"] = sum(day.values())
+    day = s3_dollars(
+        w.storage_class, puts=fleet["put_per_s"] * 86400, gets=fleet["get_per_s"] * 86400,
+        gb_months=stored_bytes / 1e9 * 86400 / SECONDS_PER_MONTH, shard_bytes=shard_bytes,
+        shards_put=86400 * w.shards * commits_s * w.engines,
+        shards_got=86400 * w.shards * hits_s * w.engines)
     partitions = 1 if w.storage_class == "express" else SPREAD_PREFIXES
     return {
         "workload": asdict(w),
@@ -134,7 +158,7 @@ class InputError(ValueError):
         self.problem = problem
 
 
-def _from_config(path: Path) -> tuple[int, int, int, str]:
+def model_config_shape(path: Path) -> tuple[int, int, int, str]:
     """Layers, KV heads, head size and dtype from a Hugging Face ``config.json``."""
     try:
         cfg = json.loads(path.read_text())
@@ -174,7 +198,7 @@ def build_workload(
     naming the option, not a division by zero or a nonsense estimate later.
     """
     if config is not None:
-        layers, kv_heads, head_size, model_dtype = _from_config(config)
+        layers, kv_heads, head_size, model_dtype = model_config_shape(config)
     elif not (layers and kv_heads and head_size):
         raise InputError("--config", "give --config, or all of --layers --kv-heads --head-size")
     else:
@@ -226,4 +250,5 @@ def render(w: Workload, r: dict[str, object]) -> str:
 
 
 __all__ = ["DTYPE_BYTES", "MODEL_PRESETS", "PRICES", "Dtype", "InputError", "StorageClass",
-           "Workload", "build_workload", "estimate", "render"]
+           "Workload", "build_workload", "estimate", "kv_bytes_per_token", "model_config_shape",
+           "render", "s3_dollars"]

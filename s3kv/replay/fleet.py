@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from s3kv.admission import MODES
-from s3kv.capacity import DTYPE_BYTES, MODEL_PRESETS, PRICES, _from_config
+from s3kv.capacity import DTYPE_BYTES, MODEL_PRESETS, PRICES, kv_bytes_per_token, model_config_shape
 
 Routing = Literal["random", "round-robin", "prefix-affinity"]
 ROUTINGS: tuple[Routing, ...] = ("random", "round-robin", "prefix-affinity")
@@ -156,8 +156,7 @@ class FleetConfig:
 
 
 def _kv_bytes(layers: int, kv_heads: int, head_size: int, dtype: str) -> int:
-    # The same formula as s3kv.capacity.Workload.kv_bytes_per_token (K and V).
-    return 2 * layers * kv_heads * head_size * DTYPE_BYTES.get(dtype, 2)
+    return kv_bytes_per_token(layers, kv_heads, head_size, DTYPE_BYTES.get(dtype, 2))
 
 
 def model_preset(name: str) -> tuple[int, int]:
@@ -171,7 +170,7 @@ def model_preset(name: str) -> tuple[int, int]:
 def kv_from_hf_config(path: Path) -> tuple[int, int]:
     """``(kv_bytes_per_token, num_kv_heads)`` from a Hugging Face ``config.json``, read by
     the capacity calculator's reader (its errors are :class:`s3kv.capacity.InputError`)."""
-    layers, heads, head, dtype = _from_config(Path(path))
+    layers, heads, head, dtype = model_config_shape(Path(path))
     return _kv_bytes(layers, heads, head, dtype), heads
 
 

@@ -19,13 +19,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from s3kv.capacity import PRICES
+from s3kv.capacity import SECONDS_PER_MONTH, s3_dollars
 from s3kv.replay.fleet import FleetConfig
 
 #: Version of :meth:`ReplayReport.to_json`'s document.
 JSON_VERSION = 1
-_SECONDS_PER_MONTH = 30 * 86400
-_EXPRESS_FREE_BYTES = 512 * 1024
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -46,18 +44,11 @@ def span_dollars(cfg: FleetConfig, counts: dict[str, int], byte_seconds: float,
                  committed_chunks: int, loaded_chunks: int) -> dict[str, float]:
     """S3 dollars over a replay's span, by kind (``put``, ``get``, ``storage``,
     ``transfer``, ``total``). 404 GETs are billed as GETs."""
-    p = PRICES[cfg.storage_class]
     shards = cfg.shards
-    over_gb = max(0.0, cfg.chunk_bytes / shards - _EXPRESS_FREE_BYTES) / 1e9
-    out = {
-        "put": counts["put"] / 1000 * p["put_per_1k"],
-        "get": (counts["get"] + counts["get_miss"]) / 1000 * p["get_per_1k"],
-        "storage": byte_seconds / 1e9 / _SECONDS_PER_MONTH * p["storage_gb_month"],
-        "transfer": shards * over_gb * (committed_chunks * p["upload_per_gb_over_512k"]
-                                        + loaded_chunks * p["retrieval_per_gb_over_512k"]),
-    }
-    out["total"] = sum(out.values())
-    return out
+    return s3_dollars(
+        cfg.storage_class, puts=counts["put"], gets=counts["get"] + counts["get_miss"],
+        gb_months=byte_seconds / 1e9 / SECONDS_PER_MONTH, shard_bytes=cfg.chunk_bytes / shards,
+        shards_put=shards * committed_chunks, shards_got=shards * loaded_chunks)
 
 
 @dataclass
