@@ -11,6 +11,15 @@ which tokens of each section to store and which a reader needs:
   tokens, and vLLM frees (null-blocks) the blocks before that. A request that
   resumes computing at token ``end`` needs only the blocks from
   :func:`first_needed_token` on; a hit loads only those.
+- ``state``: SSM / linear-attention layers (Mamba2, gated delta-net) keep one
+  recurrent state per request, not per token. In vLLM's "align" cache mode
+  block ``p`` of the group's table holds the state after exactly
+  ``(p + 1) * block_size`` tokens, written by the step that ends there. A
+  chunk stores the state at its end when the step that computed its last
+  token ended exactly there (:func:`state_stored`); otherwise it stores none
+  (vLLM never materialized it). A hit resumes only at the end of a chunk that
+  holds its state, and loads that one state: every earlier state is
+  superseded by it.
 
 What a window section stores. Hits end on chunk boundaries, or one block
 short of one (the last token of a prompt is always computed), so a reader
@@ -29,7 +38,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-KINDS = ("full", "window")
+KINDS = ("full", "window", "state")
 
 
 @dataclass(frozen=True)
@@ -37,17 +46,29 @@ class GroupSpec:
     kind: str  # one of KINDS
     layers: tuple[str, ...]
     window: int = 0  # tokens a query attends to, itself included ("window" only)
+    # ("state" only) bytes of one layer's state per request on this rank, and
+    # what decides them: the state tensors' shapes and dtypes and the TP size
+    # (the state is split by TP in an order only the same TP size reads back).
+    state_bytes: int = 0
+    state_shape: str = ""
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"group kind {self.kind!r}; valid: {', '.join(KINDS)}")
         if (self.kind == "window") != (self.window > 0):
             raise ValueError("a window group needs window > 0, and only it")
+        if (self.kind == "state") != (self.state_bytes > 0):
+            raise ValueError("a state group needs state_bytes > 0, and only it")
         if not self.layers:
             raise ValueError("a KV cache group needs at least one layer")
 
     def describe(self) -> str:
-        head = f"window{self.window}" if self.kind == "window" else "full"
+        if self.kind == "window":
+            head = f"window{self.window}"
+        elif self.kind == "state":
+            head = f"state[{self.state_shape}]"
+        else:
+            head = "full"
         return f"{head}:{','.join(self.layers)}"
 
 
@@ -79,6 +100,14 @@ def held_start(window: int, computed_before: int, chunk_index: int, chunk_tokens
     tokens computed (0 if it holds the whole chunk, ``chunk_tokens`` if none)."""
     first = first_needed_token(window, computed_before, block_size)
     return min(chunk_tokens, max(0, first - chunk_index * chunk_tokens))
+
+
+def state_stored(chunk_index: int, chunk_tokens: int, computed_after: int) -> bool:
+    """Whether a chunk saved in a step that ends at ``computed_after`` can
+    store its state: only that step wrote the state after exactly the
+    chunk's last token (a step that runs past the chunk's end leaves the
+    state of a later token)."""
+    return computed_after == (chunk_index + 1) * chunk_tokens
 
 
 def covered(groups: Sequence[GroupSpec], starts: Sequence[Sequence[int]], first_chunk: int,

@@ -81,6 +81,9 @@ _ALL: tuple[Metric, ...] = (
     _c("window_short_hits", "requests", SCHEDULER,
        "Hits cut short because a sliding-window group's stored blocks did not cover "
        "its window at the hit's end"),
+    _c("state_short_hits", "requests", SCHEDULER,
+       "Hits cut short because the chunk they would end on holds no SSM state (the step "
+       "that computed it did not end on its boundary)"),
     _c("miss_requests", "requests", SCHEDULER,
        "Cache queries answered with no tokens (the request computes its prefill)"),
     _c("lookup_errors", "lookups", SCHEDULER, "Lookups that failed with an S3 error"),

@@ -26,6 +26,14 @@ so a reader takes a head range of the sections it needs with one ranged GET
 per section. A single-group engine writes one section starting at 0, and
 its shards carry exactly the bytes, header and manifest they always did.
 
+A state group (SSM / linear attention, ``s3kv.groups``) has no tokens: its
+section holds the recurrent state after the chunk's last token, every
+layer's state bytes one after the other, or nothing (start ``tokens``) when
+the chunk has none. Its bytes are split into as many equal slices as the
+shard has heads, zero-padded, so each slice has a digest like a head's. The
+slices are not heads: a state is read back only whole, by a reader with the
+writer's TP size (the namespace holds it).
+
 The header is padded to 64 bytes so the payload can be viewed as a tensor in
 place. The caller allocates the buffer (pinned host memory on GPU), writes
 the header into it, and the device copies the KV blocks straight into the
@@ -91,6 +99,8 @@ class PayloadLayout:
     tokens: int
     token_elems: int
     groups: tuple[int, ...] = ()
+    # Per group: bytes of one head-slice of a state section (0: a token group).
+    state_bytes: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if self.dtype not in ITEMSIZE:
@@ -101,6 +111,14 @@ class PayloadLayout:
                             or min(self.groups) < 1):
             raise ValueError(f"groups {self.groups} do not partition "
                              f"{len(self.layer_names)} layers")
+        if not any(self.state_bytes):
+            object.__setattr__(self, "state_bytes", ())
+        if self.state_bytes and (len(self.state_bytes) != len(self.groups)
+                                 or min(self.state_bytes) < 0):
+            raise ValueError(f"state_bytes {self.state_bytes} do not fit groups {self.groups}")
+
+    def is_state(self, group: int) -> bool:
+        return bool(self.state_bytes) and self.state_bytes[group] > 0
 
     @property
     def group_sizes(self) -> tuple[int, ...]:
@@ -112,6 +130,8 @@ class PayloadLayout:
 
     def section_head_bytes(self, group: int, start: int = 0) -> int:
         """Bytes of one head of group ``group``'s section, from token ``start``."""
+        if self.is_state(group):
+            return self.state_bytes[group] if start < self.tokens else 0
         return (self.group_sizes[group] * (self.tokens - start) * self.token_elems
                 * ITEMSIZE[self.dtype])
 
@@ -123,7 +143,9 @@ class PayloadLayout:
         """``starts`` checked against this layout (``()``: every section from 0)."""
         if not starts:
             return (0,) * self.num_groups
-        if len(starts) != self.num_groups or not all(0 <= s <= self.tokens for s in starts):
+        if len(starts) != self.num_groups or not all(0 <= s <= self.tokens for s in starts) \
+                or any(self.is_state(g) and s not in (0, self.tokens)
+                       for g, s in enumerate(starts)):
             raise IntegrityError(f"section starts {starts} do not fit {self.num_groups} "
                                  f"groups of {self.tokens} tokens")
         return tuple(starts)
@@ -180,6 +202,8 @@ class ShardSpec:
         if lay.groups:  # one group: the header every single-group shard has had
             doc["groups"] = list(lay.groups)
             doc["starts"] = list(lay.starts(self.starts))
+        if lay.state_bytes:
+            doc["state_bytes"] = list(lay.state_bytes)
         return doc
 
 
@@ -252,6 +276,7 @@ def parse_header(data: Buffer) -> tuple[ShardSpec, int]:
                 tokens=int(doc["tokens"]),
                 token_elems=int(doc["token_elems"]),
                 groups=tuple(int(k) for k in doc.get("groups", ())),
+                state_bytes=tuple(int(k) for k in doc.get("state_bytes", ())),
             ),
             starts=tuple(int(t) for t in doc.get("starts", ())),
         )

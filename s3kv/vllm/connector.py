@@ -31,7 +31,7 @@ from s3kv.config import parse_settings
 from s3kv.errors import WeightsUnresolved
 from s3kv.groups import describe_groups
 from s3kv.stats import Counters
-from s3kv.vllm.hybrid import group_specs
+from s3kv.vllm.hybrid import check_state_sharding, group_specs
 from s3kv.vllm.metadata import S3KVMetadata
 from s3kv.vllm.namespace import build_fingerprint
 from s3kv.vllm.stats import S3KVPromMetrics, S3KVStats
@@ -95,7 +95,9 @@ class S3KVConnector(KVConnectorBase_V1, SupportsHMA):
         self.settings = parse_settings(dict(ktc.kv_connector_extra_config or {}))
         block_size = int(vllm_config.cache_config.block_size)
         # A group kind s3kv cannot store stops start-up here, with its name.
-        groups = group_specs(kv_cache_config, block_size) if kv_cache_config is not None else ()
+        tp_size = int(vllm_config.parallel_config.tensor_parallel_size)
+        groups = (group_specs(kv_cache_config, block_size, tp_size)
+                  if kv_cache_config is not None else ())
         if len(groups) <= 1:
             groups = ()  # one group of every layer: the layout s3kv always had
         self.counters = Counters()
@@ -114,6 +116,7 @@ class S3KVConnector(KVConnectorBase_V1, SupportsHMA):
             # Which layers share a block table, and how much of it they keep,
             # decides what a chunk's shards hold: part of the namespace.
             fp = dataclasses.replace(fp, groups=describe_groups(groups))
+            check_state_sharding(groups, fp.num_kv_heads, fp.attention, tp_size)
         self.fingerprint = fp
         self._groups = groups
         can_load = bool(ktc.is_kv_consumer)

@@ -3,7 +3,8 @@
 With its hybrid KV cache manager (HMA) on, vLLM gives layers that keep their
 KV differently separate groups and block tables: full attention keeps every
 block, sliding-window attention frees the blocks behind its window, Mamba
-keeps one recurrent state per block. s3kv stores each group as a section of
+keeps one recurrent state per block ("align" mode: the state after each
+block boundary a step ended on). s3kv stores each group as a section of
 a chunk's shards (``s3kv.groups`` says which tokens). A group kind it cannot
 store stops the engine at start-up, naming what to change, rather than
 failing a request later inside vLLM.
@@ -19,7 +20,8 @@ from s3kv.groups import GroupSpec
 HMA_FLAG = "--disable-hybrid-kv-cache-manager"
 
 
-def group_specs(kv_cache_config: Any, block_size: int) -> tuple[GroupSpec, ...]:
+def group_specs(kv_cache_config: Any, block_size: int, tp_size: int = 1
+                ) -> tuple[GroupSpec, ...]:
     """The engine's KV cache groups as s3kv stores them; ConfigError for a
     group it cannot store (it names the group and the way out)."""
     from vllm.v1.kv_cache_interface import (
@@ -37,11 +39,8 @@ def group_specs(kv_cache_config: Any, block_size: int) -> tuple[GroupSpec, ...]:
         kind = type(spec).__name__
         where = f"KV cache group {gid} ({kind}, layers {', '.join(group.layer_names[:3])}...)"
         if isinstance(spec, MambaSpec):
-            raise ConfigError(
-                "kv_cache_groups",
-                f"{where}: s3kv does not store SSM / linear-attention state yet; serve "
-                "this model without s3kv (remove --kv-transfer-config)",
-                choices="full attention, MLA, sliding-window attention")
+            out.append(_state_group(where, group, spec, block_size, tp_size))
+            continue
         if not getattr(group, "enable_kv_transfer", True) or not spec.prefix_cacheable:
             raise ConfigError("kv_cache_groups",
                               f"{where}: vLLM does not offer this group for transfer",
@@ -71,4 +70,53 @@ def group_specs(kv_cache_config: Any, block_size: int) -> tuple[GroupSpec, ...]:
                 f"{where}: s3kv does not store this kind of KV cache group; serve with "
                 f"{HMA_FLAG} if vLLM can, or without s3kv",
                 choices="full attention, MLA, sliding-window attention")
+    if all(g.kind == "state" for g in out):
+        raise ConfigError("kv_cache_groups", "the model has no attention layers; s3kv keys "
+                          "and shards chunks by attention heads, so serve it without s3kv",
+                          choices="models with at least one attention layer")
     return tuple(out)
+
+
+def _state_group(where: str, group: Any, spec: Any, block_size: int, tp_size: int
+                 ) -> GroupSpec:
+    """An SSM / linear-attention group, stored as the state at chunk ends
+    (``s3kv.groups``); only vLLM's "align" mode keeps those states."""
+    mode = getattr(spec, "mamba_cache_mode", "none")
+    if mode != "align":
+        raise ConfigError(
+            "mamba_cache_mode",
+            f"{where}: vLLM keeps SSM states at block boundaries only in 'align' mode "
+            f"(this engine: {mode!r}); serve with prefix caching on and "
+            "--mamba-cache-mode align", choices=["align"])
+    if getattr(spec, "num_speculative_blocks", 0):
+        raise ConfigError(
+            "speculative_config",
+            f"{where}: speculative decoding moves SSM states between blocks; s3kv stores "
+            "them only without it", choices="no speculative decoding with SSM layers")
+    if int(spec.block_size) != block_size:
+        raise ConfigError(
+            "block_size",
+            f"{where}: states every {spec.block_size} tokens where the engine's blocks hold "
+            f"{block_size}; s3kv needs one block size for every group", choices=[block_size])
+    state = "+".join(f"{str(d).removeprefix('torch.')}{list(sh)}"
+                     for sh, d in zip(spec.shapes, spec.dtypes, strict=True))
+    kind = str(getattr(spec.mamba_type, "name", spec.mamba_type)).lower()
+    return GroupSpec("state", tuple(group.layer_names),
+                     state_bytes=int(spec.state_content_size_bytes),
+                     state_shape=f"{kind}:{state}:tp{tp_size}")
+
+
+
+def check_state_sharding(groups: tuple[GroupSpec, ...], num_kv_heads: int, attention: str,
+                         tp_size: int) -> None:
+    """Each rank stores its own part of an SSM state in its own shard, so each
+    rank must own a shard: ranks that share KV heads (more ranks than KV
+    heads, or MLA's one latent) upload one shard between them."""
+    if not any(g.kind == "state" for g in groups):
+        return
+    if attention == "mla" or num_kv_heads < tp_size:
+        raise ConfigError(
+            "tensor_parallel_size",
+            f"with SSM layers every rank stores its own shard, but {tp_size} ranks share "
+            f"{'one MLA latent' if attention == 'mla' else f'{num_kv_heads} KV heads'}",
+            choices=f"at most {1 if attention == 'mla' else num_kv_heads}")

@@ -26,8 +26,8 @@ from s3kv.reader import HeadBytes, read_heads
 from s3kv.shard import PayloadLayout
 from s3kv.stats import Counters
 from s3kv.store import ObjectStore
-from s3kv.vllm.kv_layout import KVBlocks
 from s3kv.vllm.metadata import LoadChunk, LoadRequest, S3KVMetadata
+from s3kv.vllm.state_layout import GroupCache, StateBlocks
 
 log = logging.getLogger("s3kv.vllm")
 # Fetched bodies are read-only buffers; we only read from the tensors we wrap them in.
@@ -48,7 +48,7 @@ class Loader:
         self.block_size = block_size
         self.counters = counters
         self.io = io
-        self.kvs: list[KVBlocks] = []  # one per KV cache group
+        self.kvs: list[GroupCache] = []  # one per KV cache group
         self.payload: PayloadLayout | None = None
         self.store: ObjectStore | None = None
         self._jobs: dict[str, tuple[Future[set[int]], set[int]]] = {}
@@ -63,7 +63,7 @@ class Loader:
         self._sem: asyncio.Semaphore | None = None
         self._stream: Any = None
 
-    def attach(self, kvs: list[KVBlocks], payload: PayloadLayout, store: ObjectStore) -> None:
+    def attach(self, kvs: list[GroupCache], payload: PayloadLayout, store: ObjectStore) -> None:
         self.kvs, self.payload, self.store = list(kvs), payload, store
         if kvs[0].device.type == "cuda":
             self._stream = torch.cuda.Stream(device=kvs[0].device)
@@ -150,7 +150,7 @@ class Loader:
                 kv.copy_in(src, offsets, block_ids, head_offset)
 
     def _source(self, p: HeadBytes, ch: LoadChunk
-                ) -> tuple[KVBlocks, torch.Tensor, list[int], list[int], int]:
+                ) -> tuple[GroupCache, torch.Tensor, list[int], list[int], int]:
         """One piece's blocks as ``copy_in`` takes them: its section holds the
         chunk's tokens from the section's start, and the blocks to fill begin
         at or after it (the scheduler loads no block the section lacks)."""
@@ -159,6 +159,14 @@ class Loader:
         if self.payload is None:
             raise IntegrityError("KV cache not registered")
         kv, pairs = self.kvs[p.section], ch.groups[p.section]
+        src = torch.frombuffer(p.payload, dtype=torch.uint8) if len(p.payload) else None
+        if isinstance(kv, StateBlocks):
+            # The writer's TP size is the reader's (the namespace holds it for
+            # state groups): the section is this rank's whole state.
+            if src is None or (p.head_start, p.head_end) != self.heads:
+                raise IntegrityError(f"chunk {ch.manifest.chunk_id[:12]} holds no state for "
+                                     f"heads {self.heads} in group {p.section}")
+            return kv, src, [0] * len(pairs), [b for _, b in pairs], 0
         tokens = self.payload.tokens
         start = ch.manifest.starts[p.section] if ch.manifest.starts else 0
         bs = self.block_size
@@ -166,8 +174,9 @@ class Loader:
         if first < start or tokens % bs:
             raise IntegrityError(f"chunk {ch.manifest.chunk_id[:12]} group {p.section} starts "
                                  f"at token {start}, after block {first // bs}")
-        src = kv.section_view(torch.frombuffer(p.payload, dtype=torch.uint8),
-                              p.head_end - p.head_start, tokens - start)
+        if src is None:
+            raise IntegrityError(f"chunk {ch.manifest.chunk_id[:12]} group {p.section} is empty")
+        src = kv.section_view(src, p.head_end - p.head_start, tokens - start)
         src = src.narrow(2, first - start, tokens - first).unflatten(2, (-1, bs))
         return (kv, src, [o - first // bs for o, _ in pairs], [b for _, b in pairs],
                 p.head_start - self.heads[0])

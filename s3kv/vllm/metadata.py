@@ -19,7 +19,8 @@ class LoadChunk:
     manifest: Manifest
     # Per KV cache group: (block offset inside the chunk, destination block id).
     # A window group lists only the blocks its window still covers at the
-    # hit's end (vLLM's null blocks stand for the rest); often none.
+    # hit's end (vLLM's null blocks stand for the rest); often none. A state
+    # group lists one block, the state at the hit's end, in the hit's last chunk.
     groups: tuple[tuple[tuple[int, int], ...], ...]
 
     @property
@@ -44,7 +45,8 @@ class LoadRequest:
 class SaveChunk:
     ref: ChunkRef
     # Per KV cache group: the blocks stored, the chunk's last ones from the
-    # group's start token on (``s3kv.groups``).
+    # group's start token on (``s3kv.groups``); for a state group the block
+    # holding the state at the chunk's end, or none.
     block_ids: tuple[tuple[int, ...], ...]
     # Start token of each group's section; empty for a single group (from 0).
     starts: tuple[int, ...] = ()

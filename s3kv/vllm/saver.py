@@ -27,15 +27,15 @@ import torch
 
 from s3kv.commit import ChunkSave, Committer
 from s3kv.shard import PayloadLayout, ShardSpec, encode_header
-from s3kv.vllm.kv_layout import KVBlocks
 from s3kv.vllm.metadata import S3KVMetadata
+from s3kv.vllm.state_layout import GroupCache
 
 
 class CopyOut:
     """Chunks from the KV cache into host buffers: the gather on the current
     stream, the device-to-host copy on a side stream (on CPU both inline)."""
 
-    def __init__(self, kv: KVBlocks) -> None:
+    def __init__(self, kv: GroupCache) -> None:
         self.kv = kv
         self.side: torch.cuda.Stream | None = (
             torch.cuda.Stream(device=kv.device) if kv.device.type == "cuda" else None)
@@ -68,12 +68,13 @@ class Saver:
     """Builds each step's shards (header + payload) and hands them to the committer.
 
     ``kvs``: one view of the KV cache per KV cache group, in the group order
-    of ``payload`` (each group is a section of the payload). ``heads`` is this
+    of ``payload`` (each group is a section of the payload; a state group's
+    view is a ``StateBlocks``). ``heads`` is this
     rank's KV head range; ``uploads`` False when a lower rank stores the same
     heads (the rank still joins every round, empty-handed).
     """
 
-    def __init__(self, kvs: Sequence[KVBlocks], payload: PayloadLayout, committer: Committer,
+    def __init__(self, kvs: Sequence[GroupCache], payload: PayloadLayout, committer: Committer,
                  tp_rank: int, heads: tuple[int, int], uploads: bool) -> None:
         self.kvs = list(kvs)
         self.payload = payload

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 from s3kv.admission import REQUEST_FLAG
 from s3kv.aio import io_loop
 from s3kv.config import Settings
-from s3kv.groups import GroupSpec, covered, held_start, store_start
+from s3kv.groups import GroupSpec, covered, held_start, state_stored, store_start
 from s3kv.index import CacheIndex
 from s3kv.keys import ChunkRef, Fingerprint, chunk_id
 from s3kv.manifest import Manifest
@@ -72,6 +72,7 @@ class SchedulerSide:
         # vLLM's KV cache groups (s3kv.vllm.hybrid); empty: one group of every layer.
         self.groups = groups or (GroupSpec("full", ("*",)),)
         self._windowed = any(g.kind == "window" for g in self.groups)
+        self._states = [g for g, spec in enumerate(self.groups) if spec.kind == "state"]
         self.fingerprint = fingerprint
         self.block_size = block_size
         self.chunk_tokens = settings.chunk_tokens
@@ -154,8 +155,8 @@ class SchedulerSide:
             return None, False
         hits = self._aligned(request.request_id, hits, ids, first)
         end = min((first + len(hits)) * self.chunk_tokens, limit)
-        if self._windowed:
-            end = self._window_end(hits, first, num_computed, end)
+        if self._windowed or self._states:
+            end = self._hit_end(hits, first, num_computed, end)
         new = end - num_computed
         if new <= 0:
             return self._miss(st)
@@ -182,24 +183,33 @@ class SchedulerSide:
                 return hits[:i]
         return hits
 
-    def _window_end(self, hits: tuple[Manifest, ...], first: int, local: int, end: int) -> int:
+    def _hit_end(self, hits: tuple[Manifest, ...], first: int, local: int, end: int) -> int:
         """The longest hit end, up to ``end``, at which the hits hold every block
-        the window groups still need (``s3kv.groups``); ``local`` if none."""
-        n = len(self.groups)
-        starts = [m.starts if len(m.starts) == n else (self.chunk_tokens,) * n for m in hits]
-        ends = [end] + [k * self.chunk_tokens for k in range(first + len(hits), first, -1)
-                        if k * self.chunk_tokens < end]
+        the window groups still need and, with state groups, the state there
+        (only at the end of a chunk that stored it, ``s3kv.groups``); ``local``
+        if there is none."""
+        n, c = len(self.groups), self.chunk_tokens
+        starts = [m.starts if len(m.starts) == n else (c,) * n for m in hits]
+        ends = [end] + [k * c for k in range(first + len(hits), first, -1) if k * c < end]
+        found, short_state, short_window = local, False, False
         for e in ends:
             if e <= local:
                 break
-            if covered(self.groups, starts, first, local, e, self.chunk_tokens,
-                       self.block_size):
-                if e < end:
-                    self.counters.add("window_short_hits")
-                return e
-        if end > local:
+            if self._states and (e % c or any(starts[e // c - 1 - first][g]
+                                              for g in self._states)):
+                short_state = True
+            elif self._windowed and not covered(self.groups, starts, first, local, e, c,
+                                                self.block_size):
+                short_window = True
+            else:
+                found = e
+                break
+        # Once per request, for each reason it was cut.
+        if short_state:
+            self.counters.add("state_short_hits")
+        if short_window:
             self.counters.add("window_short_hits")
-        return local
+        return found
 
     def _miss(self, st: _Req) -> tuple[int, bool]:
         st.hits = ()
@@ -225,7 +235,8 @@ class SchedulerSide:
         for ci in range(first_block // bpc, (last_block + bpc - 1) // bpc):
             lo, hi = max(first_block, ci * bpc), min(last_block, (ci + 1) * bpc)
             m = hits.get(st.chunk_ids[ci]) if ci < len(st.chunk_ids) else None
-            pairs = self._chunk_pairs(group_ids, m, lo, hi) if m is not None else None
+            pairs = (self._chunk_pairs(group_ids, m, lo, hi, hi == last_block)
+                     if m is not None else None)
             if m is None or pairs is None or refused:
                 if not refused:
                     self.counters.add("hit_misalignments", 1)
@@ -247,16 +258,29 @@ class SchedulerSide:
         st.saved_upto = max(st.saved_upto, st.hit_start_chunk + len(st.hits))
         st.hits = ()
 
-    def _chunk_pairs(self, group_ids: tuple[list[int], ...], m: Manifest, lo: int, hi: int
-                     ) -> tuple[tuple[tuple[int, int], ...], ...] | None:
+    def _chunk_pairs(self, group_ids: tuple[list[int], ...], m: Manifest, lo: int, hi: int,
+                     last: bool) -> tuple[tuple[tuple[int, int], ...], ...] | None:
         """Per group, (offset in the chunk, block id) of blocks ``[lo, hi)`` to
-        fill from ``m``; None if a block vLLM kept lies before its section."""
+        fill from ``m``; None if a block vLLM kept lies before its section.
+
+        A state group fills one block, in the hit's ``last`` chunk: the block
+        vLLM allocated for the state at the hit's end (every earlier one is
+        a null block in "align" mode)."""
         n = len(self.groups)
         if len(group_ids) != n or (n > 1 and len(m.starts) != n):
             return None
-        out = []
+        out: list[tuple[tuple[int, int], ...]] = []
         for g, spec in enumerate(self.groups):
             start = m.starts[g] if n > 1 else 0
+            if spec.kind == "state":
+                if not last:
+                    out.append(())
+                    continue
+                bid = group_ids[g][hi - 1] if hi - 1 < len(group_ids[g]) else NULL_BLOCK_ID
+                if start or hi % self.blocks_per_chunk or bid == NULL_BLOCK_ID:
+                    return None
+                out.append(((self.blocks_per_chunk - 1, bid),))
+                continue
             pairs = []
             for bi in range(lo, hi):
                 bid = group_ids[g][bi]
@@ -316,7 +340,7 @@ class SchedulerSide:
         st.computed_chunks = max(st.computed_chunks, len(ids))
         for ci in range(st.saved_upto, len(ids)):
             cid = ids[ci]
-            stored = self._stored_blocks(st, ci, computed_before)
+            stored = self._stored_blocks(st, ci, computed_before, computed_after)
             if stored is None:
                 break
             st.saved_upto = ci + 1
@@ -326,19 +350,34 @@ class SchedulerSide:
             blocks, starts = stored
             meta.saves.append(SaveChunk(ref, blocks, starts if len(self.groups) > 1 else ()))
 
-    def _stored_blocks(self, st: _Req, ci: int, computed_before: int
+    def _stored_blocks(self, st: _Req, ci: int, computed_before: int, computed_after: int
                        ) -> tuple[tuple[tuple[int, ...], ...], tuple[int, ...]] | None:
         """Per group, the blocks of chunk ``ci`` to store and the token they start
         at; None while the chunk's blocks are not all allocated yet.
 
         A window group stores the chunk's last blocks from ``store_start`` on,
         and only those the request still holds: a block vLLM freed during this
-        step may already hold another request's KV (``s3kv.groups``)."""
+        step may already hold another request's KV (``s3kv.groups``). A state
+        group stores the block holding the state at the chunk's end if this
+        step ended there (``state_stored``), else nothing (start at the end)."""
         bpc, bs = self.blocks_per_chunk, self.block_size
         if len(st.block_ids) != len(self.groups):
             return None
-        blocks_out, starts = [], []
+        blocks_out: list[tuple[int, ...]] = []
+        starts: list[int] = []
         for g, spec in enumerate(self.groups):
+            if spec.kind == "state":
+                row = st.block_ids[g]
+                last = (ci + 1) * bpc - 1
+                bid = row[last] if last < len(row) else NULL_BLOCK_ID
+                if state_stored(ci, self.chunk_tokens, computed_after) \
+                        and bid != NULL_BLOCK_ID:
+                    blocks_out.append((bid,))
+                    starts.append(0)
+                else:
+                    blocks_out.append(())
+                    starts.append(self.chunk_tokens)
+                continue
             blocks = st.block_ids[g][ci * bpc : (ci + 1) * bpc]
             if len(blocks) < bpc:
                 return None

@@ -31,6 +31,7 @@ from s3kv.vllm.kv_layout import KVBlocks
 from s3kv.vllm.loader import Loader
 from s3kv.vllm.metadata import S3KVMetadata, WorkerReport
 from s3kv.vllm.saver import Saver
+from s3kv.vllm.state_layout import GroupCache, StateBlocks
 
 log = logging.getLogger("s3kv.vllm")
 
@@ -58,7 +59,7 @@ class WorkerSide:
         self.groups = groups
         self.counters = counters
         self.io = io_loop()
-        self.kvs: list[KVBlocks] = []  # one per group, in group order
+        self.kvs: list[GroupCache] = []  # one per group, in group order
         self.payload: PayloadLayout | None = None  # one head of one chunk, as stored
         # An already-open store (embedding, tests); otherwise the configured
         # one is opened when the caches are registered.
@@ -79,12 +80,16 @@ class WorkerSide:
         if missing:
             log.warning("s3kv: layers %s have no KV cache tensor; cache disabled", missing[:3])
             return
-        kvs = [KVBlocks({n: kv_caches[n] for n in layers}, self.num_blocks, n_heads,
-                        self.block_size, mla=mla, token_map=self.token_map)
-               for layers in layer_groups]
-        kv = kvs[0]
+        state_bytes = [g.state_bytes for g in self.groups] or [0]
+        kvs: list[GroupCache] = [
+            StateBlocks({n: kv_caches[n] for n in layers}, nbytes, n_heads) if nbytes else
+            KVBlocks({n: kv_caches[n] for n in layers}, self.num_blocks, n_heads,
+                     self.block_size, mla=mla, token_map=self.token_map)
+            for layers, nbytes in zip(layer_groups, state_bytes, strict=True)]
+        attn = [k for k in kvs if isinstance(k, KVBlocks)]
+        kv = attn[0]
         if any(k.dtype_name != self.fp.dtype or k.token_elems != self.fp.token_elems
-               for k in kvs):
+               for k in attn):
             log.warning("s3kv: KV cache (%s, %d elements per token) differs from the model's "
                         "(%s, %d); cache disabled", kv.dtype_name, kv.token_elems,
                         self.fp.dtype, self.fp.token_elems)
@@ -92,7 +97,9 @@ class WorkerSide:
         self.kvs = kvs
         self.payload = PayloadLayout(kv.dtype_name, tuple(n for k in kvs for n in k.names),
                                      self.settings.chunk_tokens, kv.token_elems,
-                                     groups=tuple(len(k.names) for k in kvs))
+                                     groups=tuple(len(k.names) for k in kvs),
+                                     state_bytes=tuple(k.slice_bytes if isinstance(
+                                         k, StateBlocks) else 0 for k in kvs))
         try:
             if self.store is None:
                 self.store = hedged(self.io.run(open_store(self.settings.store), timeout=60),

@@ -19,7 +19,6 @@ from s3kv.keys import chain_chunk_ids
 from tests.s3server import S3Endpoint
 from tests.vllm.harness import CHUNK, TMP, EngineResult, job, run_engine
 from tests.vllm.models import (
-    create_falcon_h1_model,
     create_gpt_oss_model,
     create_sliding_window_model,
 )
@@ -187,17 +186,3 @@ def test_gpt_oss_shape_alternating_windows_with_sinks(
     assert warm.counters["hit_tokens"] == expected_hits(prompts, BLOCK) > 0
     assert warm.counters["workers.loaded_chunks"] == chunks_of(prompts)
     assert warm.counters.get("workers.load_failures", 0) == 0
-
-
-def test_mamba_hybrid_is_refused_at_start_up(
-    prompts: list[list[int]], conn: dict[str, Any],
-) -> None:
-    """Falcon-H1 shape (Mamba2 beside attention in every layer): vLLM runs it
-    on CPU with its hybrid manager, but s3kv does not store recurrent state,
-    so the engine stops at start-up naming the group, before any request."""
-    model = create_falcon_h1_model(TMP / "models" / "tiny-falcon-h1")
-    res = run_engine(job(model, prompts[:1], conn, max_num_batched_tokens=256),
-                     expect_ok=False)
-    assert res.returncode != 0 and not res.outputs
-    assert "MambaSpec" in res.stderr and "does not store SSM" in res.stderr
-    assert "without s3kv" in res.stderr

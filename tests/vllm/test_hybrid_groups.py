@@ -25,7 +25,7 @@ from vllm.v1.kv_cache_interface import (
 
 from s3kv.errors import ConfigError
 from s3kv.groups import first_needed_token
-from s3kv.vllm.hybrid import group_specs
+from s3kv.vllm.hybrid import check_state_sharding, group_specs
 
 BS = 16
 
@@ -59,12 +59,50 @@ def refusal(*specs: Any) -> str:
     return str(err.value)
 
 
-def test_mamba_group_is_refused_naming_the_group_and_the_way_out() -> None:
-    mamba = MambaSpec(block_size=BS, shapes=((4, 8),), dtypes=(torch.float32,),
-                      mamba_cache_mode="align")
-    msg = refusal(attn(), mamba)
+def mamba(mode: str = "align", **kw: Any) -> MambaSpec:
+    """A Mamba2 layer's state on one rank: conv (640, 3) and SSM (8, 64, 64), fp32."""
+    return MambaSpec(block_size=BS, shapes=((640, 3), (8, 64, 64)),
+                     dtypes=(torch.float32, torch.float32), mamba_cache_mode=mode, **kw)
+
+
+def test_an_align_mode_mamba_group_is_stored_as_state() -> None:
+    got = group_specs(config(attn(), mamba()), BS, tp_size=2)
+    assert [(g.kind, g.layers) for g in got] == [("full", ("layers.0.attn",)),
+                                                 ("state", ("layers.1.attn",))]
+    state = got[1]
+    assert state.state_bytes == (640 * 3 + 8 * 64 * 64) * 4
+    # What decides the state's bytes, TP size included, is in the namespace.
+    assert state.describe() == ("state[mamba2:float32[640, 3]+float32[8, 64, 64]:tp2]:"
+                                "layers.1.attn")
+    assert group_specs(config(attn(), mamba()), BS, tp_size=1)[1].describe() != \
+        state.describe()
+
+
+def test_mamba_without_align_mode_is_refused_naming_the_setting() -> None:
+    msg = refusal(attn(), mamba("none"))
     assert "KV cache group 1 (MambaSpec" in msg and "layers.1.attn" in msg
-    assert "SSM" in msg and "without s3kv" in msg
+    assert "mamba_cache_mode" in msg and "--mamba-cache-mode align" in msg
+
+
+def test_mamba_with_speculative_blocks_is_refused() -> None:
+    msg = refusal(attn(), mamba(num_speculative_blocks=2))
+    assert "speculative" in msg
+
+
+def test_a_model_without_attention_is_refused() -> None:
+    assert "no attention layers" in refusal(mamba())
+
+
+def test_ranks_sharing_kv_heads_cannot_store_ssm_state() -> None:
+    groups = group_specs(config(attn(), mamba()), BS, tp_size=4)
+    check_state_sharding(groups, num_kv_heads=4, attention="mha", tp_size=4)  # one head each
+    with pytest.raises(ConfigError) as err:
+        check_state_sharding(groups, num_kv_heads=2, attention="mha", tp_size=4)
+    assert "tensor_parallel_size" in str(err.value) and "at most 2" in str(err.value)
+    with pytest.raises(ConfigError):
+        check_state_sharding(groups, num_kv_heads=1, attention="mla", tp_size=2)
+    # Without a state group, shared heads are fine (the lowest rank uploads them).
+    check_state_sharding(group_specs(config(attn()), BS), 1, "mha", 4)
 
 
 def test_window_with_extra_retained_tokens_is_refused() -> None:

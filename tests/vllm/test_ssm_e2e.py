@@ -1,0 +1,138 @@
+"""SSM hybrids end to end: Mamba2 state stored at chunk ends and loaded at a hit's end.
+
+The Falcon-H1 shape runs every layer's attention and Mamba2 mixer side by
+side: one full-attention KV cache group and one Mamba group. vLLM's CPU
+Mamba2 kernel keeps the state at block boundaries ("align" mode, which
+prefix caching selects) only when no step computes more than one block, so
+these engines schedule at most one block per step (``max_num_batched_tokens``
+= the block size vLLM chooses, 256). Each test judges greedy outputs
+against an engine without the connector, token for token.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from s3kv.keys import chain_chunk_ids
+from tests.s3server import S3Endpoint
+from tests.vllm.harness import CHUNK, TMP, EngineResult, job, run_engine
+from tests.vllm.models import create_falcon_h1_model
+from tests.vllm.test_connector_e2e import manifests, unique_chunks
+from tests.vllm.test_layouts_e2e import chunks_of, expected_hits
+
+pytestmark = [pytest.mark.vllm, pytest.mark.slow]
+
+FP32 = 4
+BLOCK = 256  # vLLM raises the block size to fit a Mamba page (and with it the chunk's blocks)
+LAYERS = 2
+KV_HEADS, HEAD_DIM = 2, 64
+# Mamba2 mixer of the test model: d_ssm 512 = 8 heads x 64, one group, d_state 64, kernel 4.
+CONV_DIM = 512 + 2 * 64
+STATE_BYTES = (CONV_DIM * 3 + 8 * 64 * 64) * FP32  # conv + SSM state, one layer
+ATTN_BYTES = LAYERS * CHUNK * 2 * KV_HEADS * HEAD_DIM * FP32  # one chunk's K and V
+ONE_BLOCK_STEPS: dict[str, Any] = {"max_num_batched_tokens": BLOCK}
+
+
+def ssm_groups(res: EngineResult) -> bool:
+    kinds = sorted((g["kind"], g["layers"]) for g in res.raw["kv_cache_groups"])
+    return (kinds == [("FullAttentionSpec", LAYERS), ("MambaSpec", LAYERS)]
+            and "kv cache group sizes (256, 256)" in res.stderr
+            and "Turning off hybrid kv cache manager" not in res.stderr)
+
+
+@pytest.fixture(scope="module")
+def model() -> Path:
+    return create_falcon_h1_model(TMP / "models" / "tiny-falcon-h1")
+
+
+@pytest.fixture(scope="module")
+def baseline(model: Path, prompts: list[list[int]]) -> EngineResult:
+    base = run_engine(job(model, prompts, **ONE_BLOCK_STEPS))
+    assert ssm_groups(base), base.stderr[-2000:]
+    return base
+
+
+def test_state_is_stored_at_chunk_ends_and_a_hit_resumes_from_it(
+    model: Path, prompts: list[list[int]], baseline: EngineResult, s3_endpoint: S3Endpoint,
+    s3: Any,
+) -> None:
+    on = {"bucket": s3_endpoint.new_bucket("ssm"), "endpoint_url": s3_endpoint.url}
+    cold = run_engine(job(model, prompts, on, **ONE_BLOCK_STEPS))
+    assert cold.outputs == baseline.outputs
+    assert ssm_groups(cold), cold.stderr[-2000:]
+    assert cold.raw["kv_cache_tokens"] == baseline.raw["kv_cache_tokens"]
+    found = manifests(s3, on["bucket"])
+    assert len(found) == unique_chunks(prompts)
+    state_section = -(-LAYERS * STATE_BYTES // KV_HEADS) * KV_HEADS
+    groups = [g["kind"] for g in cold.raw["kv_cache_groups"]]
+    with_state = tuple(0 for _ in groups)  # every chunk ended a one-block step
+    for m in found.values():
+        assert m.starts == with_state
+        assert len(m.shards) == 1
+        assert m.shards[0].size - m.shards[0].payload_offset == ATTN_BYTES + state_section
+
+    # A fresh engine (its own prefix cache empty) resumes every prompt at its
+    # last full chunk from the stored state, and generates the same tokens.
+    warm = run_engine(job(model, prompts, on, kv_role="kv_consumer", **ONE_BLOCK_STEPS))
+    assert warm.outputs == baseline.outputs
+    assert warm.counters["hit_tokens"] == expected_hits(prompts, BLOCK) > 0
+    assert warm.counters["workers.loaded_chunks"] == chunks_of(prompts)
+    assert warm.counters.get("workers.load_failures", 0) == 0
+    assert warm.counters.get("state_short_hits", 0) == 0
+    # Every chunk's attention section, and one state per prompt: the last chunk's.
+    assert warm.counters["workers.bytes_loaded"] == (
+        chunks_of(prompts) * ATTN_BYTES + len(prompts) * state_section)
+
+    # One flipped bit in the state section of prompt 0's last chunk: that
+    # request's load fails as a whole and it is recomputed; outputs are unchanged.
+    last = chain_chunk_ids(prompts[0], CHUNK)[-1]
+    shard = found[last].shards[0]
+    state_at = shard.payload_offset + (ATTN_BYTES if groups[0] != "MambaSpec" else 0)
+    body = bytearray(s3.get_object(Bucket=on["bucket"], Key=shard.key)["Body"].read())
+    body[state_at + 100] ^= 0x10
+    s3.put_object(Bucket=on["bucket"], Key=shard.key, Body=bytes(body))
+    bad = run_engine(job(model, prompts, on, kv_role="kv_consumer", **ONE_BLOCK_STEPS))
+    assert bad.outputs == baseline.outputs
+    assert bad.counters["workers.load_failures"] >= 1
+    assert bad.counters["workers.loaded_chunks"] < warm.counters["workers.loaded_chunks"]
+
+
+def test_without_align_mode_the_engine_is_refused_at_start_up(
+    model: Path, prompts: list[list[int]], conn: dict[str, Any],
+) -> None:
+    """Without prefix caching vLLM keeps one running state per request (no
+    state at chunk ends): s3kv stops the engine at start-up, naming the
+    group and the setting, before any request."""
+    res = run_engine(job(model, prompts[:1], conn, prefix_caching=False, **ONE_BLOCK_STEPS),
+                     expect_ok=False)
+    assert res.returncode != 0 and not res.outputs
+    assert "(MambaSpec, layers" in res.stderr
+    assert "mamba_cache_mode" in res.stderr and "--mamba-cache-mode align" in res.stderr
+
+
+def test_tp2_state_is_read_by_tp2_and_never_by_tp1(
+    model: Path, prompts: list[list[int]], baseline: EngineResult, s3_endpoint: S3Endpoint,
+    s3: Any,
+) -> None:
+    """Each rank stores its own part of the state (its Mamba heads, and the
+    conv channels of x, B and C interleaved), which only a rank of the same
+    TP size can read back: the TP size is part of the namespace with SSM
+    layers, so a TP=1 reader misses where a TP=2 reader hits."""
+    on = {"bucket": s3_endpoint.new_bucket("ssm-tp2"), "endpoint_url": s3_endpoint.url}
+    base2 = run_engine(job(model, prompts, tp=2, **ONE_BLOCK_STEPS))
+    cold = run_engine(job(model, prompts, on, tp=2, **ONE_BLOCK_STEPS))
+    assert cold.outputs == base2.outputs
+    found = manifests(s3, on["bucket"])
+    assert len(found) == unique_chunks(prompts)
+    assert all(len(m.shards) == 2 and m.starts == (0, 0) for m in found.values())
+    warm = run_engine(job(model, prompts, on, tp=2, kv_role="kv_consumer", **ONE_BLOCK_STEPS))
+    assert warm.outputs == base2.outputs
+    assert warm.counters["hit_tokens"] == expected_hits(prompts, BLOCK) > 0
+    assert warm.counters.get("workers.load_failures", 0) == 0
+    tp1 = run_engine(job(model, prompts, on, kv_role="kv_consumer", **ONE_BLOCK_STEPS))
+    assert tp1.outputs == baseline.outputs
+    assert tp1.namespace != warm.namespace
+    assert tp1.counters.get("hit_tokens", 0) == 0
