@@ -54,11 +54,11 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 # The rig first: on a GPU host without vLLM it stands in for vLLM's metadata base class.
-from tests.gpu.rig import Rig, chunk_id  # noqa: E402, I001
+from devtools.gpu_rig import Rig, chunk_id  # noqa: E402, I001
 from s3kv.vllm.kv_layout import KVBlocks  # noqa: E402
 from s3kv.vllm.metadata import S3KVMetadata  # noqa: E402
 from s3kv.vllm.saver import CopyOut  # noqa: E402
-from tests.gpu.layouts import GPU_LAYOUTS  # noqa: E402
+from devtools.gpu_layouts import GPU_LAYOUTS  # noqa: E402
 
 HIDDEN, INTER, Q_HEADS, KV_HEADS, HEAD, LAYERS, TOKENS = 4096, 14336, 32, 8, 128, 32, 256
 

@@ -104,7 +104,7 @@ def key_kind(key: str) -> str:
     return parsed.kind if parsed is not None else "other"
 
 
-class CountingStore:
+class TallyingStore:
     """Counts every request a caller makes, by method, object kind and outcome."""
 
     def __init__(self, inner: Any) -> None:
@@ -195,7 +195,7 @@ def worker(rank: int, world: int, port: int, endpoint: str, bucket: str, out: An
                             world_size=world, timeout=timedelta(seconds=120))
     gatherer = GlooGatherer(list(range(world)), 120)
     io = LoopThread()
-    store = CountingStore(io.run(open_store(StoreSettings(bucket=bucket, endpoint_url=endpoint))))
+    store = TallyingStore(io.run(open_store(StoreSettings(bucket=bucket, endpoint_url=endpoint))))
     layout = KeyLayout(PREFIX)
     # Every TP size shares one namespace in production; here each counted run
     # gets its own, so that every run saves into an empty one.

@@ -31,8 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import RESULTS, MotoProcess, machine_info, median
 from bench.engine import MODEL, TMP, engine
+from devtools.fault_proxy import Blackhole, Delay, FaultProxy
 from devtools.tiny_model import create_tiny_model
-from tests.faults.proxy import Blackhole, Delay, FaultProxy
 
 TARGET = 1.1
 

@@ -80,12 +80,18 @@ _TOP_KEYS = {f.name for f in fields(Settings)} - {"store"}
 ALL_KEYS = frozenset(_STORE_KEYS | _TOP_KEYS)
 
 
-def _check_type(key: str, value: Any, annotation: Any, default: Any) -> Any:
+def check_type(key: str, value: Any, annotation: Any, default: Any = None) -> Any:
     """Coerce ``value`` to the field's type or raise a ConfigError naming ``key``.
 
-    The type comes from the resolved hint, not the annotation's text, so a
-    field whose type name merely contains "int" or "str" is never mistaken
-    for one, and a new field of an unhandled type fails loudly here.
+    The rule :func:`parse_settings` applies to every field, for any annotation
+    (a type, ``X | None``, ``Optional[X]``, a ``Literal``, or a settings
+    field's annotation text, resolved by ``key``): JSON booleans only for
+    ``bool``, positive numbers for ``int`` and ``float`` (an int is accepted
+    and returned as a float, never the reverse), one of the choices for a
+    ``Literal``. The type comes from the resolved hint, not the annotation's
+    text, so a field whose type name merely contains "int" or "str" is never
+    mistaken for one, and a new field of an unhandled type fails loudly here
+    (``default`` is only named in that error).
     """
     hint = _field_hint(key, annotation)
     base, nullable = _split_optional(hint)
@@ -147,7 +153,7 @@ def _split_optional(hint: Any) -> tuple[Any, bool]:
     args = get_args(hint)
     rest = [a for a in args if a is not type(None)]
     nullable = len(rest) < len(args)
-    if len(rest) != 1:  # a real union: no setting has one, so _check_type rejects it
+    if len(rest) != 1:  # a real union: no setting has one, so check_type rejects it
         return hint, nullable
     return rest[0], nullable
 
@@ -215,7 +221,7 @@ def parse_settings(raw: Mapping[str, Any]) -> Settings:
             if f.name == "store" or f.name not in values:
                 continue
             default = f.default if f.default is not dataclasses.MISSING else None
-            target[f.name] = _check_type(f.name, values[f.name], f.type, default)
+            target[f.name] = check_type(f.name, values[f.name], f.type, default)
     return Settings(store=StoreSettings(**store_kwargs), **top_kwargs)
 
 
@@ -232,6 +238,7 @@ __all__ = [
     "DEFAULT_CHUNK_TOKENS",
     "Settings",
     "StoreSettings",
+    "check_type",
     "parse_settings",
     "settings_to_mapping",
 ]

@@ -83,6 +83,9 @@ class CacheIndex:
     def __init__(self, settings: Settings, fingerprint: Fingerprint, counters: Counters,
                  store: ObjectStore | None, io: Submitter,
                  clock: Callable[[], float] = time.monotonic) -> None:
+        """``clock`` times lookups, loads, save plans and how long a manifest
+        once found is trusted without asking the bucket again (a test can
+        make time pass at will)."""
         self.settings = settings
         self.fingerprint = fingerprint
         self.ns = fingerprint.namespace
@@ -106,7 +109,7 @@ class CacheIndex:
         self._planned: OrderedDict[str, float] = OrderedDict()
         self._plan_ttl = settings.commit_timeout_s + _PLAN_GRACE_S
         self._manifests: BoundedCache[Manifest] = BoundedCache(_MANIFEST_CACHE_ITEMS,
-                                                             _MANIFEST_TTL_S)
+                                                             _MANIFEST_TTL_S, clock)
         self._pending: dict[str, _Pending] = {}
         # Lookups that outlived their deadline, finished on the I/O thread;
         # drained on the scheduler's thread, which owns every set above.

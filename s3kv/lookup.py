@@ -77,13 +77,15 @@ class BoundedCache(Generic[V]):
     that expire, so a cache never outgrows ``max_items`` nor outlives what it
     may assume about the bucket."""
 
-    def __init__(self, max_items: int, ttl_s: float | None = None) -> None:
+    def __init__(self, max_items: int, ttl_s: float | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self._ttl = ttl_s
+        self._clock = clock
         self._max = max_items
         self._items: OrderedDict[str, tuple[float, V]] = OrderedDict()
 
     def put(self, key: str, value: V) -> None:
-        expires = math.inf if self._ttl is None else time.monotonic() + self._ttl
+        expires = math.inf if self._ttl is None else self._clock() + self._ttl
         self._items[key] = (expires, value)
         self._items.move_to_end(key)
         while len(self._items) > self._max:
@@ -93,7 +95,7 @@ class BoundedCache(Generic[V]):
         item = self._items.get(key)
         if item is None:
             return None
-        if item[0] < time.monotonic():
+        if item[0] < self._clock():
             del self._items[key]
             return None
         return item[1]

@@ -10,8 +10,9 @@ export TMPDIR="$PWD/.tmp"
 mkdir -p "$TMPDIR"
 
 echo "== lint"
-.venv/bin/ruff check s3kv tests bench devtools
-.venv/bin/mypy --explicit-package-bases s3kv tests bench devtools
+.venv/bin/ruff check s3kv tests bench devtools scripts/check_privates.py
+.venv/bin/mypy --explicit-package-bases s3kv tests bench devtools scripts/check_privates.py
+.venv/bin/python scripts/check_privates.py
 
 echo "== tests (moto HTTP server)"
 .venv/bin/python -m pytest -q "$@"

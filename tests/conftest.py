@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.faults.proxy import FaultProxy
+from devtools.fault_proxy import FaultProxy
 from tests.s3server import S3Endpoint, ensure_fake_credentials, start_moto
 
 logging.getLogger("werkzeug").setLevel(logging.ERROR)

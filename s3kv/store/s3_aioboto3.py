@@ -110,6 +110,13 @@ class Aioboto3Store:
         )
         return cls(settings, client, stack)
 
+    @property
+    def client(self) -> Any:
+        """The aiobotocore S3 client every request goes through, for
+        instrumentation (``client.meta.events`` hooks) and inspection.
+        Requests made on it directly bypass this class's error translation."""
+        return self._client
+
     async def close(self) -> None:
         await self._stack.aclose()
 

@@ -128,6 +128,14 @@ class ObstoreStore:
         # Only where it points: the credentials stay inside the provider.
         return f"ObstoreStore({self._where})"
 
+    @property
+    def client(self) -> S3Store:
+        """The obstore ``S3Store`` every request goes through, for inspection
+        (its resolved ``config``, its ``credential_provider``, whose repr hides
+        the secret). Requests made on it directly bypass this class's error
+        translation."""
+        return self._store
+
     @classmethod
     async def open(cls, settings: StoreSettings) -> ObstoreStore:
         return cls(settings)

@@ -5,10 +5,12 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Sequence
 
 import pytest
 
-from s3kv.gc_executor import Executor
+from s3kv.store.s3_aioboto3 import Aioboto3Store
+from s3kv.store.s3_obstore import ObstoreStore
 from tests.cli.conftest import Bucket
 
 
@@ -51,10 +53,11 @@ def test_interrupted_gc_exits_130(s3: Bucket, monkeypatch: pytest.MonkeyPatch) -
     w = s3.writer()
     w.commit_chain(list(range(8)))
 
-    async def interrupted(self: Executor, keys: list[str]) -> None:
-        raise KeyboardInterrupt
+    async def interrupted(self: object, keys: Sequence[str]) -> None:
+        raise KeyboardInterrupt  # Ctrl-C during gc's first delete request
 
-    monkeypatch.setattr(Executor, "_delete", interrupted)
+    for backend in (ObstoreStore, Aioboto3Store):
+        monkeypatch.setattr(backend, "delete_many", interrupted)
     res = s3.cli("gc", "--older-than", "0s", "--yes")
     assert res.exit_code == 130
     assert "interrupted" in res.stderr and "a new run picks up the rest" in res.stderr

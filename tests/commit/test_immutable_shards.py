@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from devtools.fault_proxy import Drop, FaultProxy
 from s3kv.aio import LoopThread
 from s3kv.catalog import Catalog
 from s3kv.commit import ChunkSave, Committer, LocalGatherer
@@ -28,7 +29,6 @@ from s3kv.manifest import Manifest, decode_manifest
 from s3kv.reader import read_heads
 from s3kv.shard import PayloadLayout, ShardSpec, allocate, seal
 from s3kv.store import ObjectStore, open_store
-from tests.faults.proxy import Drop, FaultProxy
 from tests.s3server import S3Endpoint
 
 LAYOUT = KeyLayout("s3kv")

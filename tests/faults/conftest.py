@@ -10,9 +10,9 @@ from typing import Any, TypeVar
 
 import pytest
 
+from devtools.fault_proxy import FaultProxy
 from s3kv.config import StoreSettings
 from s3kv.store import ObjectStore, open_store
-from tests.faults.proxy import FaultProxy
 from tests.s3server import S3Endpoint
 
 logging.getLogger("werkzeug").setLevel(logging.ERROR)

@@ -49,9 +49,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from s3kv.metrics import METRICS
-from tests.faults.kv_audit import ReferenceModel, StoredChunk, audit_kv, read_bucket
-from tests.faults.proxy import (
+from devtools.fault_proxy import (
     Delay,
     Drop,
     FaultProxy,
@@ -60,6 +58,8 @@ from tests.faults.proxy import (
     SlowDown,
     Truncate,
 )
+from s3kv.metrics import METRICS
+from tests.faults.kv_audit import ReferenceModel, StoredChunk, audit_kv, read_bucket
 from tests.s3server import ensure_fake_credentials, start_moto
 from tests.vllm.harness import CHUNK, TMP, bucket_keys, job, run_engine
 

@@ -11,6 +11,14 @@ from typing import Any
 
 import pytest
 
+from devtools.fault_proxy import (
+    Blackhole,
+    Drop,
+    FlipBytes,
+    InternalError,
+    SlowDown,
+    Truncate,
+)
 from s3kv.aio import LoopThread
 from s3kv.commit import ChunkSave, Committer, LocalGatherer
 from s3kv.errors import IntegrityError, NotFound, StoreError
@@ -21,14 +29,6 @@ from s3kv.reader import read_shard
 from s3kv.shard import PayloadLayout, ShardSpec, allocate
 from s3kv.store import ObjectStore, open_store
 from tests.faults.conftest import Target
-from tests.faults.proxy import (
-    Blackhole,
-    Drop,
-    FlipBytes,
-    InternalError,
-    SlowDown,
-    Truncate,
-)
 from tests.unit.builders import LAYERS, LAYOUT, NS, Chunk, build_chunk
 
 # One head of the big chunk: 3 layers x 128 tokens x 64 elements, fp16: 48 KiB.

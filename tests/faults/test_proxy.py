@@ -17,8 +17,7 @@ from botocore.config import Config
 from botocore.exceptions import ClientError, HTTPClientError
 from botocore.exceptions import ConnectionError as BotoConnectionError
 
-from tests.faults.conftest import Target
-from tests.faults.proxy import (
+from devtools.fault_proxy import (
     Blackhole,
     Delay,
     Drop,
@@ -30,6 +29,7 @@ from tests.faults.proxy import (
     SlowDown,
     Truncate,
 )
+from tests.faults.conftest import Target
 from tests.s3server import S3Endpoint
 
 

@@ -9,15 +9,18 @@ from typing import Any
 
 import boto3
 import pytest
+from obstore.auth.boto3 import Boto3CredentialProvider
 
+from devtools.fault_proxy import Drop, FaultProxy, InternalError, SlowDown, Truncate
 from s3kv.aio import LoopThread
 from s3kv.commit import Committer, LocalGatherer
 from s3kv.config import Settings, parse_settings, settings_to_mapping
 from s3kv.errors import NotFound
 from s3kv.lookup import find_committed_prefix
 from s3kv.store import ObjectStore, open_store
+from s3kv.store.s3_aioboto3 import Aioboto3Store
+from s3kv.store.s3_obstore import ObstoreStore
 from tests.faults.conftest import Target
-from tests.faults.proxy import Drop, FaultProxy, InternalError, SlowDown, Truncate
 from tests.faults.test_core_faults import (
     CHUNK_IDS,
     RIG_HEADS,
@@ -71,10 +74,12 @@ def test_secret_absent_from_logs_errors_and_reprs(
 
     async def failing_requests(store: ObjectStore) -> None:
         reprs.extend([repr(store), repr(vars(store))])
-        inner = getattr(store, "_store", None)
-        if inner is not None:  # obstore: the client and its configuration
-            reprs.extend([repr(inner), repr(getattr(inner, "config", None)),
-                          repr(getattr(inner, "credential_provider", None))])
+        if isinstance(store, ObstoreStore):  # the client and its configuration
+            client = store.client
+            reprs.extend([repr(client), repr(client.config), repr(client.credential_provider)])
+        else:
+            assert isinstance(store, Aioboto3Store)
+            reprs.append(repr(store.client))
         await store.put("ok/k", b"fine")
         assert bytes(await store.get("ok/k")) == b"fine"
         target.proxy.add("PUT", r"/storm/k$", SlowDown())
@@ -142,10 +147,12 @@ def test_obstore_credential_provider_repr_hides_the_secret(
     target = Target("obstore", fault_proxy, moto_endpoint, fault_bucket)
 
     async def body(store: ObjectStore) -> None:
-        provider = store._store.credential_provider  # type: ignore[attr-defined]
+        assert isinstance(store, ObstoreStore)
+        provider = store.client.credential_provider
+        assert isinstance(provider, Boto3CredentialProvider)  # s3kv's chain, not obstore's own
         assert provider()["secret_access_key"] == SECRET  # it does hold the secret
         assert SECRET not in repr(provider)
         assert SECRET not in str(provider)
-        assert SECRET not in repr(store._store)  # type: ignore[attr-defined]
+        assert SECRET not in repr(store.client)
 
     target.run(body)

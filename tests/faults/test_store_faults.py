@@ -10,10 +10,10 @@ from typing import Any
 
 import pytest
 
+from devtools.fault_proxy import Action, Blackhole, Delay, Drop, InternalError, SlowDown, Truncate
 from s3kv.errors import AlreadyExists, StoreError, Throttled, Unavailable
 from s3kv.store import ObjectStore
 from tests.faults.conftest import Target
-from tests.faults.proxy import Action, Blackhole, Delay, Drop, InternalError, SlowDown, Truncate
 
 # botocore's standard-mode backoff before attempt n+1 is at most 2**(n-1) s.
 MAX_BACKOFF_3_ATTEMPTS = 1 + 2

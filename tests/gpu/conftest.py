@@ -11,8 +11,8 @@ from collections.abc import Callable, Iterator
 import pytest
 import torch
 
-from tests.gpu.layouts import Layout
-from tests.gpu.rig import Rig
+from devtools.gpu_layouts import Layout
+from devtools.gpu_rig import Rig
 
 NO_CUDA = "needs a CUDA GPU: torch.cuda.is_available() is False"
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_CUDA)

@@ -19,13 +19,7 @@ from functools import partial
 import pytest
 import torch
 
-from s3kv.groups import GroupSpec, store_start
-from s3kv.keys import ChunkRef
-from s3kv.vllm.kv_layout import KVBlocks
-from s3kv.vllm.metadata import LoadChunk, LoadRequest, S3KVMetadata, SaveChunk
-from s3kv.vllm.saver import CopyOut
-from tests.gpu.conftest import DEVICES, cuda
-from tests.gpu.layouts import (
+from devtools.gpu_layouts import (
     GPU_LAYOUTS,
     LAYOUTS,
     MHA_LAYOUTS,
@@ -33,7 +27,13 @@ from tests.gpu.layouts import (
     Layout,
     canonical_bytes,
 )
-from tests.gpu.rig import Rig, chunk_id
+from devtools.gpu_rig import Rig, chunk_id
+from s3kv.groups import GroupSpec, store_start
+from s3kv.keys import ChunkRef
+from s3kv.vllm.kv_layout import KVBlocks
+from s3kv.vllm.metadata import LoadChunk, LoadRequest, S3KVMetadata, SaveChunk
+from s3kv.vllm.saver import CopyOut
+from tests.gpu.conftest import DEVICES, cuda
 
 SRC = [3, 7, 1, 12]  # a chunk's blocks, deliberately out of order
 DST = [20, 21, 40, 5]

@@ -23,6 +23,7 @@ from s3kv.errors import (
     Unavailable,
 )
 from s3kv.store import MultipartAdmin, ObjectInfo, ObjectStore, open_store
+from s3kv.store.s3_aioboto3 import Aioboto3Store
 from tests.s3server import S3Endpoint
 from tests.store.conftest import Backend, put_all
 
@@ -263,9 +264,8 @@ def _spy_delete_batches(backend: Backend, store: ObjectStore, monkeypatch: pytes
         def on_delete(params: dict[str, Any], **_: Any) -> None:
             batches.append(len(params["Delete"]["Objects"]))
 
-        store._client.meta.events.register(  # type: ignore[attr-defined]
-            "before-parameter-build.s3.DeleteObjects", on_delete
-        )
+        assert isinstance(store, Aioboto3Store)
+        store.client.meta.events.register("before-parameter-build.s3.DeleteObjects", on_delete)
 
 
 def test_delete_many_in_batches_ignoring_missing(

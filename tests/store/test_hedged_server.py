@@ -7,11 +7,11 @@ import random
 import re
 import time
 
+from devtools.fault_proxy import Delay, FaultProxy
 from s3kv.config import StoreSettings, parse_settings
 from s3kv.stats import Counters
 from s3kv.store import open_store
 from s3kv.store.hedged import hedged
-from tests.faults.proxy import Delay, FaultProxy
 
 KIB = 1024
 

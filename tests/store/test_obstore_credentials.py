@@ -40,7 +40,7 @@ def test_session_credentials_reach_obstore_with_a_short_expiry(
     only_env_chain.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
     only_env_chain.setenv("AWS_SESSION_TOKEN", "session-token-1")
     store = ObstoreStore(SETTINGS)
-    provider = store._store.credential_provider
+    provider = store.client.credential_provider
     assert isinstance(provider, Boto3CredentialProvider)
     creds = provider()
     assert creds["access_key_id"] == "AKIAS3KVPROVIDER01"
@@ -50,12 +50,12 @@ def test_session_credentials_reach_obstore_with_a_short_expiry(
     assert expires is not None
     # botocore refreshes at least 10 min before expiry; the cached copy must not outlive that.
     assert expires - datetime.now(UTC) <= timedelta(minutes=5)
-    for text in (repr(provider), str(provider), repr(store), str(store), repr(store._store),
+    for text in (repr(provider), str(provider), repr(store), str(store), repr(store.client),
                  repr(vars(store))):
         assert SECRET not in text
     assert "my-bucket" in repr(store)
     # The settings' region wins over anything the provider carries.
-    assert store._store.config.get("region") == "eu-west-1"
+    assert store.client.config.get("region") == "eu-west-1"
 
 
 def test_an_empty_chain_is_access_denied(only_env_chain: pytest.MonkeyPatch) -> None:

@@ -10,7 +10,7 @@ from s3kv.config import (
     ALL_KEYS,
     Settings,
     StoreSettings,
-    _check_type,
+    check_type,
     parse_settings,
     settings_to_mapping,
 )
@@ -244,7 +244,7 @@ def test_booleans_must_be_json_booleans(bad: Any) -> None:
 def test_booleans_accepted_both_ways() -> None:
     assert parse(hedge_reads=False).hedge_reads is False
     assert parse(hedge_reads=True).hedge_reads is True
-    assert _check_type("k", False, bool, True) is False
+    assert check_type("k", False, bool, True) is False
 
 
 @pytest.mark.parametrize(
@@ -322,10 +322,10 @@ def test_literal_error_lists_the_choices_and_survives_unhashable_values() -> Non
 
 @pytest.mark.parametrize("hint", [int | None, typing.Optional[int]])  # noqa: UP045
 def test_optional_annotations_of_either_spelling(hint: Any) -> None:
-    assert _check_type("k", None, hint, None) is None
-    assert _check_type("k", 3, hint, None) == 3
+    assert check_type("k", None, hint) is None
+    assert check_type("k", 3, hint) == 3
     with pytest.raises(ConfigError, match="must be an integer"):
-        _check_type("k", True, hint, None)
+        check_type("k", True, hint)
 
 
 def test_a_type_name_containing_int_is_not_an_int() -> None:
@@ -335,15 +335,20 @@ def test_a_type_name_containing_int_is_not_an_int() -> None:
         pass
 
     with pytest.raises(ConfigError, match="unsupported annotation"):
-        _check_type("k", 3, Point, None)
+        check_type("k", 3, Point)
     with pytest.raises(ConfigError, match="unsupported annotation"):
-        _check_type("k", 3, int | str, None)
+        check_type("k", 3, int | str)
 
 
 def test_floats_accept_ints_and_coerce_but_ints_reject_floats() -> None:
-    assert _check_type("k", 2, float, None) == 2.0
-    assert isinstance(_check_type("k", 2, float, None), float)
+    assert check_type("k", 2, float) == 2.0
+    assert isinstance(check_type("k", 2, float), float)
     with pytest.raises(ConfigError, match=r"must be an integer, got float 2\.0"):
-        _check_type("k", 2.0, int, None)
+        check_type("k", 2.0, int)
     with pytest.raises(ConfigError, match=r"must be > 0, got -1"):
-        _check_type("k", -1, int | None, None)
+        check_type("k", -1, int | None)
+    # The same rule on real fields, through the parser.
+    timeout = parse(load_timeout_s=2).load_timeout_s
+    assert timeout == 2.0 and isinstance(timeout, float)
+    err = config_error(bucket="my-bucket", chunk_tokens=256.0)
+    assert err.key == "chunk_tokens" and "must be an integer, got float 256.0" in str(err)

@@ -23,7 +23,7 @@ from s3kv.manifest import decode_manifest, new_manifest
 from s3kv.reader import read_heads
 from s3kv.shard import PayloadLayout, ShardSpec, allocate, range_bounds, seal, verify_range
 from tests.unit.builders import CIDS, LAYOUT, NS, pattern
-from tests.unit.test_reader import CountingStore
+from tests.unit.test_reader import RecordingStore
 
 FULL = GroupSpec("full", ("l1", "l3"))
 
@@ -167,7 +167,7 @@ def test_sections_are_checksummed_and_read_separately() -> None:
         verify_range(bytes(bad), entry, 1, 3, section=1)
 
     async def main() -> None:
-        store = CountingStore()
+        store = RecordingStore()
         await store.put(key, data)
         whole = await read_heads(store, manifest, 0, 4, SECTIONED)
         assert [(p.section, bytes(p.payload)) for p in whole] == [

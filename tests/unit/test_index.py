@@ -84,9 +84,10 @@ def wait_for(cond: Callable[[], bool], limit_s: float = 10.0) -> None:
         time.sleep(0.005)
 
 
-def make(io: LoopThread, store: MemoryStore) -> tuple[CacheIndex, Counters]:
+def make(io: LoopThread, store: MemoryStore, clock: Callable[[], float] = time.monotonic
+         ) -> tuple[CacheIndex, Counters]:
     counters = Counters()
-    index = CacheIndex(SETTINGS, FP, counters, store, io)
+    index = CacheIndex(SETTINGS, FP, counters, store, io, clock=clock)
     # The start-up write and read-back are answered: the first latency sample.
     wait_for(lambda: index.deadlines.rounds.high() is not None)
     return index, counters
@@ -246,7 +247,8 @@ def test_a_lookup_that_keeps_finding_chunks_is_not_cut_short(io: LoopThread) -> 
 
 def test_save_plans_close_with_their_outcome(io: LoopThread) -> None:
     store = StallingStore()
-    index, counters = make(io, store)
+    skipped = [0.0]  # seconds the index's clock is ahead of the real one
+    index, counters = make(io, store, clock=lambda: time.monotonic() + skipped[0])
     a, b, c = IDS[:3]
     assert index.plan_store(a, requested=False)
     assert not index.plan_store(a, requested=False)  # being saved
@@ -258,10 +260,8 @@ def test_save_plans_close_with_their_outcome(io: LoopThread) -> None:
     assert not index.plan_store(a, requested=False)  # committed
     # A plan whose outcome never comes back is planned again after the
     # commit timeout (plus a grace period).
-    now = [time.monotonic()]
-    index._clock = lambda: now[0]
     assert index.plan_store(b, requested=False) and not index.plan_store(b, requested=False)
-    now[0] += SETTINGS.commit_timeout_s + 61
+    skipped[0] += SETTINGS.commit_timeout_s + 61
     assert index.plan_store(b, requested=False)
     assert counters.get("save_outcomes_lost") == 1
     assert index.plan_store(c, requested=False)
@@ -270,12 +270,13 @@ def test_save_plans_close_with_their_outcome(io: LoopThread) -> None:
 def test_a_chunk_gc_deleted_is_saved_again(io: LoopThread) -> None:
     store = StallingStore()
     commit(store, 3)
-    index, _counters = make(io, store)
+    skipped = [0.0]  # seconds the index's clock is ahead of the real one
+    index, _counters = make(io, store, clock=lambda: time.monotonic() + skipped[0])
     assert until_answer(index, "r1", IDS[:3])[0] == tuple(IDS[:3])
     assert not index.plan_store(IDS[2], requested=False)  # known committed
     # GC deletes chunk 2's manifest; the next lookup that asks the store learns it.
-    del store._objects[LAYOUT.manifest(FP.namespace, IDS[2])]
-    index._manifests.discard(IDS[2])  # the manifest cache's TTL has run out
+    io.run(store.delete_many([LAYOUT.manifest(FP.namespace, IDS[2])]))
+    skipped[0] += 301  # the manifest cache's 300 s TTL runs out
     assert until_answer(index, "r2", IDS[:3])[0] == tuple(IDS[:2])
     assert index.plan_store(IDS[2], requested=False)
     # Found through the manifest cache instead, the load fails and marks it bad.

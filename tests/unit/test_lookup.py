@@ -11,19 +11,11 @@ from s3kv.errors import AccessDenied, Unavailable
 from s3kv.keys import KeyLayout, chain_chunk_ids
 from s3kv.lookup import TTLSet, find_committed_prefix
 from s3kv.manifest import ShardEntry, new_manifest
+from s3kv.stats import Counters
+from s3kv.store.counting import CountingStore
 
 LAYOUT = KeyLayout("s3kv")
 NS = "ab" * 16
-
-
-class CountingStore(MemoryStore):
-    def __init__(self) -> None:
-        super().__init__()
-        self.gets = 0
-
-    async def get(self, key: str) -> memoryview:
-        self.gets += 1
-        return await super().get(key)
 
 
 async def _commit(store: MemoryStore, ids: list[str], upto: int) -> None:
@@ -39,13 +31,15 @@ def test_cold_prompt_costs_one_get_and_hits_stop_at_first_miss() -> None:
     ids = chain_chunk_ids(list(range(16 * 20)), 16)
 
     async def go() -> tuple[int, int, int, int]:
-        store = CountingStore()
+        counters = Counters()
+        memory = MemoryStore()
+        store = CountingStore(memory, counters)
         cold = await find_committed_prefix(store, LAYOUT, NS, ids)
-        cold_gets = store.gets
-        await _commit(store, ids, 5)
-        store.gets = 0
+        cold_gets = counters.get("get_requests")
+        await _commit(memory, ids, 5)
+        counters.snapshot(reset=True)
         hits = await find_committed_prefix(store, LAYOUT, NS, ids)
-        return len(cold), cold_gets, len(hits), store.gets
+        return len(cold), int(cold_gets), len(hits), int(counters.get("get_requests"))
 
     n_cold, cold_gets, n_hits, hit_gets = asyncio.run(go())
     assert (n_cold, cold_gets) == (0, 1)

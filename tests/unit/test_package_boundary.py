@@ -15,7 +15,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGE = ROOT / "s3kv"
-TOOLING = ("engine_run.py", "tiny_model.py", "hybrid_model.py", "demo.py", "memory_store.py")
+TOOLING = ("engine_run.py", "tiny_model.py", "hybrid_model.py", "demo.py", "memory_store.py",
+           "fault_proxy.py", "gpu_rig.py", "gpu_layouts.py", "vllm_stub.py")
 
 
 def _imported_modules(path: Path) -> set[str]:
@@ -49,3 +50,14 @@ def test_product_never_names_devtools_modules() -> None:
 def test_tooling_modules_are_not_in_the_package() -> None:
     assert [str(p) for p in PACKAGE.rglob("*.py") if p.name in TOOLING] == []
     assert all((ROOT / "devtools" / name).exists() for name in TOOLING)
+
+
+def test_bench_and_devtools_never_import_tests() -> None:
+    """Benchmarks and tooling share code through ``devtools``: a benchmark that
+    imported ``tests`` would run test modules (and their fixtures' imports)."""
+    offenders = {
+        str(p.relative_to(ROOT)): sorted(m for m in _imported_modules(p)
+                                         if m == "tests" or m.startswith("tests."))
+        for top in ("bench", "devtools") for p in sorted((ROOT / top).rglob("*.py"))
+    }
+    assert {k: v for k, v in offenders.items() if v} == {}

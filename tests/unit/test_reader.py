@@ -24,7 +24,9 @@ HEAD_COUNTS = (1, 2, 8)
 MLA = PayloadLayout("bfloat16", LAYERS, 8, 576)  # kv_lora_rank 512 + rope 64, one "head"
 
 
-class CountingStore(MemoryStore):
+class RecordingStore(MemoryStore):
+    """Records every GET in order: its key and byte range (None: the whole object)."""
+
     def __init__(self) -> None:
         super().__init__()
         self.gets: list[tuple[str, tuple[int, int] | None]] = []
@@ -38,12 +40,12 @@ class CountingStore(MemoryStore):
         return await super().get_range(key, start, end)
 
 
-def run(chunk: Chunk, body: Callable[[CountingStore], Awaitable[T]],
+def run(chunk: Chunk, body: Callable[[RecordingStore], Awaitable[T]],
         replace: dict[int, bytes] | None = None) -> T:
     """Store ``chunk``'s shards (some replaced) in a fresh store and run ``body``."""
 
     async def main() -> T:
-        store = CountingStore()
+        store = RecordingStore()
         for rank, data in chunk.shards.items():
             await store.put(chunk.manifest.shard_for_rank(rank).key,
                             (replace or {}).get(rank, data))
@@ -75,7 +77,7 @@ def test_every_reader_assembles_its_heads_from_any_writer(
     ]
     assert sum(s.size - s.payload_offset for s in m.shards) == heads * PAYLOAD.head_bytes
 
-    async def body(store: CountingStore) -> None:
+    async def body(store: RecordingStore) -> None:
         for rank in range(reader_tp):
             lo, hi = head_range(heads, rank, reader_tp)
             plan = plan_reads(m, lo, hi)
@@ -102,7 +104,7 @@ def test_mla_one_shard_read_whole_by_every_rank(writer_tp: int, reader_tp: int) 
     chunk = build_chunk(1, tp=writer_tp, num_heads=1, payload=MLA)
     assert len(chunk.manifest.shards) == 1 and chunk.manifest.shards[0].rank == 0
 
-    async def body(store: CountingStore) -> None:
+    async def body(store: RecordingStore) -> None:
         for rank in range(reader_tp):
             assert head_range(1, rank, reader_tp) == (0, 1)
             store.gets.clear()
@@ -119,7 +121,7 @@ def test_corruption_fails_only_the_reads_that_touch_it() -> None:
     per = entry.head_bytes
     bad = flip(chunk.shards[1], entry.payload_offset + 3 * per - 1)  # last byte of head 6
 
-    async def body(store: CountingStore) -> None:
+    async def body(store: RecordingStore) -> None:
         for lo, hi in ((6, 7), (5, 7), (6, 8), (4, 8), (0, 8), (2, 7)):
             with pytest.raises(IntegrityError, match="checksum"):
                 await read_heads(store, chunk.manifest, lo, hi, PAYLOAD)
@@ -139,7 +141,7 @@ def test_short_or_long_objects_are_integrity_errors(keep: str) -> None:
     changed = {"all-but-1": data[:-1], "all-but-64": data[:-64], "header-only": data[:off],
                "half-header": data[: off // 2], "more": data + b"\x00"}[keep]
 
-    async def body(store: CountingStore) -> None:
+    async def body(store: RecordingStore) -> None:
         with pytest.raises(IntegrityError):
             await read_heads(store, chunk.manifest, 4, 8, PAYLOAD)  # whole
         if keep != "more":  # a ranged read of the last head cannot see extra bytes
@@ -154,7 +156,7 @@ def test_short_or_long_objects_are_integrity_errors(keep: str) -> None:
 def test_missing_shard_is_an_integrity_error() -> None:
     chunk = build_chunk(2, tp=2, heads_per_rank=4)
 
-    async def body(store: CountingStore) -> None:
+    async def body(store: RecordingStore) -> None:
         await store.delete_many([chunk.manifest.shard_for_rank(1).key])
         for lo, hi in ((4, 8), (5, 6), (0, 8)):
             with pytest.raises(IntegrityError, match="missing"):
@@ -169,7 +171,7 @@ def test_reader_of_another_shape_never_reads_the_bytes() -> None:
     chunk = build_chunk(2, tp=2, heads_per_rank=4)
     other = dataclasses.replace(PAYLOAD, token_elems=PAYLOAD.token_elems // 2)
 
-    async def body(store: CountingStore) -> None:
+    async def body(store: RecordingStore) -> None:
         for lo, hi in ((0, 4), (1, 2), (0, 8)):
             with pytest.raises(IntegrityError):
                 await read_heads(store, chunk.manifest, lo, hi, other)

@@ -30,8 +30,8 @@ from typing import Any
 
 import pytest
 
+from devtools.fault_proxy import Blackhole, Delay, FaultProxy, SlowDown
 from s3kv.config import Settings
-from tests.faults.proxy import Blackhole, Delay, FaultProxy, SlowDown
 from tests.s3server import S3Endpoint
 from tests.vllm.harness import TMP, expected_hit_tokens, job, run_engine
 

@@ -19,9 +19,7 @@ from typing import Any
 import psutil
 import pytest
 
-from s3kv.keys import KeyLayout, chain_chunk_ids
-from s3kv.manifest import MAX_MANIFEST_BYTES
-from tests.faults.proxy import (
+from devtools.fault_proxy import (
     Blackhole,
     Delay,
     Drop,
@@ -33,6 +31,8 @@ from tests.faults.proxy import (
     SlowDown,
     Truncate,
 )
+from s3kv.keys import KeyLayout, chain_chunk_ids
+from s3kv.manifest import MAX_MANIFEST_BYTES
 from tests.s3server import S3Endpoint
 from tests.vllm.harness import (
     CHUNK,

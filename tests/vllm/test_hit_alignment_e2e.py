@@ -24,8 +24,8 @@ from typing import Any
 
 import pytest
 
+from devtools.fault_proxy import Delay, FaultProxy, FlipBytes
 from s3kv.keys import chain_chunk_ids
-from tests.faults.proxy import Delay, FaultProxy, FlipBytes
 from tests.s3server import S3Endpoint
 from tests.vllm.harness import CHUNK, bucket_keys, job, run_engine
 

@@ -156,8 +156,15 @@ def test_unresolved_weights_turn_the_cache_off_in_both_roles(
     worker = S3KVConnector(vc, KVConnectorRole.WORKER, cast(Any, None))
     for conn in (sched, worker):
         assert conn.fingerprint is None
-        assert conn._sched is None and conn._worker is None
-    assert sched.get_num_new_matched_tokens(cast(Any, object()), 0) == (0, False)
+        # Neither role built its side: each hook answers as an engine without
+        # a connector. A scheduler side would read the request (a bare object
+        # here), a worker side this step's metadata (none is bound).
+        assert conn.get_num_new_matched_tokens(cast(Any, object()), 0) == (0, False)
+        conn.start_load_kv(None)
+        conn.wait_for_save()
+        assert conn.get_block_ids_with_load_errors() == set()
+        assert conn.build_connector_worker_meta() is None
+        assert conn.flush(0.0) is True
     meta = sched.build_connector_meta(cast(Any, object()))
     assert isinstance(meta, S3KVMetadata)
     assert worker.get_finished(set()) == (None, None)

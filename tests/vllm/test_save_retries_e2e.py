@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from devtools.fault_proxy import FaultProxy, Hold
 from s3kv.keys import KeyLayout, chain_chunk_ids
-from tests.faults.proxy import FaultProxy, Hold
 from tests.s3server import S3Endpoint
 from tests.vllm.harness import (
     CHUNK,

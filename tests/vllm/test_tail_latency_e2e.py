@@ -23,9 +23,9 @@ from typing import Any
 
 import pytest
 
+from devtools.fault_proxy import Delay, FaultProxy
 from s3kv.config import Settings
 from s3kv.keys import chain_chunk_ids
-from tests.faults.proxy import Delay, FaultProxy
 from tests.s3server import S3Endpoint
 from tests.vllm.harness import CHUNK, TMP, distinct_prompts, expected_hit_tokens, job, run_engine
 

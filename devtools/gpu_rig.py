@@ -14,15 +14,15 @@ from dataclasses import dataclass, field
 
 import torch
 
+from devtools.gpu_layouts import Layout
 from devtools.memory_store import MemoryStore
+from devtools.vllm_stub import install_if_missing
 from s3kv.aio import io_loop
 from s3kv.config import parse_settings
 from s3kv.groups import GroupSpec, describe_groups
 from s3kv.keys import ChunkRef, Fingerprint, KeyLayout
 from s3kv.manifest import Manifest, decode_manifest
 from s3kv.stats import Counters
-from tests.gpu.layouts import Layout
-from tests.gpu.vllm_stub import install_if_missing
 
 install_if_missing()
 
