@@ -75,6 +75,14 @@ class Rig:
                 DTYPES[self.dtype], self.device)
             for i in range(self.layers)
         }
+        # SSM layers: vLLM's raw pages, [blocks, 1, 1, page] int8, each page the
+        # layer's state then padding, and pages further apart than they are long.
+        for g in self.groups:
+            if g.kind == "state":
+                for name in g.layers:
+                    raw = torch.zeros(self.num_blocks, g.state_bytes + 96, dtype=torch.int8,
+                                      device=self.device)
+                    self.caches[name] = raw[:, : g.state_bytes + 32].unsqueeze(1).unsqueeze(1)
         self.worker = WorkerSide(
             settings, self.fp, self.num_blocks, self.block_size, tp_rank=0, tp_size=1,
             tp_ranks=[0], can_load=True, can_save=True, counters=Counters(), store=self.store,
@@ -82,6 +90,10 @@ class Rig:
             groups=self.groups,
         )
         self.worker.register_kv_caches(self.caches)
+
+    @property
+    def attention_layers(self) -> list[str]:
+        return [f"model.layers.{i}.self_attn.attn" for i in range(self.layers)]
 
     @property
     def blocks_per_chunk(self) -> int:
@@ -98,7 +110,8 @@ class Rig:
         out = []
         shape = self.layout.canonical_shape(self.num_blocks, self.heads, self.block_size,
                                             self.head_size)
-        for t in self.caches.values():
+        for name in self.attention_layers:
+            t = self.caches[name]
             c = torch.randn(shape, generator=g, device=self.device).to(DTYPES[self.dtype])
             self.layout.fill(t, c)
             out.append(c)

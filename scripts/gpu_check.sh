@@ -10,7 +10,8 @@
 # control); exits non-zero if a test failed or the save path lost the race.
 # Without a GPU the tests skip with that reason and the CPU variants of the
 # copy and worker-side checks still run. Where vLLM and moto are installed it
-# then runs the hybrid-model engines end to end (tests/vllm/test_hybrid_e2e.py).
+# then runs the hybrid-model engines end to end (tests/vllm/test_hybrid_e2e.py,
+# and the SSM hybrids of tests/vllm/test_ssm_e2e.py, big steps included).
 #   scripts/gpu_check.sh [--quick] [--copy-only]   results also under $OUT (or .tmp/gpu-check)
 # --copy-only skips the forward-step figures (copy rates and the race only).
 set -uo pipefail
@@ -48,14 +49,15 @@ echo
 "$PY" bench/gpu_forward.py --junit "$out/gpu-tests.xml" --json "$out/gpu_forward.json" "$@"
 bench_rc=$?
 
-# Hybrid models end to end (sliding-window and full-attention KV cache groups,
-# vLLM's hybrid manager on) on real engines, where vLLM and moto are installed:
+# Hybrid models end to end (sliding-window, full-attention and Mamba KV cache
+# groups, vLLM's hybrid manager on) on real engines, where vLLM and moto are installed:
 # outputs with the cache equal outputs without it, hits load fewer bytes.
 hybrid_rc=0
 if "$PY" -c 'import vllm, moto, boto3' 2>/dev/null; then
   echo
-  echo "== hybrid models end to end (tests/vllm/test_hybrid_e2e.py)"
+  echo "== hybrid models end to end (tests/vllm/test_hybrid_e2e.py, test_ssm_e2e.py)"
   "$PY" -m pytest -q -p no:cacheprovider -s tests/vllm/test_hybrid_e2e.py \
+    tests/vllm/test_ssm_e2e.py \
     --junitxml="$out/hybrid-e2e.xml" >"$out/hybrid-e2e.log" 2>&1
   hybrid_rc=$?
   grep -E "bytes loaded per hit|passed|failed|error" "$out/hybrid-e2e.log" | tail -n 5

@@ -362,3 +362,61 @@ def test_hybrid_groups_store_and_load_their_own_sections(
         untouched = [b for b in range(rig.num_blocks) if b not in dst]
         assert torch.equal(_bits(layout.blocks(t, untouched)),
                            _bits(layout.blocks(before[name], untouched))), name
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", MHA_LAYOUTS[:1], ids=lambda lay: lay.name)
+def test_a_state_group_stores_and_loads_one_state_per_chunk(
+    make_rig: Callable[..., Rig], layout: Layout, device: str
+) -> None:
+    """An SSM group beside full attention: a chunk holds every layer's state of
+    one block (the state at its end) or none; a load writes that state into
+    the one block it names, in every layer, and nothing else: not the page's
+    padding, not another block. A load that names a state the chunk lacks fails."""
+    names = [f"model.layers.{i}.self_attn.attn" for i in range(4)]
+    full = GroupSpec("full", tuple(names))
+    state_layers = ("model.layers.4.mixer", "model.layers.5.mixer")
+    state = GroupSpec("state", state_layers, state_bytes=1000, state_shape="test")
+    rig = make_rig(layout, device, groups=(full, state))
+    assert rig.worker is not None
+    rig.canonical(seed=5)
+    g = torch.Generator(device=device).manual_seed(6)
+    for name in state_layers:
+        pages = rig.caches[name]
+        pages.copy_(torch.randint(-128, 128, pages.shape, generator=g, device=device,
+                                  dtype=torch.int8))
+    bpc, with_state, without = rig.blocks_per_chunk, chunk_id(21), chunk_id(22)
+    rig.step(S3KVMetadata(saves=[
+        SaveChunk(ChunkRef(with_state, None, 0, rig.chunk_tokens), ((3, 7, 1, 12), (9,)),
+                  (0, 0)),
+        SaveChunk(ChunkRef(without, None, 0, rig.chunk_tokens), ((4, 5, 6, 8), ()),
+                  (0, rig.chunk_tokens)),
+    ], round_id=1))
+    rig.flush()
+    attn_bytes = rig.chunk_payload_bytes
+    section = -(-2 * 1000 // rig.heads) * rig.heads  # whole head-slices, zero-padded
+    m, empty = rig.manifest(with_state), rig.manifest(without)
+    assert m.starts == (0, 0) and empty.starts == (0, rig.chunk_tokens)
+    assert m.shards[0].size - m.shards[0].payload_offset == attn_bytes + section
+    assert empty.shards[0].size - empty.shards[0].payload_offset == attn_bytes
+
+    before = {n: rig.caches[n].clone() for n in state_layers}
+    full_dst = (20, 21, 40, 5)
+    load = LoadChunk(m, (tuple(enumerate(full_dst)), ((bpc - 1, 33),)))
+    rig.step(S3KVMetadata(loads=[LoadRequest("r", (load,))], round_id=2))
+    rig.flush()
+    assert rig.worker.get_finished() == {"r"}
+    assert rig.worker.take_failed_requests() == set()
+    for name in state_layers:
+        t, old = rig.caches[name][:, 0, 0], before[name][:, 0, 0]
+        assert torch.equal(t[33, :1000], t[9, :1000]), name
+        assert torch.equal(t[33, 1000:], old[33, 1000:]), name  # the page's padding
+        others = [b for b in range(rig.num_blocks) if b != 33]
+        assert torch.equal(t[others], old[others]), name
+
+    bad = LoadChunk(empty, (tuple(enumerate(full_dst)), ((bpc - 1, 34),)))
+    rig.step(S3KVMetadata(loads=[LoadRequest("r2", (bad,))], round_id=3))
+    rig.flush()
+    assert rig.worker.get_finished() == {"r2"}
+    assert rig.worker.take_failed_requests() == {"r2"}
+    assert torch.equal(rig.caches[state_layers[0]][34], before[state_layers[0]][34])

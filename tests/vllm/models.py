@@ -112,13 +112,44 @@ def create_falcon_h1_model(path: Path) -> Path:
             max_position_embeddings=4096, torch_dtype="float32", bos_token_id=1,
             eos_token_id=2, pad_token_id=0,
         )
-        import torch
+        return _long_memory(FalconH1ForCausalLM(FalconH1Config(**kwargs)), key)
 
-        model = FalconH1ForCausalLM(FalconH1Config(**kwargs))
-        with torch.no_grad():
-            for layer in model.model.layers:
-                layer.mamba.A_log.fill_(key["A_log"])
-                layer.mamba.in_proj.weight.mul_(key["in_proj_scale"])
-        return model
+    return _write(path, key, build)
+
+
+def _long_memory(model: Any, key: dict[str, Any]) -> Any:
+    """Every Mamba2 mixer with ``A_log`` set and its input projection scaled (see
+    ``create_falcon_h1_model``): the state carries the prefix, and a wrong one
+    changes the tokens."""
+    import torch
+
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(".A_log"):
+                param.fill_(key["A_log"])
+                model.get_parameter(name.removesuffix("A_log") + "in_proj.weight").mul_(
+                    key["in_proj_scale"])
+    return model
+
+
+def create_nemotron_h_model(path: Path) -> Path:
+    """Nemotron-H shape: Mamba2, MLP and attention layers (pattern ``M-*-M-``); vLLM
+    gives each Mamba2 layer a KV cache group of its own beside the attention one."""
+    key = {"arch": "nemotron_h", "layers": 6, "hidden": 256, "d_state": 64, "seed": 0,
+           "A_log": -8.0, "in_proj_scale": 10.0}
+
+    def build() -> Any:
+        from transformers import NemotronHConfig, NemotronHForCausalLM
+
+        kwargs: dict[str, Any] = dict(
+            vocab_size=1024, hidden_size=256, intermediate_size=512,
+            layers_block_type=["linear_attention", "mlp", "full_attention", "mlp",
+                               "linear_attention", "mlp"],
+            num_attention_heads=4, num_key_value_heads=2, head_dim=64,
+            ssm_state_size=64, mamba_num_heads=8, mamba_head_dim=64, n_groups=1,
+            conv_kernel=4, expand=2, chunk_size=128, max_position_embeddings=4096,
+            torch_dtype="float32", bos_token_id=1, eos_token_id=2, pad_token_id=0,
+        )
+        return _long_memory(NemotronHForCausalLM(NemotronHConfig(**kwargs)), key)
 
     return _write(path, key, build)

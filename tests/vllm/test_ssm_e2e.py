@@ -15,11 +15,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 from s3kv.keys import chain_chunk_ids
 from tests.s3server import S3Endpoint
 from tests.vllm.harness import CHUNK, TMP, EngineResult, job, run_engine
-from tests.vllm.models import create_falcon_h1_model
+from tests.vllm.models import create_falcon_h1_model, create_nemotron_h_model
 from tests.vllm.test_connector_e2e import manifests, unique_chunks
 from tests.vllm.test_layouts_e2e import chunks_of, expected_hits
 
@@ -136,3 +137,53 @@ def test_tp2_state_is_read_by_tp2_and_never_by_tp1(
     assert tp1.outputs == baseline.outputs
     assert tp1.namespace != warm.namespace
     assert tp1.counters.get("hit_tokens", 0) == 0
+
+
+def test_nemotron_h_shape_stores_each_mamba_group_as_its_own_section(
+    prompts: list[list[int]], s3_endpoint: S3Endpoint, s3: Any,
+) -> None:
+    """Nemotron-H shape (Mamba2, MLP and attention layers): two Mamba groups
+    of one layer each, before the attention group. Each group's state is a
+    section of its own; a hit loads both from its last chunk."""
+    nemo = create_nemotron_h_model(TMP / "models" / "tiny-nemotron-h")
+    base = run_engine(job(nemo, prompts, **ONE_BLOCK_STEPS))
+    kinds = [g["kind"] for g in base.raw["kv_cache_groups"]]
+    assert sorted(kinds) == ["FullAttentionSpec", "MambaSpec", "MambaSpec"]
+    on = {"bucket": s3_endpoint.new_bucket("ssm-nemo"), "endpoint_url": s3_endpoint.url}
+    cold = run_engine(job(nemo, prompts, on, **ONE_BLOCK_STEPS))
+    assert cold.outputs == base.outputs
+    found = manifests(s3, on["bucket"])
+    assert len(found) == unique_chunks(prompts)
+    attn = CHUNK * 2 * KV_HEADS * HEAD_DIM * FP32  # one attention layer
+    for m in found.values():
+        assert m.starts == (0, 0, 0)
+        assert m.shards[0].size - m.shards[0].payload_offset == attn + 2 * STATE_BYTES
+    warm = run_engine(job(nemo, prompts, on, kv_role="kv_consumer", **ONE_BLOCK_STEPS))
+    assert warm.outputs == base.outputs
+    assert warm.counters["hit_tokens"] == expected_hits(prompts, BLOCK) > 0
+    assert warm.counters.get("workers.load_failures", 0) == 0
+    assert warm.counters["workers.bytes_loaded"] == (
+        chunks_of(prompts) * attn + len(prompts) * 2 * STATE_BYTES)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason="needs a CUDA GPU: vLLM's CPU Mamba2 kernel fails on steps longer "
+                           "than one block (mamba_mixer2.py IndexError)")
+def test_big_steps_store_state_only_where_a_step_ended(
+    model: Path, prompts: list[list[int]], s3_endpoint: S3Endpoint, s3: Any,
+) -> None:
+    """vLLM's default budget (8192 tokens a step): each prompt's first step
+    runs to its last block boundary (768 here), so only the chunk ending there
+    holds a state; the shared chunks before it hold none. A hit resumes there."""
+    base = run_engine(job(model, prompts))
+    on = {"bucket": s3_endpoint.new_bucket("ssm-big"), "endpoint_url": s3_endpoint.url}
+    cold = run_engine(job(model, prompts, on))
+    assert cold.outputs == base.outputs
+    found = manifests(s3, on["bucket"])
+    mamba = [g["kind"] for g in cold.raw["kv_cache_groups"]].index("MambaSpec")
+    ends = {cid: i for p in prompts for i, cid in enumerate(chain_chunk_ids(p, CHUNK))}
+    assert {cid: m.starts[mamba] for cid, m in found.items()} == {
+        cid: 0 if i == 2 else CHUNK for cid, i in ends.items()}
+    warm = run_engine(job(model, prompts, on, kv_role="kv_consumer"))
+    assert warm.outputs == base.outputs
+    assert warm.counters["hit_tokens"] == expected_hits(prompts, BLOCK) > 0
