@@ -14,9 +14,10 @@ A driver thread plays vLLM's scheduler: seeded Poisson arrivals, each a chain
 of chunk ids from a pool of prompts sharing system prefixes (part committed up
 front, prefix closed, valid manifests; half the requests end in 1-2 chunks of
 their own). Every ``--step-ms`` it asks ``index.lookup`` for each waiting
-request until answered, offers the chunks after the hit to ``plan_store``,
-saves a planned chunk by writing its manifest through the slow store (then
-``store_finished(chunk_id, ok)`` where the index has it), feeds ``step_done``
+request until answered, records a hit with ``prepare_load`` / ``complete_load``,
+offers the chunks after the hit to ``prepare_store``, saves a planned chunk by
+writing its manifest through the slow store (then ``complete_store(chunk_id,
+ok)``), feeds ``step_done``
 the step's prefill tokens at ``--ms-per-token`` and forgets the request.
 
 Reported per (profile, rate): share of wall time the breaker was open (sampled
@@ -250,7 +251,7 @@ def run_case(profile: Profile, rate: float, seconds: float, *, seed: int = 1,
         hedging = "the index wraps the store"  # then gets_asked counts the hedges too
     elif use_hedging:
         asked.inner, hedging = hedge(store, cfg, counters)
-    finished: Callable[[str, bool], None] | None = getattr(index, "store_finished", None)
+    finished: Callable[[str, bool], None] = index.complete_store
     saves_done: deque[tuple[str, bool]] = deque()
 
     async def save(cid: str, parent: str | None, i: int) -> None:
@@ -269,8 +270,8 @@ def run_case(profile: Profile, rate: float, seconds: float, *, seed: int = 1,
     waits: list[float] = []
     intervals: list[float] = []
     stats = dict.fromkeys(("arrived", "asked", "answered", "candidate_chunks", "hit_chunks",
-                           "store_prefix_chunks", "plan_store_calls", "planned", "saves_ok",
-                           "saves_failed", "store_finished_calls", "steps"), 0)
+                           "store_prefix_chunks", "prepare_store_calls", "planned", "saves_ok",
+                           "saves_failed", "complete_store_calls", "steps"), 0)
     open_s = 0.0
     episodes: list[float] = []  # how long each opening of the breaker lasted (as sampled)
     open_since: float | None = None
@@ -295,9 +296,8 @@ def run_case(profile: Profile, rate: float, seconds: float, *, seed: int = 1,
         while saves_done:
             cid, ok = saves_done.popleft()
             stats["saves_ok" if ok else "saves_failed"] += 1
-            if finished is not None:
-                finished(cid, ok)
-                stats["store_finished_calls"] += 1
+            finished(cid, ok)
+            stats["complete_store_calls"] += 1
         tokens = 0
         still: list[Req] = []
         for req in waiting:
@@ -315,10 +315,11 @@ def run_case(profile: Profile, rate: float, seconds: float, *, seed: int = 1,
             stats["store_prefix_chunks"] += sum(1 for _ in takewhile(
                 lambda c: store.has(LAYOUT.manifest(FP.namespace, c)), req.ids))
             if hits:
-                index.loaded([m.chunk_id for m in hits])
+                index.prepare_load(req.rid, len(hits) * CT, hits)
+                index.complete_load(req.rid, ok=True)
             for i in range(len(hits), len(req.ids)):
-                stats["plan_store_calls"] += 1
-                if index.plan_store(req.ids[i], False):
+                stats["prepare_store_calls"] += 1
+                if index.prepare_store(req.ids[i], False):
                     stats["planned"] += 1
                     io.submit(save(req.ids[i], req.ids[i - 1] if i else None, i))
             tokens += (len(req.ids) - len(hits)) * CT
@@ -482,8 +483,7 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "tail_sim",
         "label": args.label,
         "machine": machine_info(()),
-        "code": {"s3kv": str(Path(s3kv.__file__).parent), "commit": _commit(),
-                 "store_finished": hasattr(CacheIndex, "store_finished")},
+        "code": {"s3kv": str(Path(s3kv.__file__).parent), "commit": _commit()},
         "settings": {"seconds": args.seconds, "profiles": [p.name for p in profiles],
                      "rates": rates, "step_ms": args.step_ms, "ms_per_token": args.ms_per_token,
                      "chunk_tokens": CT, "prompts": args.prompts, "systems": SYSTEMS,

@@ -2,21 +2,24 @@
 
 This is the cache policy, kept apart from vLLM's bookkeeping (which lives in
 ``s3kv.vllm.scheduler_side`` and only translates vLLM's objects). Its
-interface is small and never blocks:
+interface is small, never blocks, and comes in pairs like vLLM's
+``OffloadingManager``'s:
 
-* :meth:`CacheIndex.lookup` answers a chain of chunk ids with the committed
-  prefix (a hit, or empty for a miss) or ``None``: ask again next step. Each
+* :meth:`CacheIndex.lookup` answers a request's chain of chunk ids with the
+  committed prefix (:data:`Hits`; empty for a miss) or ``None``: ask again
+  next step; :meth:`CacheIndex.forget` ends a request's lookups. Each
   lookup has a deadline from :mod:`s3kv.deadlines`, restarted by every round
   that finds committed chunks; when it passes, the prefix found so far is
   the answer and the lookup finishes in the background, warming the caches
   for the next request.
-* :meth:`CacheIndex.load_started` / :meth:`CacheIndex.load_finished` bracket
-  a request's loads: the first gives the loads' deadline, the second feeds
-  the transfer-time estimate. A failed load costs its request only: it is
-  never evidence of an outage (the time it took includes engine steps and
-  queueing; a 404 after GC is an answer).
-* :meth:`CacheIndex.plan_store` decides whether a chunk is worth saving, and
-  :meth:`CacheIndex.store_finished` closes that plan with the commit's
+* :meth:`CacheIndex.prepare_load` / :meth:`CacheIndex.complete_load` bracket
+  a request's loads: the first gives the loads' deadline (and records the
+  chunks as committed), the second feeds the transfer-time estimate. A
+  failed load costs its request only: it is never evidence of an outage
+  (the time it took includes engine steps and queueing; a 404 after GC is
+  an answer).
+* :meth:`CacheIndex.prepare_store` decides whether a chunk is worth saving, and
+  :meth:`CacheIndex.complete_store` closes that plan with the commit's
   outcome: a chunk whose save was dropped or failed is planned again the
   next time it is computed, and a chunk found missing (GC) is saved again.
 
@@ -35,7 +38,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 from s3kv.admission import AdmissionPolicy
-from s3kv.aio import Submitter
+from s3kv.aio import Submitter, io_loop
 from s3kv.breaker import Breaker
 from s3kv.config import Settings
 from s3kv.deadlines import Deadlines
@@ -45,8 +48,13 @@ from s3kv.lookup import BoundedCache, LRUSet, TTLSet, find_committed_prefix
 from s3kv.manifest import Manifest
 from s3kv.stats import Counters
 from s3kv.store import ObjectStore
+from s3kv.store.engine import open_engine_store
 
 log = logging.getLogger("s3kv.index")
+
+#: A lookup's answer: the manifests of the committed prefix of the chunk ids
+#: asked for, in order (``answer[i]`` is the manifest of ``candidates[i]``).
+Hits = tuple[Manifest, ...]
 
 # A committed manifest never changes (it is written with If-None-Match); it
 # can only disappear (GC), and then the load fails verification and the
@@ -121,6 +129,20 @@ class CacheIndex:
             # Awaited only by wait_started, and for a bounded time.
             self._started = io.submit(self._describe_namespace(store))
 
+    @classmethod
+    def open(cls, settings: Settings, fingerprint: Fingerprint, counters: Counters
+             ) -> CacheIndex:
+        """The index over the configured store, for an engine's scheduler: waits
+        for the store's first answer at most ``min_load_wait_s`` (start-up may
+        block; the scheduler loop may not), and serves without it after that."""
+        io = io_loop()
+        store = open_engine_store(settings, counters, io)
+        index = cls(settings, fingerprint, counters, store, io)
+        if not index.wait_started(settings.min_load_wait_s) and store is not None:
+            log.info("s3kv: the object store did not answer within %.1fs at start-up; "
+                     "serving starts anyway", settings.min_load_wait_s)
+        return index
+
     def wait_started(self, timeout_s: float) -> bool:
         """Give the start-up write and read-back up to ``timeout_s`` to answer.
 
@@ -169,10 +191,10 @@ class CacheIndex:
 
     # --- lookup ---------------------------------------------------------------------
 
-    def lookup(self, key: str, candidates: Sequence[str]) -> tuple[Manifest, ...] | None:
+    def lookup(self, req_id: str, candidates: Sequence[str]) -> Hits | None:
         """The committed prefix of ``candidates`` (empty: a miss), or None: ask again.
 
-        ``key`` names the asker (a request) across calls. The answer is always
+        ``req_id`` names the asker (a request) across calls. The answer is always
         for the ``candidates`` of *this* call, matched by chunk id: between a
         lookup's start and its answer vLLM may ask with another candidate list
         (its local prefix-cache hit grew), and a chunk may have been marked
@@ -180,7 +202,7 @@ class CacheIndex:
         or is bad, so answer ``i`` is always the manifest of ``candidates[i]``.
         """
         self._drain_late()
-        pending = self._pending.get(key)
+        pending = self._pending.get(req_id)
         if pending is None:
             known = self._cached_prefix(candidates)
             if len(known) == len(candidates) or self._known_missing(candidates[len(known)]):
@@ -190,7 +212,7 @@ class CacheIndex:
             if not self.breaker.allow():
                 self.counters.add("lookups_skipped_store_down")
                 return known
-            self._start(key, list(candidates[len(known):]))
+            self._start(req_id, list(candidates[len(known):]))
             return None
         now = self._clock()
         if not pending.future.done():
@@ -200,8 +222,8 @@ class CacheIndex:
                 pending.deadline = now + pending.wait
             if now < pending.deadline:
                 return None
-            return self._give_up(key, pending, now, candidates)
-        del self._pending[key]
+            return self._give_up(req_id, pending, now, candidates)
+        del self._pending[req_id]
         self.counters.add("cache_wait_seconds", now - pending.started)
         try:
             found = pending.future.result()
@@ -213,7 +235,7 @@ class CacheIndex:
         return self._answer(candidates, found)
 
     def _answer(self, candidates: Sequence[str], found: Sequence[Manifest]
-                ) -> tuple[Manifest, ...]:
+                ) -> Hits:
         """The committed prefix of ``candidates``, from a lookup's findings and
         the manifest cache, ending at the first unknown or bad chunk."""
         by_id = {m.chunk_id: m for m in found}
@@ -225,7 +247,7 @@ class CacheIndex:
             out.append(m)
         return tuple(out)
 
-    def _start(self, key: str, fetching: list[str]) -> None:
+    def _start(self, req_id: str, fetching: list[str]) -> None:
         store = self.store
         if store is None:
             return
@@ -236,7 +258,7 @@ class CacheIndex:
             store, self.layout, self.ns, fetching, num_heads=self.fingerprint.num_kv_heads,
             progress=progress, on_round=self._on_round,
         ))
-        self._pending[key] = _Pending(future, fetching, now, wait, now + wait, progress)
+        self._pending[req_id] = _Pending(future, fetching, now, wait, now + wait, progress)
         self.counters.add("lookups")
 
     def _on_round(self, seconds: float) -> None:
@@ -244,10 +266,10 @@ class CacheIndex:
         self.deadlines.observe_round(seconds)
         self.breaker.answered()
 
-    def _give_up(self, key: str, pending: _Pending, now: float, candidates: Sequence[str]
-                 ) -> tuple[Manifest, ...]:
+    def _give_up(self, req_id: str, pending: _Pending, now: float, candidates: Sequence[str]
+                 ) -> Hits:
         """The deadline passed: answer with what is known, let the lookup finish alone."""
-        del self._pending[key]
+        del self._pending[req_id]
         self.counters.add("cache_wait_seconds", now - pending.started)
         found = list(pending.progress)  # whole rounds only: a committed prefix
         fetching = pending.fetching
@@ -266,7 +288,7 @@ class CacheIndex:
             self._manifests.put(m.chunk_id, m)
         return self._answer(candidates, found)
 
-    def _cached_prefix(self, candidates: Sequence[str]) -> tuple[Manifest, ...]:
+    def _cached_prefix(self, candidates: Sequence[str]) -> Hits:
         return self._answer(candidates, ())
 
     def _known_missing(self, cid: str) -> bool:
@@ -305,24 +327,32 @@ class CacheIndex:
         self._drain_late()
         return self._running_late
 
-    def forget(self, key: str) -> None:
+    def forget(self, req_id: str) -> None:
         """The asker is gone (request finished or aborted)."""
-        pending = self._pending.pop(key, None)
+        pending = self._pending.pop(req_id, None)
         if pending is not None:
             pending.future.cancel()
-        self._loads.pop(key, None)
+        self._loads.pop(req_id, None)
 
     # --- loads ------------------------------------------------------------------------
 
-    def load_started(self, key: str, tokens: int, manifests: Sequence[Manifest]) -> float:
-        """A request's loads are issued; returns how long they may take (seconds)."""
+    def prepare_load(self, req_id: str, tokens: int, manifests: Sequence[Manifest]) -> float:
+        """A request is about to load ``manifests`` (``tokens`` tokens); returns how
+        long the loads may take (seconds). :meth:`complete_load` closes it.
+
+        The chunks are committed (their manifests were just read): never plan
+        to save them, unless a failed load marks them bad."""
         nbytes = sum(s.size for m in manifests for s in m.shards)
         wait = self.deadlines.load_s(tokens, nbytes)
-        self._loads[key] = _Load(self._clock(), wait, tokens, nbytes)
+        self._loads[req_id] = _Load(self._clock(), wait, tokens, nbytes)
+        for m in manifests:
+            self._committed.add(m.chunk_id)
         return wait
 
-    def load_finished(self, key: str, ok: bool, *, now: float | None = None) -> None:
-        load = self._loads.pop(key, None)
+    def complete_load(self, req_id: str, ok: bool, *, now: float | None = None) -> None:
+        """A request's loads ended (``ok``: every chunk loaded): feeds the
+        transfer-time estimate."""
+        load = self._loads.pop(req_id, None)
         if load is None:
             return
         elapsed = (self._clock() if now is None else now) - load.started
@@ -345,9 +375,9 @@ class CacheIndex:
 
     # --- saves -------------------------------------------------------------------------
 
-    def plan_store(self, chunk_id: str, requested: bool) -> bool:
+    def prepare_store(self, chunk_id: str, requested: bool) -> bool:
         """Whether to save ``chunk_id`` now; a True opens a plan that
-        :meth:`store_finished` closes."""
+        :meth:`complete_store` closes."""
         if chunk_id in self._committed or self._is_planned(chunk_id):
             return False
         if not self.saves_allowed():
@@ -369,7 +399,7 @@ class CacheIndex:
         (they are off the forward path and bounded by upload memory)."""
         return self.breaker.allow()
 
-    def store_finished(self, chunk_id: str, ok: bool) -> None:
+    def complete_store(self, chunk_id: str, ok: bool) -> None:
         """The commit's outcome for a planned chunk: committed, or not (dropped,
         failed, its round lost); a chunk not committed may be planned again."""
         self._planned.pop(chunk_id, None)
@@ -394,11 +424,6 @@ class CacheIndex:
             del self._planned[cid]
             self.counters.add("save_outcomes_lost")
         return False
-
-    def loaded(self, chunk_ids: Sequence[str]) -> None:
-        """Chunks about to be loaded are committed: never plan to save them."""
-        for cid in chunk_ids:
-            self._committed.add(cid)
 
     # --- engine steps -------------------------------------------------------------------
 

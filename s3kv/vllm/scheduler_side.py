@@ -1,6 +1,7 @@
 """Scheduler side: vLLM's requests and steps, translated for the cache index.
 
-This module only speaks vLLM: it turns requests into chains of chunk ids,
+This module only speaks vLLM (the index opens the store and makes every
+decision about it): it turns requests into chains of chunk ids,
 vLLM's block ids into load and save plans, and steps into the per-step
 metadata every worker gets. What is cached, what to save and how long to
 wait are the index's decisions (:mod:`s3kv.index`). Nothing here waits on
@@ -21,15 +22,12 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from s3kv.admission import REQUEST_FLAG
-from s3kv.aio import io_loop
 from s3kv.config import Settings
 from s3kv.groups import GroupSpec, covered, held_start, state_stored, store_start
 from s3kv.index import CacheIndex
 from s3kv.keys import ChunkRef, Fingerprint, chunk_id
 from s3kv.manifest import Manifest
 from s3kv.stats import Counters
-from s3kv.store import ObjectStore, open_store
-from s3kv.store.hedged import hedged
 from s3kv.vllm.metadata import LoadChunk, LoadRequest, S3KVMetadata, SaveChunk, WorkerReport
 from s3kv.vllm.namespace import lora_identity
 
@@ -82,7 +80,7 @@ class SchedulerSide:
         self.counters = counters
         # An index built by the caller (tests: a store and clock they control),
         # or one over the configured store.
-        self.index = index or _open_index(settings, fingerprint, counters)
+        self.index = index or CacheIndex.open(settings, fingerprint, counters)
         self._reqs: dict[str, _Req] = {}
         self._pending_loads: dict[str, LoadRequest] = {}
         self._load_blocks: dict[int, str] = {}  # block id -> the request loading into it
@@ -248,13 +246,11 @@ class SchedulerSide:
             if len(self.groups) == 1:
                 for _, bid in pairs[0]:
                     self._load_blocks[bid] = request.request_id
-        deadline = self.index.load_started(request.request_id, num_external,
+        deadline = self.index.prepare_load(request.request_id, num_external,
                                            [c.manifest for c in chunks])
         self._pending_loads[request.request_id] = LoadRequest(
             request.request_id, tuple(chunks), deadline_s=deadline,
             refused_blocks=tuple(refused))
-        # Chunks being loaded are committed: never plan to save them again.
-        self.index.loaded([m.chunk_id for m in st.hits])
         st.saved_upto = max(st.saved_upto, st.hit_start_chunk + len(st.hits))
         st.hits = ()
 
@@ -344,7 +340,7 @@ class SchedulerSide:
             if stored is None:
                 break
             st.saved_upto = ci + 1
-            if not self.index.plan_store(cid, _requested(st.request)):
+            if not self.index.prepare_store(cid, _requested(st.request)):
                 continue
             ref = ChunkRef(cid, ids[ci - 1] if ci else None, ci, self.chunk_tokens)
             blocks, starts = stored
@@ -412,9 +408,9 @@ class SchedulerSide:
         report = getattr(output, "kv_connector_worker_meta", None)
         if isinstance(report, WorkerReport):
             for cid in report.committed:
-                self.index.store_finished(cid, ok=True)
+                self.index.complete_store(cid, ok=True)
             for cid in report.failed:
-                self.index.store_finished(cid, ok=False)
+                self.index.complete_store(cid, ok=False)
             # The workers name the chunks that failed to load other than by
             # their deadline (slow is not damaged: those are offered again),
             # with one KV cache group or several alike.
@@ -439,7 +435,7 @@ class SchedulerSide:
                 # objects gone after GC, or damaged) is saved anew.
                 st.saved_upto = min(st.saved_upto, st.hit_start_chunk)
         for req_id in getattr(output, "finished_recving", None) or ():
-            self.index.load_finished(req_id, ok=req_id not in failed_reqs)
+            self.index.complete_load(req_id, ok=req_id not in failed_reqs)
             self._forget_load_blocks(req_id)
 
     def _forget_load_blocks(self, req_id: str) -> None:
@@ -454,23 +450,6 @@ class SchedulerSide:
         self.index.forget(request.request_id)
         self._pending_loads.pop(request.request_id, None)
         self._forget_load_blocks(request.request_id)
-
-
-def _open_index(settings: Settings, fingerprint: Fingerprint, counters: Counters) -> CacheIndex:
-    io = io_loop()
-    # Opening a store performs no request (start-up may block; the scheduler
-    # loop may not). The index's namespace write is the first request.
-    store: ObjectStore | None = None
-    try:
-        store = hedged(io.run(open_store(settings.store), timeout=60), settings, counters)
-    except Exception as exc:  # missing credentials, bad endpoint: serve without cache
-        log.warning("s3kv: cannot open the object store (%s: %s); serving without the cache",
-                    type(exc).__name__, exc)
-    index = CacheIndex(settings, fingerprint, counters, store, io)
-    if not index.wait_started(settings.min_load_wait_s) and store is not None:
-        log.info("s3kv: the object store did not answer within %.1fs at start-up; "
-                 "serving starts anyway", settings.min_load_wait_s)
-    return index
 
 
 def _requested(request: Request) -> bool:

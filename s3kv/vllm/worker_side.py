@@ -25,8 +25,8 @@ from s3kv.heads import head_range, uploads_heads
 from s3kv.keys import Fingerprint, KeyLayout, new_writer_id
 from s3kv.shard import PayloadLayout
 from s3kv.stats import Counters
-from s3kv.store import ObjectStore, open_store
-from s3kv.store.hedged import hedged
+from s3kv.store import ObjectStore
+from s3kv.store.engine import open_engine_store
 from s3kv.vllm.kv_layout import KVBlocks
 from s3kv.vllm.loader import Loader
 from s3kv.vllm.metadata import S3KVMetadata, WorkerReport
@@ -100,13 +100,8 @@ class WorkerSide:
                                      groups=tuple(len(k.names) for k in kvs),
                                      state_bytes=tuple(k.slice_bytes if isinstance(
                                          k, StateBlocks) else 0 for k in kvs))
-        try:
-            if self.store is None:
-                self.store = hedged(self.io.run(open_store(self.settings.store), timeout=60),
-                                    self.settings, self.counters)
-        except Exception as exc:
-            log.warning("s3kv: cannot open the object store (%s: %s); serving without the cache",
-                        type(exc).__name__, exc)
+        if self.store is None:
+            self.store = open_engine_store(self.settings, self.counters, self.io)
         if self.can_load and self.store is not None:
             self.loader.attach(kvs, self.payload, self.store)
         if not self.can_save:

@@ -125,7 +125,7 @@ def test_a_stalled_store_costs_each_request_its_deadline_then_opens_the_breaker(
     hits, waited = until_answer(index, "r9", IDS[3:])
     assert hits == () and waited < 0.05
     assert counters.get("lookups_skipped_store_down") == 1
-    assert not index.plan_store(IDS[7], requested=False)
+    assert not index.prepare_store(IDS[7], requested=False)
     assert counters.get("saves_skipped_store_down") == 1
     # The store comes back: the background probe closes the breaker, no request pays.
     store.delay = lambda key: 0.0
@@ -154,7 +154,7 @@ def test_a_store_that_always_answers_late_never_turns_the_cache_off(io: LoopThre
         wait_for(lambda: index.background_lookups == 0)
     assert counters.get("lookup_deadline_misses") == 4
     assert not index.breaker.is_open and counters.get("breaker_opens") == 0
-    assert index.plan_store(IDS[11], requested=False)
+    assert index.prepare_store(IDS[11], requested=False)
     # A late answer is learned: the same prefix asked again hits without a round trip.
     assert until_answer(index, "warm0", IDS[:6])[0] == ()
     wait_for(lambda: index.background_lookups == 0)
@@ -216,19 +216,19 @@ def test_loads_deadline_and_outcome(io: LoopThread) -> None:
     assert len(hits) == 2
     got = index.lookup("r1b", IDS[:2])
     assert got is not None
-    deadline = index.load_started("r1", 32, got)
+    deadline = index.prepare_load("r1", 32, got)
     assert deadline == pytest.approx(0.2)  # nothing measured: the floor
-    index.load_finished("r1", ok=True)
+    index.complete_load("r1", ok=True)
     assert counters.get("cache_wait_seconds") > 0
     assert not index.breaker.is_open
     # A failed load costs its request, never the cache: not a corrupt shard, not
     # a 404 after GC, not a load that ran past its deadline on the scheduler's
     # clock (engine steps and queueing count there, not only the store).
-    index.load_started("r2", 32, got)
-    index.load_finished("r2", ok=False, now=time.monotonic() + 0.1)
+    index.prepare_load("r2", 32, got)
+    index.complete_load("r2", ok=False, now=time.monotonic() + 0.1)
     assert not index.breaker.is_open
-    index.load_started("r3", 32, got)
-    index.load_finished("r3", ok=False, now=time.monotonic() + 1.0)
+    index.prepare_load("r3", 32, got)
+    index.complete_load("r3", ok=False, now=time.monotonic() + 1.0)
     assert not index.breaker.is_open and counters.get("breaker_opens") == 0
 
 
@@ -250,21 +250,21 @@ def test_save_plans_close_with_their_outcome(io: LoopThread) -> None:
     skipped = [0.0]  # seconds the index's clock is ahead of the real one
     index, counters = make(io, store, clock=lambda: time.monotonic() + skipped[0])
     a, b, c = IDS[:3]
-    assert index.plan_store(a, requested=False)
-    assert not index.plan_store(a, requested=False)  # being saved
+    assert index.prepare_store(a, requested=False)
+    assert not index.prepare_store(a, requested=False)  # being saved
     # Dropped (upload memory full), failed, its round lost: planned again.
-    index.store_finished(a, ok=False)
+    index.complete_store(a, ok=False)
     assert counters.get("save_plans_failed") == 1
-    assert index.plan_store(a, requested=False)
-    index.store_finished(a, ok=True)
-    assert not index.plan_store(a, requested=False)  # committed
+    assert index.prepare_store(a, requested=False)
+    index.complete_store(a, ok=True)
+    assert not index.prepare_store(a, requested=False)  # committed
     # A plan whose outcome never comes back is planned again after the
     # commit timeout (plus a grace period).
-    assert index.plan_store(b, requested=False) and not index.plan_store(b, requested=False)
+    assert index.prepare_store(b, requested=False) and not index.prepare_store(b, requested=False)
     skipped[0] += SETTINGS.commit_timeout_s + 61
-    assert index.plan_store(b, requested=False)
+    assert index.prepare_store(b, requested=False)
     assert counters.get("save_outcomes_lost") == 1
-    assert index.plan_store(c, requested=False)
+    assert index.prepare_store(c, requested=False)
 
 
 def test_a_chunk_gc_deleted_is_saved_again(io: LoopThread) -> None:
@@ -273,13 +273,13 @@ def test_a_chunk_gc_deleted_is_saved_again(io: LoopThread) -> None:
     skipped = [0.0]  # seconds the index's clock is ahead of the real one
     index, _counters = make(io, store, clock=lambda: time.monotonic() + skipped[0])
     assert until_answer(index, "r1", IDS[:3])[0] == tuple(IDS[:3])
-    assert not index.plan_store(IDS[2], requested=False)  # known committed
+    assert not index.prepare_store(IDS[2], requested=False)  # known committed
     # GC deletes chunk 2's manifest; the next lookup that asks the store learns it.
     io.run(store.delete_many([LAYOUT.manifest(FP.namespace, IDS[2])]))
     skipped[0] += 301  # the manifest cache's 300 s TTL runs out
     assert until_answer(index, "r2", IDS[:3])[0] == tuple(IDS[:2])
-    assert index.plan_store(IDS[2], requested=False)
+    assert index.prepare_store(IDS[2], requested=False)
     # Found through the manifest cache instead, the load fails and marks it bad.
-    assert not index.plan_store(IDS[1], requested=False)
+    assert not index.prepare_store(IDS[1], requested=False)
     index.mark_bad(IDS[1])
-    assert index.plan_store(IDS[1], requested=False)
+    assert index.prepare_store(IDS[1], requested=False)
