@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import sys
 import time
@@ -167,6 +168,10 @@ def main(argv: list[str]) -> int:
     # (KV cache groups, capacity, warnings) belongs with the engine's stderr.
     sys.stdout.flush()
     os.dup2(2, 1)
+    # s3kv's own INFO lines (namespace, how SSM states are stored) go there too.
+    s3kv_log = logging.getLogger("s3kv")
+    s3kv_log.setLevel(logging.INFO)
+    s3kv_log.addHandler(logging.StreamHandler(sys.stderr))
     job = json.loads(Path(argv[0]).read_text())
     result = run(job)
     Path(argv[1]).write_text(json.dumps(result))

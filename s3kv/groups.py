@@ -14,10 +14,11 @@ which tokens of each section to store and which a reader needs:
 - ``state``: SSM / linear-attention layers (Mamba2, gated delta-net) keep one
   recurrent state per request, not per token. In vLLM's "align" cache mode
   block ``p`` of the group's table holds the state after exactly
-  ``(p + 1) * block_size`` tokens, written by the step that ends there. A
-  chunk stores the state at its end when the step that computed its last
-  token ended exactly there (:func:`state_stored`); otherwise it stores none
-  (vLLM never materialized it). A hit resumes only at the end of a chunk that
+  ``(p + 1) * block_size`` tokens, written by the step that ends there, or
+  by a longer last prefill step as its internal checkpoint
+  (:class:`Checkpoints`). A chunk stores the state at its end when the step
+  that computed its last token wrote it (:func:`state_stored`); otherwise it
+  stores none (vLLM never materialized it). A hit resumes only at the end of a chunk that
   holds its state, and loads that one state: every earlier state is
   superseded by it.
 
@@ -102,12 +103,58 @@ def held_start(window: int, computed_before: int, chunk_index: int, chunk_tokens
     return min(chunk_tokens, max(0, first - chunk_index * chunk_tokens))
 
 
-def state_stored(chunk_index: int, chunk_tokens: int, computed_after: int) -> bool:
-    """Whether a chunk saved in a step that ends at ``computed_after`` can
-    store its state: only that step wrote the state after exactly the
-    chunk's last token (a step that runs past the chunk's end leaves the
-    state of a later token)."""
-    return computed_after == (chunk_index + 1) * chunk_tokens
+@dataclass(frozen=True)
+class Checkpoints:
+    """Where vLLM's last prefill step of a Mamba group (align mode) also writes
+    the state of an earlier position, its "internal prefill checkpoint": a
+    prompt that fits in one step runs to its end, and the backend exports
+    the state at the last cacheable boundary before it into block
+    ``cdiv(end, block_size) - 2``. The rule is vLLM's
+    (``get_mamba_prefill_checkpoint_position`` and
+    ``is_mamba_prefill_checkpoint_valid`` in ``vllm/v1/kv_cache_interface.py``,
+    which the worker's ``compute_mamba_prefill_checkpoints`` applies),
+    restated here so the scheduler side stays free of vLLM; a test checks it
+    against vLLM's functions.
+
+    ``alignment``: the Mamba spec's ``prefill_checkpoint_alignment`` (0: the
+    backend exports none); ``hash_block`` and ``hit_alignment``: the cache
+    config's ``hash_block_size`` and ``cache_hit_alignment_tokens``."""
+
+    hash_block: int
+    hit_alignment: int
+    alignment: int
+
+    def position(self, start: int, end: int, block_size: int) -> int:
+        """The position whose state a step computing ``[start, end)`` exports into
+        block ``position // block_size - 1``, or 0 if it exports none there."""
+        if self.alignment <= 0 or self.hit_alignment <= 0 or end < 1:
+            return 0
+        pos = max((end - 1) // self.hit_alignment * self.hit_alignment, 0)
+        col = -(-end // block_size) - 2
+        valid = (start % self.hash_block == 0
+                 and col > (start - 1) // block_size
+                 and start + self.hash_block <= pos
+                 and start < pos < end
+                 and (pos - start) % self.alignment == 0)
+        # Only a block-aligned checkpoint lands in the block of its position.
+        if not valid or pos % block_size or pos // block_size - 1 != col:
+            return 0
+        return pos
+
+
+def state_stored(chunk_index: int, chunk_tokens: int, computed_before: int,
+                 computed_after: int, block_size: int,
+                 checkpoints: Checkpoints | None = None) -> bool:
+    """Whether a chunk saved in the step that computed ``[computed_before,
+    computed_after)`` can store its state: only if that step wrote the state
+    after exactly the chunk's last token, as the step's end or as its
+    internal checkpoint (a step that merely runs past the chunk's end leaves
+    the state of a later token)."""
+    end = (chunk_index + 1) * chunk_tokens
+    if computed_after == end:
+        return True
+    return checkpoints is not None and \
+        checkpoints.position(computed_before, computed_after, block_size) == end
 
 
 def covered(groups: Sequence[GroupSpec], starts: Sequence[Sequence[int]], first_chunk: int,

@@ -31,7 +31,7 @@ from s3kv.config import parse_settings
 from s3kv.errors import WeightsUnresolved
 from s3kv.groups import describe_groups
 from s3kv.stats import Counters
-from s3kv.vllm.hybrid import check_state_sharding, group_specs
+from s3kv.vllm.hybrid import check_state_sharding, group_specs, state_checkpoints
 from s3kv.vllm.metadata import S3KVMetadata
 from s3kv.vllm.namespace import build_fingerprint
 from s3kv.vllm.stats import S3KVPromMetrics, S3KVStats
@@ -124,8 +124,13 @@ class S3KVConnector(KVConnectorBase_V1, SupportsHMA):
         if role == KVConnectorRole.SCHEDULER:
             from s3kv.vllm.scheduler_side import SchedulerSide
 
-            self._sched = SchedulerSide(self.settings, fp, block_size, can_load,
-                                        can_save, self.counters, groups=groups)
+            checkpoints = state_checkpoints(vllm_config, kv_cache_config)
+            if any(g.kind == "state" for g in groups):
+                log.info("s3kv: SSM states are stored where vLLM writes them: at step ends%s",
+                         " and prefill checkpoints" if checkpoints else "")
+            self._sched = SchedulerSide(
+                self.settings, fp, block_size, can_load, can_save, self.counters,
+                groups=groups, checkpoints=checkpoints)
             log.info("s3kv: namespace %s in s3://%s/%s", fp.namespace,
                      self.settings.store.bucket, self.settings.store.prefix)
         else:

@@ -15,7 +15,7 @@ from __future__ import annotations
 from typing import Any
 
 from s3kv.errors import ConfigError
-from s3kv.groups import GroupSpec
+from s3kv.groups import Checkpoints, GroupSpec
 
 HMA_FLAG = "--disable-hybrid-kv-cache-manager"
 
@@ -120,3 +120,25 @@ def check_state_sharding(groups: tuple[GroupSpec, ...], num_kv_heads: int, atten
             f"with SSM layers every rank stores its own shard, but {tp_size} ranks share "
             f"{'one MLA latent' if attention == 'mla' else f'{num_kv_heads} KV heads'}",
             choices=f"at most {1 if attention == 'mla' else num_kv_heads}")
+
+
+def state_checkpoints(vllm_config: Any, kv_cache_config: Any) -> Checkpoints | None:
+    """Where the engine's Mamba groups also write a state inside a step (their
+    internal prefill checkpoints, ``s3kv.groups.Checkpoints``); None if they
+    write none, or if the engine does not say how (then only states at step
+    ends are stored: fewer hits, never a wrong state)."""
+    from vllm.v1.kv_cache_interface import MambaSpec
+
+    specs = [g.kv_cache_spec for g in getattr(kv_cache_config, "kv_cache_groups", None) or []
+             if isinstance(g.kv_cache_spec, MambaSpec)]
+    cache = vllm_config.cache_config
+    hash_block = getattr(cache, "hash_block_size", None)
+    hit_alignment = getattr(cache, "cache_hit_alignment_tokens", None)
+    alignments = {(int(getattr(s, "num_prefill_checkpoint_blocks", 0) or 0) > 0,
+                   getattr(s, "prefill_checkpoint_alignment", None)) for s in specs}
+    if not specs or not hash_block or not hit_alignment or len(alignments) != 1:
+        return None
+    enabled, alignment = alignments.pop()
+    if not enabled or not alignment:
+        return None
+    return Checkpoints(int(hash_block), int(hit_alignment), int(alignment))

@@ -23,7 +23,14 @@ from typing import TYPE_CHECKING, Any
 
 from s3kv.admission import REQUEST_FLAG
 from s3kv.config import Settings
-from s3kv.groups import GroupSpec, covered, held_start, state_stored, store_start
+from s3kv.groups import (
+    Checkpoints,
+    GroupSpec,
+    covered,
+    held_start,
+    state_stored,
+    store_start,
+)
 from s3kv.index import CacheIndex
 from s3kv.keys import ChunkRef, Fingerprint, chunk_id
 from s3kv.manifest import Manifest
@@ -64,9 +71,11 @@ class SchedulerSide:
     def __init__(
         self, settings: Settings, fingerprint: Fingerprint, block_size: int,
         can_load: bool, can_save: bool, counters: Counters, index: CacheIndex | None = None,
-        groups: tuple[GroupSpec, ...] = (),
+        groups: tuple[GroupSpec, ...] = (), checkpoints: Checkpoints | None = None,
     ) -> None:
         self.settings = settings
+        # Where vLLM's Mamba groups also write a state inside a step (s3kv.groups).
+        self.checkpoints = checkpoints
         # vLLM's KV cache groups (s3kv.vllm.hybrid); empty: one group of every layer.
         self.groups = groups or (GroupSpec("full", ("*",)),)
         self._windowed = any(g.kind == "window" for g in self.groups)
@@ -355,7 +364,7 @@ class SchedulerSide:
         and only those the request still holds: a block vLLM freed during this
         step may already hold another request's KV (``s3kv.groups``). A state
         group stores the block holding the state at the chunk's end if this
-        step ended there (``state_stored``), else nothing (start at the end)."""
+        step wrote it (``state_stored``), else nothing (start at the end)."""
         bpc, bs = self.blocks_per_chunk, self.block_size
         if len(st.block_ids) != len(self.groups):
             return None
@@ -366,8 +375,9 @@ class SchedulerSide:
                 row = st.block_ids[g]
                 last = (ci + 1) * bpc - 1
                 bid = row[last] if last < len(row) else NULL_BLOCK_ID
-                if state_stored(ci, self.chunk_tokens, computed_after) \
-                        and bid != NULL_BLOCK_ID:
+                if bid != NULL_BLOCK_ID and state_stored(
+                        ci, self.chunk_tokens, computed_before, computed_after, bs,
+                        self.checkpoints):
                     blocks_out.append((bid,))
                     starts.append(0)
                 else:

@@ -21,10 +21,12 @@ from vllm.v1.kv_cache_interface import (
     KVCacheGroupSpec,
     MambaSpec,
     SlidingWindowSpec,
+    get_mamba_prefill_checkpoint_position,
+    is_mamba_prefill_checkpoint_valid,
 )
 
 from s3kv.errors import ConfigError
-from s3kv.groups import first_needed_token
+from s3kv.groups import Checkpoints, first_needed_token
 from s3kv.vllm.hybrid import check_state_sharding, group_specs
 
 BS = 16
@@ -45,6 +47,29 @@ def test_first_needed_token_is_the_block_vllm_still_holds(window: int) -> None:
     for end in range(0, 3000, 7):
         skipped = SlidingWindowManager.get_num_skipped_tokens(manager, end)  # type: ignore[arg-type]
         assert first_needed_token(window, end, BS) == skipped // BS * BS, (window, end)
+
+
+@pytest.mark.parametrize(("hash_block", "hit_alignment", "alignment"),
+                         [(16, 16, 1), (16, 16, 8), (8, 16, 1), (16, 8, 1), (16, 16, 0)])
+def test_checkpoints_are_where_vllm_writes_them(hash_block: int, hit_alignment: int,
+                                                alignment: int) -> None:
+    """Every step ``[start, end)``: s3kv takes a state from inside the step
+    exactly where vLLM's rule puts its internal checkpoint, and only where it
+    lands in the block of its own position (``cdiv(end, BS) - 2``)."""
+    cp = Checkpoints(hash_block, hit_alignment, alignment)
+    seen = 0
+    for start in range(0, 200, 8):
+        for end in range(start + 1, start + 140, 3):
+            pos = get_mamba_prefill_checkpoint_position(end, hit_alignment, False)
+            valid = is_mamba_prefill_checkpoint_valid(
+                query_start=start, query_end=end, checkpoint_position=pos,
+                hash_block_size=hash_block, mamba_block_size=BS,
+                checkpoint_alignment=alignment or None)
+            in_own_block = pos % BS == 0 and pos // BS - 1 == -(-end // BS) - 2
+            want = pos if valid and in_own_block else 0
+            assert cp.position(start, end, BS) == want, (start, end)
+            seen += want > 0
+    assert seen > 0 or alignment == 0
 
 
 def test_full_and_window_groups_are_read_in_vllm_order() -> None:

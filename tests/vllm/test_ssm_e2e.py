@@ -64,6 +64,9 @@ def test_state_is_stored_at_chunk_ends_and_a_hit_resumes_from_it(
     cold = run_engine(job(model, prompts, on, **ONE_BLOCK_STEPS))
     assert cold.outputs == baseline.outputs
     assert ssm_groups(cold), cold.stderr[-2000:]
+    # The engine tells s3kv where vLLM also writes states inside a step.
+    assert "SSM states are stored where vLLM writes them: at step ends and prefill " \
+        "checkpoints" in cold.stderr
     assert cold.raw["kv_cache_tokens"] == baseline.raw["kv_cache_tokens"]
     found = manifests(s3, on["bucket"])
     assert len(found) == unique_chunks(prompts)
