@@ -153,3 +153,49 @@ def create_nemotron_h_model(path: Path) -> Path:
         return _long_memory(NemotronHForCausalLM(NemotronHConfig(**kwargs)), key)
 
     return _write(path, key, build)
+
+
+def create_zamba2_model(path: Path) -> Path:
+    """Zamba2 shape: Mamba2 layers, every other one also running the one shared
+    attention block; 128-token blocks (vLLM's choice for its page sizes)."""
+    key = {"arch": "zamba2", "layers": 4, "hidden": 256, "d_state": 64, "seed": 0,
+           "A_log": -8.0, "in_proj_scale": 10.0}
+
+    def build() -> Any:
+        from transformers import Zamba2Config, Zamba2ForCausalLM
+
+        kwargs: dict[str, Any] = dict(
+            vocab_size=1024, hidden_size=256, num_hidden_layers=4,
+            layers_block_type=["linear_attention", "hybrid", "linear_attention", "hybrid"],
+            mamba_d_state=64, mamba_d_conv=4, mamba_expand=2, mamba_ngroups=1,
+            n_mamba_heads=8, chunk_size=128, num_attention_heads=4, num_key_value_heads=4,
+            num_mem_blocks=1, use_mem_rope=True, max_position_embeddings=4096,
+            torch_dtype="float32", bos_token_id=1, eos_token_id=2, pad_token_id=0,
+        )
+        return _long_memory(Zamba2ForCausalLM(Zamba2Config(**kwargs)), key)
+
+    return _write(path, key, build)
+
+
+def create_granite_hybrid_model(path: Path) -> Path:
+    """Granite 4.0-H shape: Mamba2 layers and one attention layer, MoE 4x top-2."""
+    key = {"arch": "granitemoehybrid", "layers": 4, "hidden": 256, "d_state": 64, "seed": 0,
+           "A_log": -8.0, "in_proj_scale": 10.0}
+
+    def build() -> Any:
+        from transformers import GraniteMoeHybridConfig, GraniteMoeHybridForCausalLM
+
+        kwargs: dict[str, Any] = dict(
+            vocab_size=1024, hidden_size=256, intermediate_size=256, num_hidden_layers=4,
+            layer_types=["linear_attention", "full_attention", "linear_attention",
+                         "linear_attention"],
+            num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+            num_experts_per_tok=2, shared_intermediate_size=256,
+            position_embedding_type="rope", mamba_n_heads=8, mamba_d_head=64,
+            mamba_n_groups=1, mamba_d_state=64, mamba_d_conv=4, mamba_expand=2,
+            mamba_chunk_size=128, max_position_embeddings=4096, torch_dtype="float32",
+            bos_token_id=1, eos_token_id=2, pad_token_id=0,
+        )
+        return _long_memory(GraniteMoeHybridForCausalLM(GraniteMoeHybridConfig(**kwargs)), key)
+
+    return _write(path, key, build)

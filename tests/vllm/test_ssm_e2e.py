@@ -1,7 +1,8 @@
 """SSM hybrids end to end: Mamba2 state stored at chunk ends and loaded at a hit's end.
 
-The Falcon-H1 shape runs every layer's attention and Mamba2 mixer side by
-side: one full-attention KV cache group and one Mamba group. vLLM's CPU
+Four Mamba2 hybrid shapes: Falcon-H1 (every layer's attention and Mamba2
+mixer side by side: one full-attention KV cache group and one Mamba group),
+Nemotron-H, Zamba2 and Granite 4.0-H (Mamba groups beside attention ones). vLLM's CPU
 Mamba2 kernel keeps the state at block boundaries ("align" mode, which
 prefix caching selects) only when no step computes more than one block, so
 these engines schedule at most one block per step (``max_num_batched_tokens``
@@ -20,7 +21,12 @@ import torch
 from s3kv.keys import chain_chunk_ids
 from tests.s3server import S3Endpoint
 from tests.vllm.harness import CHUNK, TMP, EngineResult, job, run_engine
-from tests.vllm.models import create_falcon_h1_model, create_nemotron_h_model
+from tests.vllm.models import (
+    create_falcon_h1_model,
+    create_granite_hybrid_model,
+    create_nemotron_h_model,
+    create_zamba2_model,
+)
 from tests.vllm.test_connector_e2e import manifests, unique_chunks
 from tests.vllm.test_layouts_e2e import chunks_of, expected_hits
 
@@ -167,6 +173,33 @@ def test_nemotron_h_shape_stores_each_mamba_group_as_its_own_section(
     assert warm.counters.get("workers.load_failures", 0) == 0
     assert warm.counters["workers.bytes_loaded"] == (
         chunks_of(prompts) * attn + len(prompts) * 2 * STATE_BYTES)
+
+
+@pytest.mark.parametrize(("build", "block"), [(create_zamba2_model, 128),
+                                              (create_granite_hybrid_model, 256)],
+                         ids=["zamba2", "granite-4.0-h"])
+def test_other_mamba2_shapes_resume_from_their_state(
+    build: Any, block: int, prompts: list[list[int]], s3_endpoint: S3Endpoint, s3: Any,
+) -> None:
+    """Zamba2 (shared attention every other layer, 128-token blocks: two per
+    chunk, a state every second step) and Granite 4.0-H (three Mamba groups,
+    MoE): every chunk holds each group's state, and hits match."""
+    model = build(TMP / "models" / f"tiny-{build.__name__}")
+    steps: dict[str, Any] = {"max_num_batched_tokens": block}
+    base = run_engine(job(model, prompts, **steps))
+    groups = base.raw["kv_cache_groups"]
+    assert {g["block_size"] for g in groups} == {block}
+    assert sum(g["kind"] == "MambaSpec" for g in groups) >= 2
+    on = {"bucket": s3_endpoint.new_bucket("ssm-more"), "endpoint_url": s3_endpoint.url}
+    cold = run_engine(job(model, prompts, on, **steps))
+    assert cold.outputs == base.outputs
+    found = manifests(s3, on["bucket"])
+    assert len(found) == unique_chunks(prompts)
+    assert all(m.starts == (0,) * len(groups) for m in found.values())
+    warm = run_engine(job(model, prompts, on, kv_role="kv_consumer", **steps))
+    assert warm.outputs == base.outputs
+    assert warm.counters["hit_tokens"] == expected_hits(prompts, block) > 0
+    assert warm.counters.get("workers.load_failures", 0) == 0
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(),
