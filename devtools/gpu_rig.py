@@ -48,6 +48,8 @@ class Rig:
     num_blocks: int = 64
     dtype: str = "bfloat16"
     max_inflight_mib: int = 1024
+    # How long loads may take: the engine's max_cache_wait_s and every load's deadline.
+    wait_s: float = 60.0
     # vLLM's KV cache groups (hybrid models); empty: one group of every layer.
     groups: tuple[GroupSpec, ...] = ()
     store: MemoryStore = field(default_factory=MemoryStore)
@@ -57,7 +59,7 @@ class Rig:
 
     def __post_init__(self) -> None:
         settings = parse_settings({"bucket": "gpu-check", "chunk_tokens": self.chunk_tokens,
-                                   "load_timeout_s": 60.0,
+                                   "max_cache_wait_s": self.wait_s,
                                    "max_inflight_mib": self.max_inflight_mib})
         if self.layout.mla:
             self.heads = 1  # one latent, shared by every rank
@@ -169,7 +171,7 @@ class Rig:
     def load_meta(self, req_id: str, cid: str, dest: list[int]) -> S3KVMetadata:
         m = self.manifest(cid)
         chunk = LoadChunk(m, (tuple(enumerate(dest)),))
-        return S3KVMetadata(loads=[LoadRequest(req_id, (chunk,))])
+        return S3KVMetadata(loads=[LoadRequest(req_id, (chunk,), self.wait_s)])
 
     def flush(self) -> None:
         if self.worker is None or not self.worker.flush(timeout=120):

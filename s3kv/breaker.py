@@ -43,23 +43,23 @@ STALL_MISSES = 3
 class Breaker:
     """Open/closed switch in front of the store.
 
-    With a ``probe`` it stays open until a probe succeeds; without one (unit
-    uses, tools) it reopens for a request after ``cooldown_s``.
-    ``stall_s`` gives how long the store may answer nothing at all, while
-    lookups miss their deadlines, before that counts as an outage.
+    Once open it stays open until ``probe`` (run on ``io`` every
+    ``probe_interval_s``, backing off, each try bounded by ``probe_timeout_s``)
+    gets an answer. ``stall_s`` gives how long the store may answer nothing
+    at all, while lookups miss their deadlines, before that counts as an
+    outage.
     """
 
     def __init__(
-        self, cooldown_s: float = 30.0, *,
-        probe: Callable[[], Awaitable[object]] | None = None,
-        io: Submitter | None = None,
+        self, *,
+        probe: Callable[[], Awaitable[object]],
+        io: Submitter,
         probe_interval_s: float = 1.0,
         probe_timeout_s: Callable[[], float] | None = None,
         stall_s: Callable[[], float] | None = None,
         counters: Counters | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self._cooldown = cooldown_s
         self._probe = probe
         self._io = io
         self._interval = probe_interval_s
@@ -69,7 +69,6 @@ class Breaker:
         self._clock = clock
         self._open = False
         self._opened_at = 0.0
-        self._open_until = 0.0
         self._probing = False
         self._lock = threading.Lock()
         self._last_answer = clock()
@@ -77,10 +76,7 @@ class Breaker:
 
     def allow(self) -> bool:
         with self._lock:
-            if not self._open:
-                return True
-            # Without a prober, the first request after the cool-down is the probe.
-            return self._probe is None and self._clock() >= self._open_until
+            return not self._open
 
     @property
     def is_open(self) -> bool:
@@ -93,14 +89,11 @@ class Breaker:
         """The store answered a request (a 404 is an answer): it is up.
 
         Called from the I/O thread as rounds complete. It never closes an
-        open breaker by itself when a prober runs: the probe, with its own
-        deadline, decides that, so one lucky answer cannot make it flap."""
+        open breaker by itself: the probe, with its own deadline, decides
+        that, so one lucky answer cannot make it flap."""
         with self._lock:
             self._last_answer = self._clock()
             self._misses = 0
-            reopen = self._open and self._probe is None
-        if reopen:
-            self.success()
 
     def missed(self, what: str) -> None:
         """A lookup got no answer within its deadline: evidence only in numbers."""
@@ -129,31 +122,27 @@ class Breaker:
             self._counters.add("breaker_opens_errors")
 
     def _trip(self, reason: str) -> bool:
-        """Open (True) or, if already open, extend the cool-down (False)."""
+        """Open (True), or False if it already was."""
         with self._lock:
-            self._open_until = self._clock() + self._cooldown
             if self._open:
                 return False
             self._open = True
             self._opened_at = self._clock()
-            start_probe = self._probe is not None and self._io is not None and not self._probing
-            if start_probe:
-                self._probing = True
-        retry = (f"probing every {self._interval:g}s" if self._probe is not None
-                 else f"retrying in {self._cooldown:.0f}s")
-        log.warning("s3kv: %s; serving without the cache, %s", reason, retry)
+            start_probe = not self._probing
+            self._probing = True
+        log.warning("s3kv: %s; serving without the cache, probing every %gs",
+                    reason, self._interval)
         if self._counters is not None:
             self._counters.add("breaker_opens")
-        if start_probe and self._io is not None:
+        if start_probe:
             self._io.submit(self._probe_loop())
         return True
 
     def success(self) -> None:
-        """The store answered in time again (a probe, or a request after the cool-down)."""
+        """The store answered a probe in time: close."""
         with self._lock:
             was_open = self._open
             self._open = False
-            self._open_until = 0.0
             self._last_answer = self._clock()
             self._misses = 0
             off = self._last_answer - self._opened_at
@@ -167,16 +156,15 @@ class Breaker:
         interval = self._interval
         while True:
             with self._lock:
-                if not self._open or self._probe is None:
+                if not self._open:
                     # Cleared under the lock: a failure from now on starts a new prober.
                     self._probing = False
                     return
-                probe = self._probe
             await asyncio.sleep(interval)
             if self._counters is not None:
                 self._counters.add("breaker_probes")
             try:
-                await asyncio.wait_for(probe(), self._probe_timeout())
+                await asyncio.wait_for(self._probe(), self._probe_timeout())
             except (NotFound, AlreadyExists):
                 pass  # an answer is an answer
             except Exception:  # timed out, refused, denied: still down

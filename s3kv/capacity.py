@@ -24,6 +24,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal, cast
 
+from s3kv.config import Settings
+
 PRICES = {
     "standard": {"put_per_1k": 0.005, "get_per_1k": 0.0004, "storage_gb_month": 0.023,
                  "upload_per_gb_over_512k": 0.0, "retrieval_per_gb_over_512k": 0.0},
@@ -57,7 +59,7 @@ class Workload:
     tp: int
     prefill_tokens_per_s: float  # tokens each engine prefills (computes) per second
     reuse: float  # fraction of prompt tokens served from the cache
-    chunk_tokens: int = 256
+    chunk_tokens: int = Settings.chunk_tokens
     ttl_days: float = 1.0
     engines: int = 1
     admitted: float = 1.0  # fraction of new chunks saved (admission policy)
@@ -186,7 +188,7 @@ def build_workload(
     dtype: str | None = None,
     tp: int = 1,
     reuse: float = 0.3,
-    chunk_tokens: int = 256,
+    chunk_tokens: int = Settings.chunk_tokens,
     ttl_days: float = 1.0,
     engines: int = 1,
     admitted: float = 1.0,

@@ -15,20 +15,24 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import re
 import types
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
+from types import MappingProxyType
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 from s3kv.admission import Mode as Admission
 from s3kv.errors import ConfigError
 
+log = logging.getLogger("s3kv.config")
+
 Backend = Literal["obstore", "aioboto3"]
 AddressingStyle = Literal["auto", "path", "virtual"]
-
-DEFAULT_BACKEND: Backend = "obstore"
-DEFAULT_CHUNK_TOKENS = 256
+# "prompt_end": the chunk a repeat of the prompt resumes at; "all": every chunk
+# whose state vLLM wrote (s3kv.groups, README "Hybrid models").
+SsmStates = Literal["prompt_end", "all"]
 
 _BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](--[a-z0-9\-]+--x-s3)?$")
 _PREFIX_RE = re.compile(r"^[A-Za-z0-9!\-_.*'()/]+$")
@@ -36,13 +40,17 @@ _PREFIX_RE = re.compile(r"^[A-Za-z0-9!\-_.*'()/]+$")
 
 @dataclass(frozen=True)
 class StoreSettings:
-    """Where the objects live and how to talk to the endpoint."""
+    """Where the objects live and how to talk to the endpoint.
+
+    Every default is written here and in :class:`Settings`, nowhere else:
+    code that needs one reads the class attribute (``StoreSettings.prefix``).
+    """
 
     bucket: str
     prefix: str = "s3kv"
     endpoint_url: str | None = None
     region: str | None = None
-    backend: Backend = DEFAULT_BACKEND
+    backend: Backend = "obstore"
     addressing_style: AddressingStyle = "auto"
     connect_timeout_s: float = 2.0
     request_timeout_s: float = 30.0
@@ -55,12 +63,14 @@ class Settings:
     """Everything the connector needs; ``store`` is shared with the CLI."""
 
     store: StoreSettings
-    chunk_tokens: int = DEFAULT_CHUNK_TOKENS
+    chunk_tokens: int = 256
     max_inflight_mib: int = 1024
-    load_timeout_s: float = 30.0
+    # The absolute bound on any wait for the cache: lookups and loads alike.
+    max_cache_wait_s: float = 30.0
     lookup_wait_fraction: float = 0.1
     load_wait_fraction: float = 1.0
-    min_wait_s: float = 0.1
+    # The floors of the lookup and the load deadlines (s3kv.deadlines).
+    min_lookup_wait_s: float = 0.1
     min_load_wait_s: float = 1.0
     latency_factor: float = 4.0
     probe_interval_s: float = 1.0
@@ -73,11 +83,23 @@ class Settings:
     hedge_reads: bool = True
     hedge_quantile: float = 0.95
     hedge_budget: float = 0.1
+    # Which chunks of an SSM hybrid carry their recurrent state (s3kv.groups).
+    ssm_states: SsmStates = "prompt_end"
 
+
+DEFAULT_BACKEND: Backend = StoreSettings.backend
+DEFAULT_CHUNK_TOKENS = Settings.chunk_tokens
 
 _STORE_KEYS = {f.name for f in fields(StoreSettings)}
 _TOP_KEYS = {f.name for f in fields(Settings)} - {"store"}
 ALL_KEYS = frozenset(_STORE_KEYS | _TOP_KEYS)
+
+# Old key -> the key that replaced it. An old key still works, with a warning;
+# giving both for one setting is an error. Not in ALL_KEYS: never advertised.
+DEPRECATED_KEYS: Mapping[str, str] = MappingProxyType({
+    "load_timeout_s": "max_cache_wait_s",
+    "min_wait_s": "min_lookup_wait_s",
+})
 
 
 def check_type(key: str, value: Any, annotation: Any, default: Any = None) -> Any:
@@ -163,13 +185,15 @@ def _literal_choices(literal: Any) -> list[Any]:
     return list(get_args(literal))  # typing already flattens nested Literals
 
 
-def _validate_semantics(values: dict[str, Any]) -> None:
+def _validate_semantics(values: dict[str, Any], written: Mapping[str, str]) -> None:
+    """``written``: the key each value was given under, where that was a
+    deprecated alias, so that an error names what the user wrote."""
     bucket = values.get("bucket")
     if not isinstance(bucket, str) or not bucket:
         raise ConfigError("bucket", "is required (the S3 bucket that holds the cache)")
     if not _BUCKET_RE.match(bucket):
         raise ConfigError("bucket", f"{bucket!r} is not a valid S3 bucket name")
-    prefix = values.get("prefix", "s3kv")
+    prefix = values.get("prefix", StoreSettings.prefix)
     if isinstance(prefix, str):
         norm = prefix.strip("/")
         if not norm or "//" in norm or not _PREFIX_RE.match(norm):
@@ -180,13 +204,15 @@ def _validate_semantics(values: dict[str, Any]) -> None:
     endpoint = values.get("endpoint_url")
     if isinstance(endpoint, str) and not re.match(r"^https?://[^/\s]+", endpoint):
         raise ConfigError("endpoint_url", f"{endpoint!r} must start with http:// or https://")
-    ceiling = values.get("load_timeout_s", 30.0)
-    for key, default in (("min_wait_s", 0.1), ("min_load_wait_s", 1.0)):
-        floor = values.get(key, default)
+    bound = "max_cache_wait_s"
+    ceiling = values.get(bound, Settings.max_cache_wait_s)
+    for key in ("min_lookup_wait_s", "min_load_wait_s"):
+        floor = values.get(key, getattr(Settings, key))
         if (isinstance(floor, (int, float)) and isinstance(ceiling, (int, float))
                 and not isinstance(floor, bool) and not isinstance(ceiling, bool)
                 and ceiling > 0 and floor > ceiling):
-            raise ConfigError(key, f"{floor!r} exceeds load_timeout_s={ceiling!r}, "
+            raise ConfigError(written.get(key, key),
+                              f"{floor!r} exceeds {written.get(bound, bound)}={ceiling!r}, "
                               "the absolute bound on every wait")
     for key in ("lookup_wait_fraction", "load_wait_fraction"):
         frac = values.get(key)
@@ -200,7 +226,7 @@ def _validate_semantics(values: dict[str, Any]) -> None:
                 and not (0 < val < 1 or (closed and val == 1))):
             interval = "(0, 1]" if closed else "(0, 1)"
             raise ConfigError(key, f"{val!r} is out of range; use a value in {interval}")
-    tag = values.get("namespace_tag", "")
+    tag = values.get("namespace_tag", Settings.namespace_tag)
     if isinstance(tag, str) and len(tag) > 128:
         raise ConfigError("namespace_tag", "must be at most 128 characters")
 
@@ -209,20 +235,39 @@ def parse_settings(raw: Mapping[str, Any]) -> Settings:
     """Parse a flat mapping (``kv_connector_extra_config``) into :class:`Settings`."""
     if not isinstance(raw, Mapping):
         raise ConfigError("kv_connector_extra_config", "must be a mapping of keys to values")
-    unknown = sorted(set(raw) - ALL_KEYS)
+    unknown = sorted(set(raw) - ALL_KEYS - set(DEPRECATED_KEYS))
     if unknown:
         raise ConfigError(unknown[0], "unknown key", choices=sorted(ALL_KEYS))
-    values = dict(raw)
-    _validate_semantics(values)
+    values, written = _rename_deprecated(raw)
+    _validate_semantics(values, written)
     store_kwargs: dict[str, Any] = {}
     top_kwargs: dict[str, Any] = {}
+    hints = _field_hints()
     for cls, target in ((StoreSettings, store_kwargs), (Settings, top_kwargs)):
         for f in fields(cls):
             if f.name == "store" or f.name not in values:
                 continue
             default = f.default if f.default is not dataclasses.MISSING else None
-            target[f.name] = check_type(f.name, values[f.name], f.type, default)
+            target[f.name] = check_type(written.get(f.name, f.name), values[f.name],
+                                        hints[f.name], default)
     return Settings(store=StoreSettings(**store_kwargs), **top_kwargs)
+
+
+def _rename_deprecated(raw: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
+    """``raw`` with deprecated keys under their new names, and the new name of
+    each one that was used mapped to the old name it was given under."""
+    values = dict(raw)
+    written: dict[str, str] = {}
+    for old, new in DEPRECATED_KEYS.items():
+        if old not in values:
+            continue
+        if new in values:
+            raise ConfigError(old, f"is the deprecated name of {new!r}, which is given too; "
+                              f"keep only {new!r}")
+        log.warning("s3kv: config key %r is deprecated; use %r (the same setting)", old, new)
+        values[new] = values.pop(old)
+        written[new] = old
+    return values, written
 
 
 def settings_to_mapping(settings: Settings) -> dict[str, Any]:
@@ -236,6 +281,7 @@ __all__ = [
     "ALL_KEYS",
     "DEFAULT_BACKEND",
     "DEFAULT_CHUNK_TOKENS",
+    "DEPRECATED_KEYS",
     "Settings",
     "StoreSettings",
     "check_type",

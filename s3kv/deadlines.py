@@ -11,18 +11,19 @@ by
 * a ceiling: ``latency_factor`` times what the store normally takes (a high
   percentile of recent lookup round trips; the usual seconds per byte of loads),
   so a store that has stalled is noticed long before the budget runs out;
-* a floor, ``min_wait_s`` for lookups and ``min_load_wait_s`` for loads, so
-  that short prompts on fast engines still get a chance at a hit, and an
-  absolute bound, ``load_timeout_s``, for operators. A chance at a hit means
-  at least what the store takes to answer 99 rounds in 100 (hedged reads,
-  :mod:`s3kv.store.hedged`, have already cut its tail): against a store
-  that is slow but healthy (a bucket in another region, disks under load, a
-  share of slow answers), the lookup floor rises to ``TYPICAL_FACTOR``
-  times the 99th percentile of its round trips. Only so far, though: up to
-  ``FLOOR_STRETCH`` times ``min_wait_s``. A store whose usual round trip
-  is beyond ``STALLED_STRETCH`` times ``min_wait_s`` is not "slow but
-  healthy" for a lookup but stalled, and waiting for it is what the floor
-  exists to bound: the floor is ``min_wait_s`` again.
+* a floor, ``min_lookup_wait_s`` for lookups and ``min_load_wait_s`` for
+  loads, so that short prompts on fast engines still get a chance at a hit,
+  and an absolute bound on any wait, ``max_cache_wait_s``, for operators. A
+  chance at a hit means at least what the store takes to answer 99 rounds in
+  100 (hedged reads, :mod:`s3kv.store.hedged`, have already cut its tail):
+  against a store that is slow but healthy (a bucket in another region,
+  disks under load, a share of slow answers), the lookup floor rises to
+  ``TYPICAL_FACTOR`` times the 99th percentile of its round trips. Only so
+  far, though: up to ``FLOOR_STRETCH`` times ``min_lookup_wait_s``. A store
+  whose usual round trip is beyond ``STALLED_STRETCH`` times
+  ``min_lookup_wait_s`` is not "slow but healthy" for a lookup but stalled,
+  and waiting for it is what the floor exists to bound: the floor is
+  ``min_lookup_wait_s`` again.
 
 Before the engine has timed a prefill, the recompute side is unknown and
 the wait is the floor, which follows the store's latency from its first
@@ -46,9 +47,9 @@ _EWMA_ALPHA = 0.2
 # A round trip within this many times the store's 99th percentile is "as usual".
 TYPICAL_FACTOR = 1.25
 TYPICAL_QUANTILE = 0.99
-# The lookup floor follows a slow store up to this many times min_wait_s; a
-# store whose usual round trip is beyond STALLED_STRETCH times min_wait_s is
-# not slow but stalled, and gets min_wait_s.
+# The lookup floor follows a slow store up to this many times min_lookup_wait_s;
+# a store whose usual round trip is beyond STALLED_STRETCH times
+# min_lookup_wait_s is not slow but stalled, and gets min_lookup_wait_s.
 FLOOR_STRETCH = 4.0
 STALLED_STRETCH = 10.0
 
@@ -130,7 +131,7 @@ class Deadlines:
 
     def _bounded(self, budget: float | None, ceiling: float | None,
                  floor: float | None = None) -> float:
-        floor = self._s.min_wait_s if floor is None else floor
+        floor = self._s.min_lookup_wait_s if floor is None else floor
         wait = math.inf
         if budget is not None:
             wait = budget
@@ -138,7 +139,7 @@ class Deadlines:
             wait = min(wait, ceiling)
         if math.isinf(wait):
             wait = floor  # nothing measured yet: the conservative default
-        return min(self._s.load_timeout_s, max(floor, wait))
+        return min(self._s.max_cache_wait_s, max(floor, wait))
 
     def lookup_s(self, tokens: int) -> float:
         """How long a lookup that could save ``tokens`` tokens may go without progress.
@@ -154,15 +155,15 @@ class Deadlines:
         if budget is None:
             # No prefill timed yet (the first requests): nothing says a recompute
             # is slow, so the wait is the floor (what the store usually takes).
-            return min(self._s.load_timeout_s, floor)
+            return min(self._s.max_cache_wait_s, floor)
         return self._bounded(budget, ceiling, floor)
 
     def lookup_floor_s(self) -> float:
-        """``min_wait_s``, or what the store usually takes if it is slower.
+        """``min_lookup_wait_s``, or what the store usually takes if it is slower.
 
         The first sample is the start-up read (s3kv.index), so the first
         lookups of an engine already wait what this store takes."""
-        floor = self._s.min_wait_s
+        floor = self._s.min_lookup_wait_s
         typical = self.rounds.high(TYPICAL_QUANTILE)
         if typical is None:
             return floor
@@ -190,7 +191,7 @@ class Deadlines:
         0.1 s would keep the cache off against a healthy far-away bucket."""
         high = self.rounds.high()
         ceiling = 0.0 if high is None else self._s.latency_factor * high
-        return min(self._s.load_timeout_s, max(self._s.min_load_wait_s, ceiling))
+        return min(self._s.max_cache_wait_s, max(self._s.min_load_wait_s, ceiling))
 
     def stall_s(self) -> float:
         """How long the store may answer nothing at all, while lookups miss their

@@ -25,24 +25,31 @@ interface is small, never blocks, and comes in pairs like vLLM's
 
 The breaker (:mod:`s3kv.breaker`) hears every answer the store gives and
 every lookup that went unanswered; one late answer never turns the cache off.
+
+Saves also need the server to honour create-only puts (If-None-Match): a
+commit is one manifest written create-only, and a server that overwrites
+instead would let two engines committing one chunk replace each other's
+manifest. The start-up request (in the background, never on the
+scheduler's thread) checks it once with a probe object; where the server
+overwrites, :meth:`CacheIndex.saves_allowed` stays False for the engine's
+life, with one error in the log. Lookups and loads go on: reading is safe.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from s3kv.admission import AdmissionPolicy
 from s3kv.aio import Submitter, io_loop
 from s3kv.breaker import Breaker
 from s3kv.config import Settings
 from s3kv.deadlines import Deadlines
-from s3kv.errors import AlreadyExists, StoreError, Unavailable
+from s3kv.errors import AlreadyExists, ConditionalConflict, StoreError, Unavailable
 from s3kv.keys import Fingerprint, KeyLayout
 from s3kv.lookup import BoundedCache, LRUSet, TTLSet, find_committed_prefix
 from s3kv.manifest import Manifest
@@ -144,7 +151,8 @@ class CacheIndex:
         return index
 
     def wait_started(self, timeout_s: float) -> bool:
-        """Give the start-up write and read-back up to ``timeout_s`` to answer.
+        """Give the start-up requests (the namespace document's write, the probe
+        of create-only puts, the read-back) up to ``timeout_s`` to answer.
 
         Called once while the engine starts, never while serving: a store
         that answers gives the first latency sample before the first request
@@ -166,15 +174,22 @@ class CacheIndex:
     # --- the store's health -------------------------------------------------------
 
     async def _describe_namespace(self, store: ObjectStore) -> None:
-        # Describe the namespace once (for `s3kv ls`); doubles as a start-up probe.
-        # Then read it back: on the connection the write set up, that GET is
-        # what a lookup round costs, the first latency sample, so an engine's
-        # first lookups wait what this store takes (s3kv.deadlines), not the
-        # connection set-up nor the start-up's busy CPU.
+        # Describe the namespace once (for `s3kv ls`); doubles as a start-up probe,
+        # and as the check that the server honours create-only puts (saves
+        # depend on it). Then read the document back: on the connection the
+        # writes set up, that GET is what a lookup round costs, the first
+        # latency sample, so an engine's first lookups wait what this store
+        # takes (s3kv.deadlines), not the connection set-up nor the start-up's
+        # busy CPU.
         doc = self.layout.namespace_doc(self.ns)
+        body = self.fingerprint.document()
         try:
-            with contextlib.suppress(AlreadyExists):
-                await store.put(doc, self.fingerprint.document(), mode="create")
+            try:
+                await store.put(doc, body, mode="create")
+            except AlreadyExists:
+                pass  # there already, and the server said so: the condition holds
+            else:
+                await self._check_conditional_create(store, doc, body)
             self.breaker.answered()
             t0 = time.monotonic()
             await store.get(doc)
@@ -183,6 +198,28 @@ class CacheIndex:
             return
         self.deadlines.observe_round(time.monotonic() - t0)
         self.breaker.answered()
+
+    async def _check_conditional_create(self, store: ObjectStore, doc: str,
+                                        body: bytes) -> None:
+        """The namespace document was just created (or a server that ignores
+        If-None-Match overwrote it): PUT it create-only once more, which must
+        fail. Where it succeeds, ``store.capabilities.conditional_create``
+        becomes False and this engine saves nothing. The document's bytes
+        are the fingerprint's, the same on every engine of the namespace, so
+        the check leaves the bucket as it was and needs no delete."""
+        try:
+            await store.put(doc, body, mode="create")
+        except (AlreadyExists, ConditionalConflict):  # 412, or 409: raced another engine
+            return
+        store.capabilities = replace(store.capabilities, conditional_create=False)
+        endpoint = self.settings.store.endpoint_url or "the default AWS S3 endpoint"
+        log.error(
+            "s3kv: the object store at %s (bucket %r) ignores If-None-Match: a create-only "
+            "PUT of %s, which exists, succeeded where it must fail with 412 Precondition "
+            "Failed. Two engines committing one chunk could then overwrite each other's "
+            "manifest, so this engine saves NOTHING for its whole life; lookups and loads "
+            "go on. Use a server that honours conditional writes (`s3kv doctor` checks it).",
+            endpoint, store.bucket, doc)
 
     async def _probe(self) -> object:
         if self.store is None:
@@ -380,7 +417,9 @@ class CacheIndex:
         :meth:`complete_store` closes."""
         if chunk_id in self._committed or self._is_planned(chunk_id):
             return False
-        if not self.saves_allowed():
+        if not self._conditional_create():
+            return False  # no saves on this server at all (logged at start-up)
+        if not self.breaker.allow():
             # The store is down: uploads would only queue up in memory. The
             # chunk is not remembered, so it is planned again once it is back.
             self.counters.add("saves_skipped_store_down")
@@ -396,8 +435,13 @@ class CacheIndex:
 
     def saves_allowed(self) -> bool:
         """Saves flow unless the breaker is open: slow lookups do not stop them
-        (they are off the forward path and bounded by upload memory)."""
-        return self.breaker.allow()
+        (they are off the forward path and bounded by upload memory). On a
+        server found at start-up to ignore create-only puts, never."""
+        return self._conditional_create() and self.breaker.allow()
+
+    def _conditional_create(self) -> bool:
+        # True until the start-up probe finds otherwise (and with no store).
+        return self.store is None or self.store.capabilities.conditional_create
 
     def complete_store(self, chunk_id: str, ok: bool) -> None:
         """The commit's outcome for a planned chunk: committed, or not (dropped,

@@ -14,6 +14,7 @@ import typer
 
 from s3kv.capacity import Dtype, InputError, StorageClass, build_workload, estimate, render
 from s3kv.cli.common import echo, emit_json
+from s3kv.config import Settings
 
 
 def register(app: typer.Typer) -> None:
@@ -57,7 +58,7 @@ def capacity(
     ] = 0.3,
     chunk_tokens: Annotated[
         int, typer.Option("--chunk-tokens", help="Tokens per stored chunk.")
-    ] = 256,
+    ] = Settings.chunk_tokens,
     ttl_days: Annotated[
         float, typer.Option("--ttl-days", help="How long chunks stay stored.")
     ] = 1.0,

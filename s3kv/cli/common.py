@@ -20,7 +20,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, TypeVar, get_args
 
 import typer
 
@@ -31,7 +31,7 @@ from s3kv.catalog import (
     NamespaceNotFound,
     is_directory_bucket,
 )
-from s3kv.config import Settings, parse_settings
+from s3kv.config import Backend, Settings, StoreSettings, parse_settings
 from s3kv.errors import (
     AccessDenied,
     ConfigError,
@@ -275,7 +275,8 @@ BucketOpt = Annotated[
 PrefixOpt = Annotated[
     str | None,
     typer.Option("--prefix", envvar="S3KV_PREFIX",
-                 help="Key prefix inside the bucket [default: s3kv].", show_default=False),
+                 help=f"Key prefix inside the bucket [default: {StoreSettings.prefix}].",
+                 show_default=False),
 ]
 EndpointOpt = Annotated[
     str | None,
@@ -291,7 +292,8 @@ RegionOpt = Annotated[
 BackendOpt = Annotated[
     str | None,
     typer.Option("--backend", envvar="S3KV_BACKEND",
-                 help="Client library: obstore (default) or aioboto3.", show_default=False),
+                 help=f"Client library: {' or '.join(get_args(Backend))} "
+                      f"[default: {StoreSettings.backend}].", show_default=False),
 ]
 FormatOpt = Annotated[
     OutputFormat,

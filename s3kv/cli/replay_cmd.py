@@ -35,6 +35,7 @@ from s3kv.cli.common import (
     parse_duration,
     parse_size,
 )
+from s3kv.config import Settings
 from s3kv.replay.chunks import distinct_chunk_bytes
 from s3kv.replay.plots import MissingMatplotlib, pyplot, write_plots
 from s3kv.replay.sim import (
@@ -375,7 +376,7 @@ def replay_cmd(
     admission: Annotated[
         Mode, typer.Option("--admission",
                            help="Which new chunks are saved (the connector's admission).")
-    ] = "all",
+    ] = Settings.admission,
     admission_window: Annotated[
         int, typer.Option("--admission-window", metavar="N", min=1,
                           help="Distinct chunks second_sighting remembers.")

@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 from s3kv.admission import MODES
 from s3kv.capacity import DTYPE_BYTES, MODEL_PRESETS, PRICES, kv_bytes_per_token, model_config_shape
+from s3kv.config import Settings
 
 Routing = Literal["random", "round-robin", "prefix-affinity"]
 ROUTINGS: tuple[Routing, ...] = ("random", "round-robin", "prefix-affinity")
@@ -70,11 +71,11 @@ class FleetConfig:
     tp: int = 4
     num_kv_heads: int = 8
     prefill_tokens_per_s: float = 10_000.0  # per engine
-    chunk_tokens: int = 256
+    chunk_tokens: int = Settings.chunk_tokens
     s3: bool = True  # S3 tier on/off
     storage_class: str = "standard"
-    admission: str = "all"  # s3kv.admission.MODES
-    admission_window: int = 1_000_000
+    admission: str = Settings.admission  # s3kv.admission.MODES
+    admission_window: int = Settings.admission_window
     ttl_s: float | None = None  # GC --older-than
     max_bytes: int | None = None  # GC --max-size
     gc_interval_s: float = 600.0

@@ -43,16 +43,21 @@ class UploadInfo:
 
 @dataclass(frozen=True)
 class Capabilities:
-    """What the server really does, as opposed to what S3 documents.
+    """What the server really does, where it may differ from what S3 documents.
 
-    Known deviations (Ceph RGW ignores ``x-amz-checksum-*``; some servers
-    reject quoted ETags in If-Match) are handled inside the backend by
-    consulting these, never in callers.
+    A backend starts from S3's documented behaviour; what is learned about
+    its server later replaces the whole value (``store.capabilities`` is
+    assignable, and wrappers pass the assignment through to the store they
+    wrap, so every holder sees it).
+
+    ``conditional_create``: a ``mode="create"`` put of an existing key fails
+    with AlreadyExists (If-None-Match honoured). Some S3-compatible servers
+    ignore the header and overwrite; there two engines committing one chunk
+    could overwrite each other's manifest. The engine's index probes it at
+    start-up and saves nothing where it does not hold (:mod:`s3kv.index`).
     """
 
     conditional_create: bool = True
-    if_match_quoted_etag: bool = True
-    server_checksums: bool = True
 
 
 @runtime_checkable

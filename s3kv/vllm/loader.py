@@ -93,7 +93,7 @@ class Loader:
         # One deadline for all of the request's chunks, from now: past it a
         # recompute would have been faster than waiting (s3kv.deadlines).
         until = asyncio.get_running_loop().time() + min(lr.deadline_s,
-                                                        self.settings.load_timeout_s)
+                                                        self.settings.max_cache_wait_s)
         results = await asyncio.gather(*(self._load_chunk(ch, issued, until)
                                          for ch in lr.chunks))
         return set(lr.refused_blocks).union(*results)

@@ -34,7 +34,10 @@ class LoadRequest:
     chunks: tuple[LoadChunk, ...]
     # How long the loads may take, from when a worker starts them: past it a
     # recompute would have been faster (s3kv.deadlines). Same on every rank.
-    deadline_s: float = 30.0
+    # Required: the scheduler computes it (Deadlines.load_s, itself at most
+    # Settings.max_cache_wait_s), and the worker caps it at that bound again,
+    # so no default here could silently disagree with the configured one.
+    deadline_s: float
     # Blocks vLLM was promised but that no chunk here fills (the scheduler's
     # alignment guard refused the chunk): reported as load errors at once, so
     # vLLM recomputes them. Empty unless something upstream slipped.

@@ -375,7 +375,7 @@ class SchedulerSide:
                 row = st.block_ids[g]
                 last = (ci + 1) * bpc - 1
                 bid = row[last] if last < len(row) else NULL_BLOCK_ID
-                if bid != NULL_BLOCK_ID and state_stored(
+                if bid != NULL_BLOCK_ID and self._state_wanted(st, ci) and state_stored(
                         ci, self.chunk_tokens, computed_before, computed_after, bs,
                         self.checkpoints):
                     blocks_out.append((bid,))
@@ -399,6 +399,17 @@ class SchedulerSide:
             blocks_out.append(tuple(blocks[first:]))
             starts.append(first * bs)
         return tuple(blocks_out), tuple(starts)
+
+    def _state_wanted(self, st: _Req, ci: int) -> bool:
+        """Whether chunk ``ci`` should carry its SSM state (``ssm_states``): with
+        ``prompt_end`` only the last chunk a repeat of the prompt resumes at,
+        the one ending at or before vLLM's checkpoint of the prompt (its last
+        block boundary before the last token); with ``all`` every chunk."""
+        if self.settings.ssm_states == "all":
+            return True
+        prompt = int(getattr(st.request, "num_prompt_tokens", 0))
+        checkpoint = max(0, (prompt - 1) // self.block_size * self.block_size)
+        return (ci + 1) * self.chunk_tokens == checkpoint // self.chunk_tokens * self.chunk_tokens
 
     # --- outcomes ---------------------------------------------------------------
 

@@ -11,7 +11,7 @@ from typer.testing import CliRunner, Result
 
 from s3kv.cli.app import app
 from s3kv.keys import KeyLayout, new_writer_id
-from tests.cli.helpers import ChunkWriter, fingerprint, list_keys
+from tests.helpers_bucket import ChunkWriter, fingerprint, list_keys
 from tests.s3server import S3Endpoint
 
 PREFIX = "s3kv"

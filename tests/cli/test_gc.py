@@ -3,19 +3,13 @@ see test_gc_concurrency.py)."""
 
 from __future__ import annotations
 
-import asyncio
 import json
-from datetime import UTC, datetime
 
 import pytest
 
-from devtools.memory_store import MemoryStore
-from s3kv.catalog import Catalog
-from s3kv.gc import Planner, Policies
-from s3kv.keys import KeyLayout, chain_chunk_ids
-from s3kv.store.protocol import UploadInfo
+from s3kv.keys import chain_chunk_ids
 from tests.cli.conftest import Bucket
-from tests.cli.helpers import ChunkWriter
+from tests.helpers_bucket import ChunkWriter
 
 A = list(range(12))  # chunks a0 a1 a2
 B = [*range(8), 50, 51, 52, 53, 54, 55, 56, 57]  # a0 a1 b2 b3
@@ -163,22 +157,6 @@ def test_stale_multipart_uploads(s3_any: Bucket) -> None:
     assert inside["UploadId"] not in left
     assert outside["UploadId"] in left
     assert s3_any.json("gc", "--dry-run", "--no-uploads")["plan"]["uploads"] == 0
-
-
-def test_young_uploads_are_kept() -> None:
-    now = datetime.now(UTC).timestamp()
-
-    class Admin:
-        async def list_multipart_uploads(self, prefix: str) -> list[UploadInfo]:
-            return [UploadInfo(f"{prefix}young", "u1", datetime.fromtimestamp(now - 60, UTC)),
-                    UploadInfo(f"{prefix}old", "u2", datetime.fromtimestamp(now - 7200, UTC))]
-
-        async def abort_multipart_upload(self, key: str, upload_id: str) -> None:
-            raise AssertionError("planning never aborts")
-
-    cat = Catalog(MemoryStore(), KeyLayout("p"))
-    plan = asyncio.run(Planner(cat, Policies(), uploads_store=Admin(), now=now).plan())
-    assert [u.upload_id for u in plan.uploads] == ["u2"]
 
 
 def test_older_than_keeps_prefixes_whole(s3: Bucket) -> None:

@@ -33,7 +33,7 @@ from s3kv.manifest import Manifest, ShardEntry, decode_manifest
 from s3kv.reader import read_shard
 from s3kv.store import ObjectStore, open_store
 from tests.cli.conftest import Bucket
-from tests.cli.helpers import NUM_KV_HEADS, PAYLOAD, ChunkWriter, payload_bytes, shard_bytes
+from tests.helpers_bucket import NUM_KV_HEADS, PAYLOAD, ChunkWriter, payload_bytes, shard_bytes
 
 WAIT = 60.0  # generous bound on any handshake; never reached when things work
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from tests.cli.conftest import Bucket
-from tests.cli.helpers import fingerprint
+from tests.helpers_bucket import fingerprint
 
 TOKENS_A = list(range(12))  # three chunks of four tokens
 TOKENS_B = [*range(8), 99, 98, 97, 96, 95, 94, 93, 92]  # shares two chunks with A, adds two

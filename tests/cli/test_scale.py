@@ -36,7 +36,7 @@ from s3kv.keys import KeyLayout, chain_chunk_ids, new_writer_id
 from s3kv.manifest import new_manifest
 from s3kv.shard import seal
 from s3kv.store import open_store
-from tests.cli.helpers import fingerprint, shard_bytes
+from tests.helpers_bucket import fingerprint, shard_bytes
 
 CHAINS = 1000
 CHAIN_LEN = 10  # 10,000 chunks, 20,000 objects

@@ -1,16 +1,10 @@
-"""Pure functions: parsing, formatting, redaction, chain rebuild, eviction order."""
+"""The command line's own pure functions: parsing, formatting, redaction, progress."""
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import AsyncIterator
-
 import pytest
 
-from s3kv.catalog import bounded_map
 from s3kv.cli.common import format_age, format_size, parse_duration, parse_size, redact
-from s3kv.gc import Policies, evict_oldest_leaves, select_chain_deletions
-from s3kv.inventory import ChunkRecord, build_prefixes, subtree_newest
 
 
 @pytest.mark.parametrize(("text", "seconds"), [
@@ -62,70 +56,6 @@ def test_redact(monkeypatch: pytest.MonkeyPatch) -> None:
     assert "very-secret-value" not in out
     assert "AKIAX/" not in out
     assert "InvalidAccessKeyId" in out
-
-
-def rec(cid: str, parent: str | None, index: int, modified: float, size: int = 10,
-        ns: str = "n" * 32) -> ChunkRecord:
-    return ChunkRecord(ns, cid, parent, index, 4, size, 2, modified)
-
-
-def test_build_prefixes_tree_and_hole() -> None:
-    # a -> b -> c ; a -> b -> d ; x (parent missing) -> y
-    records = [
-        rec("a", None, 0, 1.0), rec("b", "a", 1, 2.0), rec("c", "b", 2, 3.0),
-        rec("d", "b", 2, 5.0), rec("y", "x", 3, 4.0),
-    ]
-    got = {p.leaf: p for p in build_prefixes(records)}
-    assert set(got) == {"c", "d", "y"}
-    assert (got["c"].chunks, got["c"].tokens, got["c"].bytes) == (3, 12, 30)
-    assert got["c"].complete and got["d"].complete
-    assert (got["d"].oldest, got["d"].newest) == (1.0, 5.0)
-    assert got["y"].chunks == 1 and not got["y"].complete
-
-
-def test_subtree_newest() -> None:
-    records = [rec("a", None, 0, 1.0), rec("b", "a", 1, 2.0), rec("c", "b", 2, 9.0),
-               rec("d", "a", 1, 3.0)]
-    newest = subtree_newest(records)
-    assert newest == {"a": 9.0, "b": 9.0, "c": 9.0, "d": 3.0}
-
-
-def test_bounded_map_limits_concurrency() -> None:
-    running = peak = 0
-
-    async def source() -> AsyncIterator[int]:
-        for i in range(50):
-            yield i
-
-    async def work(i: int) -> int:
-        nonlocal running, peak
-        running += 1
-        peak = max(peak, running)
-        await asyncio.sleep(0)
-        running -= 1
-        return i * 2
-
-    async def main() -> list[int]:
-        return [x async for x in bounded_map(source(), work, 4)]
-
-    out = asyncio.run(main())
-    assert sorted(out) == [i * 2 for i in range(50)]
-    assert peak <= 4
-
-
-def test_eviction_takes_leaves_first() -> None:
-    """Oldest first, but never a chunk that something live still extends."""
-    ns = "n" * 32
-    # root r (oldest) <- m <- leaf l (newest); a lone old chunk o.
-    records = {ns: [rec("r", None, 0, 1.0, 100), rec("m", "r", 1, 2.0, 100),
-                    rec("l", "m", 2, 9.0, 100), rec("o", None, 0, 5.0, 100)]}
-    doomed: list[str] = []
-    evict_oldest_leaves(records, {}, lambda r, reason: doomed.append(r.chunk_id), 150, 400)
-    # Leaves are o (t=5) and l (t=9): o goes first, then l, then m; r stays.
-    assert doomed == ["o", "l", "m"]
-    chosen = select_chain_deletions(records, Policies(max_bytes=150), now=10.0)
-    assert [cid for _, cid in chosen] == ["o", "l", "m"]
-    assert {p.reason for p in chosen.values()} == {"max-size"}
 
 
 def test_progress_draws_only_when_enabled(capsys: pytest.CaptureFixture[str]) -> None:

@@ -64,7 +64,7 @@ from tests.s3server import ensure_fake_credentials, start_moto
 from tests.vllm.harness import CHUNK, TMP, bucket_keys, job, run_engine
 
 CONNECTOR = {"connect_timeout_s": 1.0, "request_timeout_s": 3.0, "max_attempts": 2,
-             "load_timeout_s": 5.0, "commit_timeout_s": 20.0}
+             "max_cache_wait_s": 5.0, "commit_timeout_s": 20.0}
 #: Read from every engine's scheduler counters; declared in s3kv/metrics.py
 #: (checked here, so a rename cannot turn the check into a silent 0).
 MISALIGNMENT_COUNTER = "hit_misalignments"

@@ -351,7 +351,7 @@ def test_hybrid_groups_store_and_load_their_own_sections(
     before = {n: t.clone() for n, t in rig.caches.items()}
     full_dst, window_dst = [20, 21, 40, 5], [44]  # the hit needs the window's last block only
     load = LoadChunk(m, (((3, window_dst[0]),), tuple(enumerate(full_dst))))
-    rig.step(S3KVMetadata(loads=[LoadRequest("r", (load,))], round_id=2))
+    rig.step(S3KVMetadata(loads=[LoadRequest("r", (load,), rig.wait_s)], round_id=2))
     rig.flush()
     assert rig.worker.get_finished() == {"r"}
     assert rig.worker.take_failed_requests() == set()
@@ -403,7 +403,7 @@ def test_a_state_group_stores_and_loads_one_state_per_chunk(
     before = {n: rig.caches[n].clone() for n in state_layers}
     full_dst = (20, 21, 40, 5)
     load = LoadChunk(m, (tuple(enumerate(full_dst)), ((bpc - 1, 33),)))
-    rig.step(S3KVMetadata(loads=[LoadRequest("r", (load,))], round_id=2))
+    rig.step(S3KVMetadata(loads=[LoadRequest("r", (load,), rig.wait_s)], round_id=2))
     rig.flush()
     assert rig.worker.get_finished() == {"r"}
     assert rig.worker.take_failed_requests() == set()
@@ -415,7 +415,7 @@ def test_a_state_group_stores_and_loads_one_state_per_chunk(
         assert torch.equal(t[others], old[others]), name
 
     bad = LoadChunk(empty, (tuple(enumerate(full_dst)), ((bpc - 1, 34),)))
-    rig.step(S3KVMetadata(loads=[LoadRequest("r2", (bad,))], round_id=3))
+    rig.step(S3KVMetadata(loads=[LoadRequest("r2", (bad,), rig.wait_s)], round_id=3))
     rig.flush()
     assert rig.worker.get_finished() == {"r2"}
     assert rig.worker.take_failed_requests() == {"r2"}

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import typing
 from typing import Any, Literal, get_args, get_origin
 
@@ -8,6 +9,9 @@ import pytest
 
 from s3kv.config import (
     ALL_KEYS,
+    DEFAULT_BACKEND,
+    DEFAULT_CHUNK_TOKENS,
+    DEPRECATED_KEYS,
     Settings,
     StoreSettings,
     check_type,
@@ -89,7 +93,7 @@ def test_int_fields_reject_bool_str_float_and_non_positive(key: str, bad: Any) -
 
 
 @pytest.mark.parametrize(
-    "key", ["connect_timeout_s", "request_timeout_s", "load_timeout_s", "commit_timeout_s",
+    "key", ["connect_timeout_s", "request_timeout_s", "max_cache_wait_s", "commit_timeout_s",
             "lookup_ttl_s"]
 )
 @pytest.mark.parametrize("bad", [True, "1.0", 0, -0.5, [1]])
@@ -202,12 +206,12 @@ def test_settings_to_mapping_round_trips() -> None:
         "max_concurrency": 9,
         "chunk_tokens": 512,
         "max_inflight_mib": 2048,
-        "load_timeout_s": 3.0,
+        "max_cache_wait_s": 3.0,
         "commit_timeout_s": 4.0,
         "lookup_ttl_s": 0.5,
         "lookup_wait_fraction": 0.2,
         "load_wait_fraction": 2.0,
-        "min_wait_s": 0.05,
+        "min_lookup_wait_s": 0.05,
         "min_load_wait_s": 0.5,
         "latency_factor": 3.0,
         "probe_interval_s": 0.5,
@@ -218,6 +222,7 @@ def test_settings_to_mapping_round_trips() -> None:
         "hedge_reads": False,
         "hedge_quantile": 0.9,
         "hedge_budget": 1,
+        "ssm_states": "all",
     }
     assert set(raw) == ALL_KEYS
     settings = parse_settings(raw)
@@ -348,7 +353,96 @@ def test_floats_accept_ints_and_coerce_but_ints_reject_floats() -> None:
     with pytest.raises(ConfigError, match=r"must be > 0, got -1"):
         check_type("k", -1, int | None)
     # The same rule on real fields, through the parser.
-    timeout = parse(load_timeout_s=2).load_timeout_s
+    timeout = parse(max_cache_wait_s=2).max_cache_wait_s
     assert timeout == 2.0 and isinstance(timeout, float)
     err = config_error(bucket="my-bucket", chunk_tokens=256.0)
     assert err.key == "chunk_tokens" and "must be an integer, got float 256.0" in str(err)
+
+
+# --- deprecated names ---------------------------------------------------------------
+
+RENAMED = [("load_timeout_s", "max_cache_wait_s", 7.0), ("min_wait_s", "min_lookup_wait_s", 0.5)]
+
+
+def test_deprecated_keys_name_real_fields_and_are_not_advertised() -> None:
+    assert dict(DEPRECATED_KEYS) == {old: new for old, new, _ in RENAMED}
+    assert set(DEPRECATED_KEYS.values()) <= ALL_KEYS
+    assert not set(DEPRECATED_KEYS) & ALL_KEYS
+
+
+@pytest.mark.parametrize(("old", "new", "value"), RENAMED)
+def test_old_name_sets_the_new_field_with_one_warning(
+    old: str, new: str, value: float, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="s3kv.config"):
+        s = parse(**{old: value})
+    assert getattr(s, new) == value
+    assert s == parse(**{new: value})
+    warnings = [r for r in caplog.records if r.name == "s3kv.config"]
+    assert len(warnings) == 1
+    assert warnings[0].levelno == logging.WARNING
+    assert repr(old) in warnings[0].getMessage() and repr(new) in warnings[0].getMessage()
+
+
+def test_new_names_log_nothing(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.DEBUG, logger="s3kv.config"):
+        parse(max_cache_wait_s=7.0, min_lookup_wait_s=0.5)
+    assert not [r for r in caplog.records if r.name == "s3kv.config"]
+
+
+@pytest.mark.parametrize(("old", "new", "value"), RENAMED)
+def test_old_and_new_name_together_is_an_error_naming_both(
+    old: str, new: str, value: float
+) -> None:
+    for same in (True, False):  # even when they agree: which one wins is not obvious
+        err = config_error(bucket="my-bucket", **{old: value, new: value if same else 2 * value})
+        assert err.key == old
+        assert repr(old) in str(err) and repr(new) in str(err)
+
+
+@pytest.mark.parametrize(("old", "new", "value"), RENAMED)
+def test_a_bad_value_under_an_old_name_names_the_old_name(
+    old: str, new: str, value: float
+) -> None:
+    err = config_error(bucket="my-bucket", **{old: "soon"})
+    assert err.key == old and "'soon'" in str(err)
+
+
+def test_the_floor_check_names_the_keys_as_written() -> None:
+    err = config_error(bucket="my-bucket", load_timeout_s=1.0, min_wait_s=2.0)
+    assert err.key == "min_wait_s" and "load_timeout_s=1.0" in str(err)
+    err = config_error(bucket="my-bucket", max_cache_wait_s=1.0, min_lookup_wait_s=2.0)
+    assert err.key == "min_lookup_wait_s" and "max_cache_wait_s=1.0" in str(err)
+
+
+# --- defaults live in the dataclasses alone -----------------------------------------
+
+
+def test_the_floor_check_uses_the_field_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
+    # min_load_wait_s defaults to more than this bound: the check must know it.
+    below = Settings.min_load_wait_s / 2
+    err = config_error(bucket="my-bucket", max_cache_wait_s=below)
+    assert err.key == "min_load_wait_s"
+    parse(max_cache_wait_s=below, min_load_wait_s=below)
+    # ... and it reads the defaults from the dataclass, not from a copy of them.
+    monkeypatch.setattr(Settings, "min_lookup_wait_s", Settings.max_cache_wait_s * 2)
+    assert config_error(bucket="my-bucket").key == "min_lookup_wait_s"
+    monkeypatch.setattr(Settings, "max_cache_wait_s", Settings.max_cache_wait_s * 4)
+    parse()
+
+
+def test_prefix_default_is_normalised_from_the_field() -> None:
+    assert parse().store.prefix == StoreSettings.prefix
+
+
+def test_module_constants_are_the_field_defaults() -> None:
+    assert StoreSettings.backend == DEFAULT_BACKEND
+    assert Settings.chunk_tokens == DEFAULT_CHUNK_TOKENS
+
+
+def test_ssm_states_takes_its_choices_only() -> None:
+    assert parse_settings({"bucket": "kv-bucket"}).ssm_states == "prompt_end"
+    assert parse_settings({"bucket": "kv-bucket", "ssm_states": "all"}).ssm_states == "all"
+    with pytest.raises(ConfigError) as err:
+        parse_settings({"bucket": "kv-bucket", "ssm_states": "every"})
+    assert "ssm_states" in str(err.value) and "prompt_end" in str(err.value)

@@ -7,6 +7,10 @@ engine, ``ls``, ``gc`` and ``verify`` catch the decoders' own error types
 where an int belongs) would stop a tool. Hypothesis drives each decoder with
 arbitrary bytes, arbitrary JSON, and valid documents with one field replaced
 by an arbitrary JSON value; its per-example deadline bounds the cost.
+
+The catalog's records (what ``ls``, ``du`` and ``gc`` keep per chunk) come
+from a listing and the chunk's manifest: they are driven the same way through
+:meth:`Catalog.records`, with hostile manifests and hostile keys in the listing.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import asyncio
 import contextlib
 import json
 import struct
+from collections.abc import Sequence
 from typing import Any
 
 import pytest
@@ -24,6 +29,7 @@ from hypothesis import strategies as st
 from devtools.memory_store import MemoryStore
 from s3kv.catalog import Catalog
 from s3kv.errors import IntegrityError, ManifestError
+from s3kv.inventory import ChunkRecord, ScannedChunk
 from s3kv.jsondoc import loads_strict
 from s3kv.manifest import MAX_MANIFEST_BYTES, decode_manifest
 from s3kv.shard import MAGIC, SHARD_VERSION, ShardSpec, allocate, parse_header
@@ -168,3 +174,124 @@ def test_a_hostile_namespace_document_is_ignored(data: bytes) -> None:
     asyncio.run(store.put(LAYOUT.namespace_doc(NS), data))
     got = asyncio.run(Catalog(store, LAYOUT).fingerprint(NS))
     assert got is None or isinstance(got, dict)
+
+
+# --- catalog records ---------------------------------------------------------------
+
+CHUNK = build_chunk(index=1, tp=2)
+CHUNK_ID = CHUNK.manifest.chunk_id
+SHARD_BYTES = sum(len(b) for b in CHUNK.shards.values())
+
+
+def bucket_with(manifest: bytes, keys: Sequence[str] = ()) -> MemoryStore:
+    """One chunk's real shards under ``manifest``, plus objects at ``keys``."""
+    store = MemoryStore()
+    for rank, data in CHUNK.shards.items():
+        store.put_nowait(CHUNK.manifest.shard_for_rank(rank).key, data)
+    store.put_nowait(LAYOUT.manifest(NS, CHUNK_ID), manifest)
+    for key in keys:
+        store.put_nowait(key, b"x")
+    return store
+
+
+def records(store: MemoryStore) -> list[ChunkRecord | ScannedChunk]:
+    async def scan() -> list[ChunkRecord | ScannedChunk]:
+        return [r async for r in Catalog(store, LAYOUT).records(NS)]
+
+    return asyncio.run(scan())
+
+
+def assert_record_or_error(got: list[ChunkRecord | ScannedChunk], manifest: bytes) -> None:
+    """The chunk comes back as a record of what LIST reports, or as the
+    manifest decoder's error; nothing else, and no exception."""
+    assert len(got) == 1
+    (item,) = got
+    if isinstance(item, ScannedChunk):
+        assert item.error and item.objects.chunk_id == CHUNK_ID
+        with pytest.raises(ManifestError):
+            decode_manifest(manifest, layout=LAYOUT, expect_namespace=NS,
+                            expect_chunk_id=CHUNK_ID)
+        return
+    assert isinstance(item, ChunkRecord) and item.chunk_id == CHUNK_ID
+    assert item.bytes <= SHARD_BYTES + len(manifest)  # listed sizes, never claimed ones
+
+
+def test_the_catalog_reads_a_valid_chunk_into_a_record() -> None:
+    data = CHUNK.manifest.encode()
+    (rec,) = records(bucket_with(data))
+    assert isinstance(rec, ChunkRecord)
+    assert (rec.chunk_id, rec.parent_id, rec.tp_size) == (CHUNK_ID, CIDS[0], 2)
+    assert rec.bytes == SHARD_BYTES + len(data) and not rec.corrupt
+
+
+@settings(max_examples=200, deadline=1000)
+@given(st.binary(max_size=512))
+def test_catalog_records_on_arbitrary_manifest_bytes(data: bytes) -> None:
+    got = records(bucket_with(data))
+    assert len(got) == 1 and isinstance(got[0], ScannedChunk) and got[0].error
+    with pytest.raises(ManifestError):
+        asyncio.run(Catalog(bucket_with(data), LAYOUT).read_manifest(NS, CHUNK_ID))
+
+
+@settings(max_examples=200, deadline=1000)
+@given(st.sampled_from(sorted(MANIFEST_DOC)), json_values)
+def test_catalog_records_with_one_manifest_field_replaced(field: str, value: Any) -> None:
+    doc = json.loads(CHUNK.manifest.encode())
+    doc[field] = value
+    data = json.dumps(doc).encode()
+    assert_record_or_error(records(bucket_with(data)), data)
+
+
+@settings(max_examples=200, deadline=1000)
+@given(st.integers(0, 1), st.sampled_from(["key", "size", "heads", "rank", "payload_offset"]),
+       json_values)
+def test_catalog_records_with_one_shard_field_replaced(shard: int, field: str,
+                                                        value: Any) -> None:
+    doc = json.loads(CHUNK.manifest.encode())
+    doc["shards"][shard][field] = value
+    data = json.dumps(doc).encode()
+    assert_record_or_error(records(bucket_with(data)), data)
+
+
+@pytest.mark.parametrize("number", HOSTILE_NUMBERS)
+@pytest.mark.parametrize("field", ["chunk_index", "num_tokens", "tp_size", "created_at",
+                                   "shards.0.size", "shards.1.payload_offset"])
+def test_hostile_numbers_in_a_manifest_make_catalog_errors(field: str, number: bytes) -> None:
+    doc = json.loads(CHUNK.manifest.encode())
+    if field.startswith("shards."):
+        _, i, name = field.split(".")
+        doc["shards"][int(i)][name] = "__HOLE__"
+    else:
+        doc[field] = "__HOLE__"
+    data = json.dumps(doc).encode().replace(b'"__HOLE__"', number)
+    (item,) = records(bucket_with(data))
+    assert isinstance(item, ScannedChunk) and item.error
+
+
+@pytest.mark.parametrize("data", [nested(60_000), b'{"shards": ' + nested(50_000) + b"}",
+                                  b"[" * 10 + b"1e400" + b"]" * 10, b'"' + b"\\" * 100_000 + b'"'])
+def test_hostile_structures_in_a_manifest_make_catalog_errors(data: bytes) -> None:
+    (item,) = records(bucket_with(data))
+    assert isinstance(item, ScannedChunk) and item.error
+
+
+# Keys a listing can return under the namespace: any text after the prefix,
+# with the characters s3kv's own keys are made of over-represented.
+listed_keys = st.lists(
+    st.text(alphabet=st.sampled_from("0123456789abcdef/.-rwtpAZ_\n%") | st.characters(),
+            max_size=120).map(lambda tail: LAYOUT.namespace_prefix(NS) + tail),
+    max_size=8,
+)
+
+
+@settings(max_examples=200, deadline=1000)
+@given(listed_keys)
+def test_hostile_keys_in_a_listing_never_stop_the_catalog(keys: list[str]) -> None:
+    keys = [k for k in keys if k != LAYOUT.manifest(NS, CHUNK_ID)]  # not the real manifest
+    store = bucket_with(CHUNK.manifest.encode(), keys)
+    got = records(store)
+    ours = [r for r in got if isinstance(r, ChunkRecord) and r.chunk_id == CHUNK_ID]
+    assert len(ours) == 1  # the real chunk is still found, whatever lies beside it
+    for key in keys:
+        parsed = LAYOUT.parse(key)
+        assert parsed is None or parsed.namespace == NS

@@ -3,24 +3,28 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Callable, Iterator
 
 import pytest
+from typing_extensions import Buffer
 
 from devtools.memory_store import MemoryStore
 from s3kv.aio import LoopThread
 from s3kv.config import parse_settings
+from s3kv.errors import Unavailable
 from s3kv.index import CacheIndex
 from s3kv.keys import Fingerprint, KeyLayout, chain_chunk_ids
 from s3kv.manifest import ShardEntry, new_manifest
 from s3kv.stats import Counters
+from s3kv.store.protocol import PutMode
 
 FP = Fingerprint(model="m", weights_id="w", dtype="float32", chunk_tokens=16, num_layers=2,
                  num_kv_heads=1, head_size=8)
 LAYOUT = KeyLayout("s3kv")
 IDS = chain_chunk_ids(list(range(16 * 12)), 16)
-SETTINGS = parse_settings({"bucket": "bkt", "chunk_tokens": 16, "min_wait_s": 0.2,
+SETTINGS = parse_settings({"bucket": "bkt", "chunk_tokens": 16, "min_lookup_wait_s": 0.2,
                            "min_load_wait_s": 0.2, "probe_interval_s": 0.02})
 
 
@@ -117,7 +121,7 @@ def test_a_stalled_store_costs_each_request_its_deadline_then_opens_the_breaker(
     for i in range(3):
         hits, waited = until_answer(index, f"r{i}", IDS[i:])
         assert hits == ()
-        assert 0.2 <= waited < 1.0  # min_wait_s, not load_timeout_s (30 s)
+        assert 0.2 <= waited < 1.0  # min_lookup_wait_s, not max_cache_wait_s (30 s)
         assert index.breaker.is_open == (i == 2)
     assert counters.get("lookup_deadline_misses") == 3
     assert counters.get("breaker_opens_stalled") == 1
@@ -143,7 +147,7 @@ def test_a_store_that_always_answers_late_never_turns_the_cache_off(io: LoopThre
     store = StallingStore()
     commit(store, 6)
     index, counters = make(io, store)
-    # 0.9 s: beyond what the floor follows (4 x min_wait_s), so every lookup waits
+    # 0.9 s: beyond what the floor follows (4 x min_lookup_wait_s), so every lookup waits
     # only the floor and misses.
     store.delay = lambda key: 0.9 if "manifest" in key else 0.0
     # A fast engine: recomputing these chunks costs less than a round trip, so
@@ -164,8 +168,6 @@ def test_a_store_that_always_answers_late_never_turns_the_cache_off(io: LoopThre
 
 
 def test_errors_open_the_breaker_at_once(io: LoopThread) -> None:
-    from s3kv.errors import Unavailable
-
     class Refusing(StallingStore):
         refusing = False
 
@@ -283,3 +285,70 @@ def test_a_chunk_gc_deleted_is_saved_again(io: LoopThread) -> None:
     assert not index.prepare_store(IDS[1], requested=False)
     index.mark_bad(IDS[1])
     assert index.prepare_store(IDS[1], requested=False)
+
+
+class Overwriting(StallingStore):
+    """A server that ignores If-None-Match, as some S3-compatible ones do: a
+    create-only put silently overwrites. Records every put (key, mode)."""
+
+    def __init__(self, honour: bool = False) -> None:
+        super().__init__()
+        self.honour = honour
+        self.puts: list[tuple[str, str]] = []
+
+    async def put(self, key: str, data: Buffer, *, mode: PutMode = "overwrite") -> str | None:
+        self.puts.append((key, mode))
+        return await super().put(key, data, mode=mode if self.honour else "overwrite")
+
+
+def doc_puts(store: Overwriting) -> list[str]:
+    """The modes of the start-up's PUTs of the namespace document."""
+    return [m for k, m in store.puts if k == LAYOUT.namespace_doc(FP.namespace)]
+
+
+def test_a_server_that_ignores_create_only_puts_gets_no_saves_for_the_engines_life(
+        io: LoopThread, caplog: pytest.LogCaptureFixture) -> None:
+    store = Overwriting()
+    commit(store, 3)
+    before = set(store.keys(LAYOUT.root()))
+    with caplog.at_level(logging.ERROR, logger="s3kv.index"):
+        index, counters = make(io, store)
+        assert index.wait_started(5.0)
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1
+    assert "ignores If-None-Match" in errors[0] and "saves NOTHING" in errors[0]
+    assert "default AWS S3 endpoint" in errors[0] and "'memory'" in errors[0]
+    # The check: the namespace document PUT create-only twice; both went through.
+    assert doc_puts(store) == ["create", "create"]
+    assert set(store.keys(LAYOUT.root())) == before | {LAYOUT.namespace_doc(FP.namespace)}
+    assert not store.capabilities.conditional_create
+    assert not index.saves_allowed()
+    assert not index.prepare_store(IDS[5], requested=True)
+    assert counters.get("saves_skipped_store_down") == 0  # not an outage
+    # Reading is safe: lookups still hit, and the breaker has nothing to say.
+    assert until_answer(index, "r1", IDS[:3])[0] == tuple(IDS[:3])
+    assert not index.breaker.is_open
+    # An outage and its end change nothing: saves stay off.
+    index.breaker.failure(Unavailable("connection reset"))
+    wait_for(lambda: not index.breaker.is_open)
+    assert not index.saves_allowed()
+    assert len([r for r in caplog.records if r.levelno >= logging.ERROR]) == 1
+
+
+@pytest.mark.parametrize("exists", [False, True], ids=["new-namespace", "known-namespace"])
+def test_a_server_that_honours_create_only_puts_keeps_saves_on(
+        io: LoopThread, caplog: pytest.LogCaptureFixture, exists: bool) -> None:
+    """A new namespace: its document is created, and a second create-only PUT
+    is refused. A known one: the first PUT is refused already. Either way no
+    object but the document, no error, saves on."""
+    store = Overwriting(honour=True)
+    if exists:
+        store.put_nowait(LAYOUT.namespace_doc(FP.namespace), FP.document())
+    with caplog.at_level(logging.ERROR, logger="s3kv.index"):
+        index, _counters = make(io, store)
+        assert index.wait_started(5.0)
+    assert [r for r in caplog.records if r.levelno >= logging.ERROR] == []
+    assert doc_puts(store) == (["create"] if exists else ["create", "create"])
+    assert set(store.keys(LAYOUT.root())) == {LAYOUT.namespace_doc(FP.namespace)}
+    assert store.capabilities.conditional_create and index.saves_allowed()
+    assert index.prepare_store(IDS[0], requested=False)

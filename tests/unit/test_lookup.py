@@ -2,6 +2,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Coroutine
+from concurrent.futures import Future
+from typing import Any, TypeVar
 
 import pytest
 
@@ -16,6 +19,23 @@ from s3kv.store.counting import CountingStore
 
 LAYOUT = KeyLayout("s3kv")
 NS = "ab" * 16
+T = TypeVar("T")
+
+
+class NoProbes:
+    """An I/O loop that never runs the breaker's probe: the test plays its answer."""
+
+    def __init__(self) -> None:
+        self.submitted = 0
+
+    def submit(self, coro: Coroutine[Any, Any, T]) -> Future[T]:
+        self.submitted += 1
+        coro.close()
+        return Future()
+
+
+async def _never_called() -> object:
+    raise AssertionError("the probe never runs here")
 
 
 async def _commit(store: MemoryStore, ids: list[str], upto: int) -> None:
@@ -60,17 +80,20 @@ def test_ttl_set_expires_and_is_bounded() -> None:
 def test_breaker_warns_once_per_outage_and_names_refused_credentials(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    b = Breaker(cooldown_s=60)
+    io = NoProbes()
+    b = Breaker(probe=_never_called, io=io)
     with caplog.at_level(logging.WARNING, logger="s3kv.breaker"):
         b.failure(AccessDenied("InvalidAccessKeyId: no such key", code="InvalidAccessKeyId"))
         b.failure(Unavailable("connection refused"))
+        assert not b.allow() and io.submitted == 1  # one prober per outage
+        b.answered()  # a stray answer never closes it: only the probe does
         assert not b.allow()
-        b.success()
+        b.success()  # the probe got an answer
         assert b.allow()
         b.failure(Unavailable("connection refused"))
     msgs = [r.getMessage() for r in caplog.records]
     assert len(msgs) == 3
     assert "refused this engine's credentials" in msgs[0] and "IAM" in msgs[0]
-    assert "serving without the cache" in msgs[0]
+    assert "serving without the cache, probing every 1s" in msgs[0]
     assert "reachable again" in msgs[1]
     assert "object store unavailable (connection refused)" in msgs[2]

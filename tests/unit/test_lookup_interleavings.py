@@ -60,7 +60,7 @@ BS = 16  # vLLM block size: two blocks per chunk
 FP = Fingerprint(model="m", weights_id="w", dtype="float32", chunk_tokens=CT, num_layers=1,
                  num_kv_heads=1, head_size=8)
 LAYOUT = KeyLayout("s3kv")
-SETTINGS = parse_settings({"bucket": "bkt", "chunk_tokens": CT, "min_wait_s": 0.5,
+SETTINGS = parse_settings({"bucket": "bkt", "chunk_tokens": CT, "min_lookup_wait_s": 0.5,
                            "min_load_wait_s": 0.5})
 
 _BASE = [(7 * i) % 997 + 3 for i in range(6 * CT)]

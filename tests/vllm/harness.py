@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from s3kv.config import Settings
 from tests.vllm.forker import kill_tree, read_message, socket_address
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -179,9 +180,9 @@ def job(model: Path, prompts: list[list[int]], connector: dict[str, Any] | None 
         # longer than the default floor of the cache deadlines, and a deadline
         # miss would turn an expected hit into a (correct) recompute. Tests of
         # the deadlines themselves pass their own floors.
-        floor = min(5.0, float(connector.get("load_timeout_s", 30.0)))
-        j["connector"] = {"chunk_tokens": CHUNK, "min_wait_s": floor, "min_load_wait_s": floor,
-                          **connector}
+        floor = min(5.0, float(connector.get("max_cache_wait_s", Settings.max_cache_wait_s)))
+        j["connector"] = {"chunk_tokens": CHUNK, "min_lookup_wait_s": floor,
+                          "min_load_wait_s": floor, **connector}
     j.update(extra)
     return j
 

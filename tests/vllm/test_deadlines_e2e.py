@@ -38,7 +38,7 @@ from tests.vllm.harness import TMP, expected_hit_tokens, job, run_engine
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
 DEFAULTS = {f.name: f.default for f in dataclasses.fields(Settings)
-            if f.name in ("min_wait_s", "min_load_wait_s")}
+            if f.name in ("min_lookup_wait_s", "min_load_wait_s")}
 ABS_SLACK_S, REL_SLACK = 0.2, 1.1  # the bound: +200 ms or +10%, whichever is larger
 
 

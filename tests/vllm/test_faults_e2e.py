@@ -50,7 +50,7 @@ pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 LAYOUT = KeyLayout("s3kv")
 # Short enough that a dead server costs seconds, long enough for a loaded CI box.
 FAST = {"connect_timeout_s": 1.0, "request_timeout_s": 3.0, "max_attempts": 2,
-        "load_timeout_s": 5.0, "commit_timeout_s": 20.0}
+        "max_cache_wait_s": 5.0, "commit_timeout_s": 20.0}
 
 
 def ids_of(prompts: list[list[int]]) -> list[str]:

@@ -43,6 +43,19 @@ ATTN_BYTES = LAYERS * CHUNK * 2 * KV_HEADS * HEAD_DIM * FP32  # one chunk's K an
 ONE_BLOCK_STEPS: dict[str, Any] = {"max_num_batched_tokens": BLOCK}
 
 
+def state_chunks(prompts: list[list[int]], block: int) -> set[str]:
+    """The chunks that carry a state with ``ssm_states="prompt_end"``: each
+    prompt's last full chunk at or before its last block boundary before the
+    last token (vLLM's checkpoint of the prompt)."""
+    out = set()
+    for p in prompts:
+        checkpoint = (len(p) - 1) // block * block
+        n = checkpoint // CHUNK
+        if n:
+            out.add(chain_chunk_ids(p, CHUNK)[n - 1])
+    return out
+
+
 def ssm_groups(res: EngineResult) -> bool:
     kinds = sorted((g["kind"], g["layers"]) for g in res.raw["kv_cache_groups"])
     return (kinds == [("FullAttentionSpec", LAYERS), ("MambaSpec", LAYERS)]
@@ -78,11 +91,18 @@ def test_state_is_stored_at_chunk_ends_and_a_hit_resumes_from_it(
     assert len(found) == unique_chunks(prompts)
     state_section = -(-LAYERS * STATE_BYTES // KV_HEADS) * KV_HEADS
     groups = [g["kind"] for g in cold.raw["kv_cache_groups"]]
-    with_state = tuple(0 for _ in groups)  # every chunk ended a one-block step
-    for m in found.values():
-        assert m.starts == with_state
+    mamba = groups.index("MambaSpec")
+    # Only the chunk each prompt resumes at holds its state (ssm_states
+    # "prompt_end"); the shared chunks before it hold none.
+    with_state = state_chunks(prompts, BLOCK)
+    assert len(with_state) == len(prompts)
+    for cid, m in found.items():
+        has = cid in with_state
+        assert m.starts == tuple(CHUNK if g == mamba and not has else 0
+                                 for g in range(len(groups)))
         assert len(m.shards) == 1
-        assert m.shards[0].size - m.shards[0].payload_offset == ATTN_BYTES + state_section
+        assert m.shards[0].size - m.shards[0].payload_offset == \
+            ATTN_BYTES + (state_section if has else 0)
 
     # A fresh engine (its own prefix cache empty) resumes every prompt at its
     # last full chunk from the stored state, and generates the same tokens.
@@ -100,7 +120,8 @@ def test_state_is_stored_at_chunk_ends_and_a_hit_resumes_from_it(
     # request's load fails as a whole and it is recomputed; outputs are unchanged.
     last = chain_chunk_ids(prompts[0], CHUNK)[-1]
     shard = found[last].shards[0]
-    state_at = shard.payload_offset + (ATTN_BYTES if groups[0] != "MambaSpec" else 0)
+    assert last in with_state
+    state_at = shard.payload_offset + (ATTN_BYTES if mamba else 0)
     body = bytearray(s3.get_object(Bucket=on["bucket"], Key=shard.key)["Body"].read())
     body[state_at + 100] ^= 0x10
     s3.put_object(Bucket=on["bucket"], Key=shard.key, Body=bytes(body))
@@ -127,11 +148,14 @@ def test_tp2_state_is_read_by_tp2_and_never_by_tp1(
     model: Path, prompts: list[list[int]], baseline: EngineResult, s3_endpoint: S3Endpoint,
     s3: Any,
 ) -> None:
-    """Each rank stores its own part of the state (its Mamba heads, and the
+    """With ``ssm_states="all"`` every chunk stores its state. Each rank stores
+    its own part of the state (its Mamba heads, and the
     conv channels of x, B and C interleaved), which only a rank of the same
     TP size can read back: the TP size is part of the namespace with SSM
     layers, so a TP=1 reader misses where a TP=2 reader hits."""
-    on = {"bucket": s3_endpoint.new_bucket("ssm-tp2"), "endpoint_url": s3_endpoint.url}
+    # Every chunk's state ("all"), each rank its own part.
+    on = {"bucket": s3_endpoint.new_bucket("ssm-tp2"), "endpoint_url": s3_endpoint.url,
+          "ssm_states": "all"}
     base2 = run_engine(job(model, prompts, tp=2, **ONE_BLOCK_STEPS))
     cold = run_engine(job(model, prompts, on, tp=2, **ONE_BLOCK_STEPS))
     assert cold.outputs == base2.outputs
@@ -164,9 +188,12 @@ def test_nemotron_h_shape_stores_each_mamba_group_as_its_own_section(
     found = manifests(s3, on["bucket"])
     assert len(found) == unique_chunks(prompts)
     attn = CHUNK * 2 * KV_HEADS * HEAD_DIM * FP32  # one attention layer
-    for m in found.values():
-        assert m.starts == (0, 0, 0)
-        assert m.shards[0].size - m.shards[0].payload_offset == attn + 2 * STATE_BYTES
+    with_state = state_chunks(prompts, BLOCK)
+    for cid, m in found.items():
+        has = cid in with_state
+        assert sorted(m.starts) == ([0, 0, 0] if has else [0, CHUNK, CHUNK])
+        assert m.shards[0].size - m.shards[0].payload_offset == \
+            attn + (2 * STATE_BYTES if has else 0)
     warm = run_engine(job(nemo, prompts, on, kv_role="kv_consumer", **ONE_BLOCK_STEPS))
     assert warm.outputs == base.outputs
     assert warm.counters["hit_tokens"] == expected_hits(prompts, BLOCK) > 0
@@ -183,7 +210,7 @@ def test_other_mamba2_shapes_resume_from_their_state(
 ) -> None:
     """Zamba2 (shared attention every other layer, 128-token blocks: two per
     chunk, a state every second step) and Granite 4.0-H (three Mamba groups,
-    MoE): every chunk holds each group's state, and hits match."""
+    MoE): each prompt's last chunk holds each group's state, and hits match."""
     model = build(TMP / "models" / f"tiny-{build.__name__}")
     steps: dict[str, Any] = {"max_num_batched_tokens": block}
     base = run_engine(job(model, prompts, **steps))
@@ -195,7 +222,10 @@ def test_other_mamba2_shapes_resume_from_their_state(
     assert cold.outputs == base.outputs
     found = manifests(s3, on["bucket"])
     assert len(found) == unique_chunks(prompts)
-    assert all(m.starts == (0,) * len(groups) for m in found.values())
+    with_state = state_chunks(prompts, block)
+    for cid, m in found.items():
+        assert m.starts == tuple(CHUNK if g["kind"] == "MambaSpec" and cid not in with_state
+                                 else 0 for g in groups)
     warm = run_engine(job(model, prompts, on, kv_role="kv_consumer", **steps))
     assert warm.outputs == base.outputs
     assert warm.counters["hit_tokens"] == expected_hits(prompts, block) > 0

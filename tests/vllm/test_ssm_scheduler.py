@@ -70,9 +70,11 @@ class Step:
     table: tuple[list[int], ...]  # vLLM's block ids per group, as this step was built
 
 
-def vllm_config(model: Path, budget: int, s3_endpoint: S3Endpoint, bucket: str) -> VllmConfig:
+def vllm_config(model: Path, budget: int, s3_endpoint: S3Endpoint, bucket: str,
+                ssm_states: str = "all") -> VllmConfig:
+    # "all": every state vLLM writes is stored, the rule these tests check.
     extra = {"bucket": bucket, "endpoint_url": s3_endpoint.url, "chunk_tokens": CHUNK,
-             "min_wait_s": 5.0, "min_load_wait_s": 5.0}
+             "min_lookup_wait_s": 5.0, "min_load_wait_s": 5.0, "ssm_states": ssm_states}
     ktc = KVTransferConfig(kv_connector="S3KVConnector", kv_role="kv_both",
                            kv_connector_module_path="s3kv.vllm.connector",
                            kv_connector_extra_config=extra)
@@ -109,10 +111,10 @@ def model() -> Path:
     return create_falcon_h1_model(TMP / "models" / "tiny-falcon-h1")
 
 
-def scheduler(model: Path, budget: int, s3_endpoint: S3Endpoint, bucket: str
-              ) -> tuple[Scheduler, S3KVConnector]:
+def scheduler(model: Path, budget: int, s3_endpoint: S3Endpoint, bucket: str,
+              ssm_states: str = "all") -> tuple[Scheduler, S3KVConnector]:
     """vLLM's scheduler as ``EngineCore`` builds it, with the connector."""
-    cfg = vllm_config(model, budget, s3_endpoint, bucket)
+    cfg = vllm_config(model, budget, s3_endpoint, bucket, ssm_states)
     kcc = kv_cache_config(cfg)
     cfg.cache_config.num_gpu_blocks = NUM_BLOCKS
     block_size, hash_block = resolve_kv_cache_block_sizes(kcc, cfg)
@@ -258,6 +260,22 @@ def test_a_big_step_that_ends_at_a_chunk_end_stores_its_state(
     assert stored[2] == (steps[0].table[MAMBA][2],)
     assert stored[3] == (steps[0].table[MAMBA][3],)
     assert stored[6] == (steps[1].table[MAMBA][6],)
+
+
+def test_by_default_only_the_chunk_a_repeat_resumes_at_stores_its_state(
+        model: Path, s3_endpoint: S3Endpoint, bucket: str) -> None:
+    """``ssm_states="prompt_end"``: of the states vLLM writes for a 2000-token
+    prompt in 1024-token steps (at 768, 1024 and 1792), only the one at the
+    prompt's checkpoint (1792, chunk 6) is stored."""
+    sched, _ = scheduler(model, 1024, s3_endpoint, bucket, ssm_states="prompt_end")
+    try:
+        steps = prefill(sched, add_request(sched, prompt(2000, 3)))
+    finally:
+        sched.shutdown()
+    assert [(s.start, s.end) for s in steps] == [(0, 1024), (1024, 2000)]
+    stored = {c.ref.index: c.block_ids[MAMBA] for s in steps for c in s.meta.saves}
+    assert stored == {i: ((steps[1].table[MAMBA][6],) if i == 6 else ()) for i in range(7)}
+    assert steps[1].table[MAMBA][6] != 0
 
 
 def test_one_block_steps_store_every_chunks_state_from_its_own_block(

@@ -32,7 +32,7 @@ from tests.vllm.harness import CHUNK, TMP, distinct_prompts, expected_hit_tokens
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
 DEFAULTS = {f.name: f.default for f in dataclasses.fields(Settings)
-            if f.name in ("min_wait_s", "min_load_wait_s")}
+            if f.name in ("min_lookup_wait_s", "min_load_wait_s")}
 WRITTEN = distinct_prompts(41, 4, chunks=4, tail=70)
 
 

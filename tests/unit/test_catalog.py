@@ -1,6 +1,7 @@
 """Catalog scanning on the in-memory store: both listing paths (one page for a
 small namespace, parallel per-spread pages for a large one), ordered and
-unordered listings, groups split across pages, foreign keys, early close."""
+unordered listings, groups split across pages, foreign keys, early close; and
+the bounded concurrency every scan runs under."""
 
 from __future__ import annotations
 
@@ -13,12 +14,12 @@ from typing import Any
 import pytest
 
 from devtools.memory_store import MemoryStore
-from s3kv.catalog import Catalog
+from s3kv.catalog import Catalog, bounded_map
 from s3kv.errors import Unavailable
 from s3kv.inventory import ChunkObjects
 from s3kv.keys import KeyLayout
 from s3kv.store.protocol import ObjectInfo
-from tests.cli.helpers import ChunkWriter, fingerprint
+from tests.helpers_bucket import ChunkWriter, fingerprint
 
 LAYOUT = KeyLayout("s3kv")
 
@@ -168,3 +169,26 @@ def test_shards_of_both_key_forms_are_grouped_by_save_attempt() -> None:
         (0, -1), (0, 0), (0, 1), (1, -1), (1, 0), (1, 1)]
     assert {s.key for s in group.shards if s.round_id == 0} == {e.key for e in first.shards}
     assert cat.foreign(w.ns) == (1, 1)
+
+
+def test_bounded_map_limits_concurrency() -> None:
+    running = peak = 0
+
+    async def source() -> AsyncIterator[int]:
+        for i in range(50):
+            yield i
+
+    async def work(i: int) -> int:
+        nonlocal running, peak
+        running += 1
+        peak = max(peak, running)
+        await asyncio.sleep(0)
+        running -= 1
+        return i * 2
+
+    async def main() -> list[int]:
+        return [x async for x in bounded_map(source(), work, 4)]
+
+    out = asyncio.run(main())
+    assert sorted(out) == [i * 2 for i in range(50)]
+    assert peak <= 4

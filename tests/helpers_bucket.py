@@ -6,6 +6,9 @@ Shards are built with :func:`s3kv.shard.allocate`, sealed with
 splits the model's KV heads over its ranks as vLLM does
 (:mod:`s3kv.heads`); the namespace is the same at every TP size, and every
 head holds the same bytes whichever TP size wrote it.
+
+Shared by the command-line tests (a boto3 client on the test endpoint) and
+the catalog's unit tests (a client over the in-memory store).
 """
 
 from __future__ import annotations
