@@ -157,7 +157,8 @@ def test_tp2_state_is_read_by_tp2_and_never_by_tp1(
     # on both cores of a small test machine, and the scheduler's lookups wait
     # for CPU: this test checks what is read, not how long a lookup may take,
     # so its deadlines' floors are far above any answer the store gives.
-    on = {"bucket": s3_endpoint.new_bucket("ssm-tp2"), "endpoint_url": s3_endpoint.url,
+    on: dict[str, Any] = {"bucket": s3_endpoint.new_bucket("ssm-tp2"),
+                          "endpoint_url": s3_endpoint.url,
           "ssm_states": "all", "min_lookup_wait_s": 20.0, "min_load_wait_s": 20.0}
     base2 = run_engine(job(model, prompts, tp=2, **ONE_BLOCK_STEPS))
     cold = run_engine(job(model, prompts, on, tp=2, **ONE_BLOCK_STEPS))
